@@ -1,0 +1,103 @@
+"""Causal-LM loss computed only where a label exists, in bounded chunks.
+
+PEFT computes ``lm_head`` on all B·(P+T) positions and upcasts the whole
+``[B, P+T, V]`` tensor to fp32 before cross-entropy; with vocabularies of
+46k-250k that tensor dominates both time and memory, although most positions
+(virtual tokens, the instruction) carry label -100. Here only labelled rows go
+through ``lm_head``, a chunk at a time, and the gradient w.r.t. the hidden rows
+is produced in the same pass (``softmax − onehot``) so no logits chunk is kept
+for backward. The reduction is PEFT's: sum over labelled rows divided by their
+count (or by ``num_items_in_batch`` when the Trainer supplies it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+# Upper bound on a live fp32 logits chunk: 64 MiB.
+LOGITS_CHUNK_BYTES = 64 * 2**20
+
+
+def rows_per_chunk(vocab_size: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(rows_i @ weight.T + bias, targets_i) with the gradient w.r.t.
+    ``rows`` computed during forward, chunk by chunk. ``weight`` is frozen."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, chunk_rows):
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad_rows = torch.empty_like(rows) if rows.requires_grad else None
+        for start in range(0, rows.shape[0], chunk_rows):
+            chunk = rows[start : start + chunk_rows]
+            target = targets[start : start + chunk_rows]
+            logits = F.linear(chunk, weight, bias).float()
+            total += F.cross_entropy(logits, target, reduction="sum")
+            if grad_rows is not None:
+                # d(sum CE)/d logits = softmax − onehot, computed in place.
+                probs = torch.softmax(logits, dim=-1, out=logits)
+                probs[torch.arange(target.shape[0], device=target.device), target] -= 1.0
+                grad_rows[start : start + chunk_rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_rows)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_rows,) = ctx.saved_tensors
+        return grad_rows * grad_total.to(grad_rows.dtype), None, None, None, None
+
+
+def _chunked_module_ce_sum(rows, lm_head, targets, chunk_rows):
+    """Fallback for heads that are not a plain Linear (e.g. quantised): each
+    chunk is recomputed in backward instead of keeping its logits."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(chunk, target):
+        return F.cross_entropy(lm_head(chunk).float(), target, reduction="sum")
+
+    total = rows.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_rows):
+        total = total + checkpoint(
+            chunk_loss, rows[start : start + chunk_rows], targets[start : start + chunk_rows], use_reentrant=False
+        )
+    return total
+
+
+def linear_cross_entropy_sum(rows: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    vocab = lm_head.weight.shape[0]
+    chunk = rows_per_chunk(vocab)
+    if type(lm_head) is torch.nn.Linear and not lm_head.weight.requires_grad:
+        return _LinearCrossEntropySum.apply(rows, lm_head.weight, lm_head.bias, targets, chunk)
+    return _chunked_module_ce_sum(rows, lm_head, targets, chunk)
+
+
+def prefix_causal_lm_loss(
+    prefix_last: torch.Tensor,
+    token_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: torch.nn.Module,
+    num_items_in_batch=None,
+) -> torch.Tensor:
+    """PEFT's loss for ``cat(prompt, tokens)`` with labels ``cat(-100·P, labels)``.
+
+    prefix_last: [H] final hidden state of the last virtual token (it predicts
+    ``labels[:, 0]``); token_hidden: [B, T, H]; labels: [B, T].
+    """
+    first_labelled = labels[:, 0] != IGNORE_INDEX
+    next_labels = labels[:, 1:]
+    labelled = next_labels != IGNORE_INDEX
+    rows = torch.cat(
+        [prefix_last.unsqueeze(0).expand(int(first_labelled.sum()), -1), token_hidden[:, :-1][labelled]]
+    )
+    targets = torch.cat([labels[:, 0][first_labelled], next_labels[labelled]])
+    total = linear_cross_entropy_sum(rows, lm_head, targets)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    # Same as PEFT (mean over zero items is NaN) when every label is masked.
+    return total / targets.numel() if targets.numel() else total / 0.0

@@ -1,0 +1,42 @@
+"""Torch reference for the fused embedding op.
+
+`embed_concat_reference` is the single definition of what every backend of
+`embed_concat` (Triton, native C++/CUDA) must compute. Tests and benchmarks
+import it from here; nothing else re-implements it.
+
+    out[b, :P]  = LN(prompt)            (LN only when ln_weight is given)
+    out[b, P:]  = LN(weight[input_ids[b]])
+
+LayerNorm statistics are taken in fp32 and the result is cast back to the
+embedding dtype, which is what BLOOM's `word_embeddings_layernorm` does under
+autocast-free bf16/fp16 (nn.LayerNorm upcasts internally on CUDA and CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def embed_concat_reference(
+    input_ids: torch.Tensor,
+    weight: torch.Tensor,
+    prompt: torch.Tensor,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    batch = input_ids.shape[0]
+    tokens = F.embedding(input_ids, weight)
+    prompt_rows = prompt.to(weight.dtype).unsqueeze(0).expand(batch, -1, -1)
+    rows = torch.cat([prompt_rows, tokens], dim=1)
+    if ln_weight is None:
+        return rows
+    normed = F.layer_norm(
+        rows.float(),
+        (rows.shape[-1],),
+        ln_weight.float(),
+        None if ln_bias is None else ln_bias.float(),
+        eps,
+    )
+    return normed.to(weight.dtype)

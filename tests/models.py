@@ -1,0 +1,74 @@
+"""Small models and batches shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from peft import PromptTuningConfig, PromptTuningInit, TaskType
+from peft import get_peft_model as peft_get_peft_model
+
+import fastprompt
+
+INIT_TEXT = "下面是一段人与机器人的对话。"
+
+
+def random_bloom(hidden=256, layers=2, heads=2, vocab=512, seed=0, dtype=torch.float32):
+    """A BLOOM built from a config with seeded weights (no tokenizer)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(seed)
+    config = BloomConfig(
+        vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads,
+        hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    model = BloomForCausalLM(config).to(dtype)
+    # Non-trivial LayerNorm parameters so parity also covers their use.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name or "ln_f" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.requires_grad_(False).eval()
+
+
+def prompt_config(num_virtual_tokens=8, init=PromptTuningInit.RANDOM, tokenizer=None, **kwargs):
+    if init == PromptTuningInit.TEXT:
+        kwargs.setdefault("prompt_tuning_init_text", INIT_TEXT)
+        kwargs["tokenizer_name_or_path"] = tokenizer
+    return PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens, prompt_tuning_init=init, **kwargs
+    )
+
+
+def pair(make_base, config, seed=0):
+    """(fastprompt model, peft model) on two identical copies of the base, with
+    the same initial prompt."""
+    torch.manual_seed(seed)
+    ours = fastprompt.get_peft_model(make_base(), config)
+    torch.manual_seed(seed)
+    ref = peft_get_peft_model(make_base(), config)
+    return ours, ref
+
+
+def peft_prompt(ref):
+    return ref.prompt_encoder["default"].embedding.weight
+
+
+def padded_batch(batch, length, vocab, side="right", seed=0, lengths=None):
+    """Random ids, a mask with per-row lengths, and labels with the first third
+    of each row masked (an 'instruction') and padding masked."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, length), generator=gen)
+    if lengths is None:
+        lengths = [max(1, length - 2 * i) for i in range(batch)]
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, length - n :] = 1
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    for row in range(batch):
+        start = int(mask[row].nonzero()[0])
+        labels[row, start : start + max(1, lengths[row] // 3)] = -100
+    ids[mask == 0] = 3
+    return ids, mask, labels
