@@ -112,9 +112,12 @@ class FastPromptModel(torch.nn.Module):
 
     # Trainer calls these names; transformers 5 renamed them on the base model.
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
         enable = getattr(self.base_model, "activation_checkpointing_enable", None)
-        enable = enable or self.base_model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def gradient_checkpointing_disable(self):
         disable = getattr(self.base_model, "activation_checkpointing_disable", None)

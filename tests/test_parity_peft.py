@@ -87,6 +87,7 @@ def test_gradient_checkpointing_gives_same_gradient():
     ours.train()
     ref.train()
     ours.gradient_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in ours.base_model.transformer.h)
     ids, mask, labels = padded_batch(3, 10, 512, side="left")
     ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()

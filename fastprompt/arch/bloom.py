@@ -91,13 +91,12 @@ class BloomDecoder:
         batch, query_len, _ = hidden.shape
         alibi = alibi_bias(key_mask, self.num_heads, hidden.dtype)
         allowed = allowed_keys(key_mask, query_len)
-        use_checkpoint = (
-            self.transformer.gradient_checkpointing and self.model.training and torch.is_grad_enabled()
-        )
+        may_checkpoint = self.model.training and torch.is_grad_enabled()
         new_kv = []
         for index, block in enumerate(self.transformer.h):
             segments = past[index] if past is not None else []
-            if use_checkpoint:
+            # transformers marks each block (it may skip some: every_n_layers).
+            if may_checkpoint and getattr(block, "gradient_checkpointing", False):
                 hidden, key, value = checkpoint(
                     self._block, block, hidden, alibi, allowed, segments, use_reentrant=False
                 )
