@@ -1,0 +1,147 @@
+"""Bad input gets a clear ValueError/TypeError naming the problem."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from models import padded_batch, prompt_config, random_bloom
+from peft import PromptTuningConfig, PromptTuningInit, TaskType
+
+import fastprompt
+from fastprompt import FastPromptModel
+
+
+@pytest.fixture
+def model():
+    return fastprompt.get_peft_model(random_bloom(vocab=512), prompt_config(4))
+
+
+def test_adapter_token_dim_differs_from_hidden_size(shared_dir):
+    adapter = shared_dir / "fixtures" / "peft_prompt_tuning_bloom389m_zh"
+    with pytest.raises(ValueError, match="token_dim 1024.*hidden size is 256"):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), adapter)
+
+
+def test_config_token_dim_differs_from_hidden_size():
+    with pytest.raises(ValueError, match="token_dim 300 does not match the model's hidden size 256"):
+        fastprompt.get_peft_model(random_bloom(vocab=512), prompt_config(4, token_dim=300))
+
+
+@pytest.mark.parametrize("count", [0, -3])
+def test_num_virtual_tokens_below_one(count):
+    config = prompt_config(4)
+    config.num_virtual_tokens = count
+    with pytest.raises(ValueError, match="num_virtual_tokens must be an integer >= 1"):
+        fastprompt.get_peft_model(random_bloom(vocab=512), config)
+
+
+def test_text_init_without_text(tiny_bloom_dir):
+    config = prompt_config(4, init=PromptTuningInit.TEXT, tokenizer=tiny_bloom_dir)
+    config.prompt_tuning_init_text = ""
+    with pytest.raises(ValueError, match="needs prompt_tuning_init_text"):
+        fastprompt.get_peft_model(random_bloom(vocab=512), config)
+
+
+def test_text_init_without_tokenizer(tiny_bloom_dir):
+    config = prompt_config(4, init=PromptTuningInit.TEXT, tokenizer=tiny_bloom_dir)
+    config.tokenizer_name_or_path = None
+    with pytest.raises(ValueError, match="needs tokenizer_name_or_path"):
+        fastprompt.get_peft_model(random_bloom(vocab=512), config)
+
+
+def test_text_init_with_unloadable_tokenizer(tmp_path):
+    config = prompt_config(4, init=PromptTuningInit.TEXT, tokenizer=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="cannot load the init-text tokenizer"):
+        fastprompt.get_peft_model(random_bloom(vocab=512), config)
+
+
+def test_task_type_other_than_causal_lm():
+    config = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4)
+    with pytest.raises(ValueError, match="task_type must be CAUSAL_LM"):
+        fastprompt.get_peft_model(random_bloom(vocab=512), config)
+
+
+def test_not_a_prompt_tuning_config():
+    from peft import LoraConfig
+
+    with pytest.raises(TypeError, match="expected a peft.PromptTuningConfig, got LoraConfig"):
+        fastprompt.get_peft_model(random_bloom(vocab=512), LoraConfig(task_type=TaskType.CAUSAL_LM))
+
+
+def test_model_without_input_embeddings():
+    base = random_bloom(vocab=512)
+    base.set_input_embeddings(torch.nn.Identity())
+    with pytest.raises(TypeError, match="has no input embedding layer"):
+        fastprompt.get_peft_model(base, prompt_config(4))
+
+
+def test_labels_shape_differs_from_inputs(model):
+    ids, mask, labels = padded_batch(2, 6, 512)
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 5\) but the inputs have shape \(2, 6\)"):
+        model(input_ids=ids, attention_mask=mask, labels=labels[:, :5])
+
+
+def test_mask_shape_differs_from_inputs(model):
+    ids, mask, _ = padded_batch(2, 6, 512)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(input_ids=ids, attention_mask=mask[:1])
+
+
+def test_input_ids_not_integer(model):
+    with pytest.raises(ValueError, match="input_ids must be a 2-D integer tensor"):
+        model(input_ids=torch.zeros(2, 3))
+
+
+def test_input_ids_not_a_tensor(model):
+    with pytest.raises(TypeError, match="input_ids must be a tensor, got list"):
+        model(input_ids=[[1, 2, 3]])
+
+
+def test_missing_adapter_directory(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path / "missing")
+
+
+def test_adapter_without_weights(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="has no adapter_model.safetensors"):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
+
+
+def test_corrupt_adapter_weights(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt or unreadable"):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
+
+
+def test_corrupt_adapter_config(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
+
+
+def test_adapter_of_another_peft_type(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["peft_type"] = "LORA"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="describes a 'LORA' adapter, not PROMPT_TUNING"):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
+
+
+def test_adapter_tensor_shape_disagrees_with_config(tmp_path, model):
+    from safetensors.torch import save_file
+
+    model.save_pretrained(tmp_path)
+    save_file({"prompt_embeddings": torch.zeros(3, 256)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"has shape \(3, 256\), but its config says \(4, 256\)"):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="cannot load model 'no-such-model-here'"):
+        fastprompt.load_model("no-such-model-here")
