@@ -149,3 +149,32 @@ def test_int8_matches_peft_on_the_same_8bit_model(tiny_bloom_dir, mode):
     got.loss.backward()
     want.loss.backward()
     assert rel_err(ours.prompt_embeddings.grad, peft_prompt(ref).grad) < 1e-2
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_bf16_within_tolerance_rule_of_peft(side):
+    """bf16 is judged against PEFT in fp32 on the same weights, allowed twice
+    PEFT-in-bf16's own error (design.md's rule)."""
+    from peft import get_peft_model as peft_get_peft_model
+    from tolerance import assert_within_reference_error
+
+    config = prompt_config(8)
+    torch.manual_seed(0)
+    exact = peft_get_peft_model(random_bloom(vocab=512), config)
+    ours = fastprompt.get_peft_model(random_bloom(vocab=512).to(torch.bfloat16), config)
+    ref = peft_get_peft_model(random_bloom(vocab=512).to(torch.bfloat16), config)
+    with torch.no_grad():
+        ours.prompt_embeddings.copy_(peft_prompt(exact))
+        peft_prompt(ref).copy_(peft_prompt(exact))
+    ids, mask, labels = padded_batch(3, 12, 512, side=side)
+
+    outs = [m(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True) for m in (ours, ref)]
+    want = exact(input_ids=ids, attention_mask=mask, labels=labels)
+    for out in outs + [want]:
+        out.loss.backward()
+    scale = want.logits.abs().max().item()
+    assert_within_reference_error(outs[0].logits, outs[1].logits, want.logits, atol=1e-2 * scale, name="logits")
+    assert_within_reference_error(outs[0].loss, outs[1].loss, want.loss, atol=1e-2, name="loss")
+    grads = [ours.prompt_embeddings.grad, peft_prompt(ref).grad, peft_prompt(exact).grad]
+    gscale = grads[2].abs().max().item()
+    assert_within_reference_error(grads[0], grads[1], grads[2], atol=1e-2 * gscale, name="prompt grad")
