@@ -1,0 +1,417 @@
+"""The training loop: AdamW on the soft prompt only, and nothing lost on a crash.
+
+A step is ``batch_size`` examples (the tutorial's effective batch of 8) of
+similar length, run as micro-batches under a token budget (``data.py``). Every
+micro-batch's loss is its label-token sum divided by the label count of the
+whole step (``num_items_in_batch``, as the HF Trainer does), so the step's
+gradient is the same however it is cut up: into micro-batches, or over ranks.
+
+A checkpoint is a directory ``checkpoint-<step>`` in the output: the adapter in
+PEFT format plus ``training_state.pt`` (optimizer, RNG, step, and what the run
+was planned on). It is written to a temporary directory and renamed into
+place, so a crash leaves either the old checkpoint or the new one, never half
+of one. The batch plan of an epoch is a function of (seed, epoch) and the
+learning rate a function of the step, so step + optimizer + RNG is all a resume
+needs to continue bit for bit where the run stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import prompt as prompt_io
+from .data import PadCollator, TokenizedData, length_grouped_steps, token_budget_batches
+from .distributed import Ranks
+from .loss import IGNORE_INDEX
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "training_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the tutorial's (HF ``TrainingArguments`` defaults with
+    batch 1 × accumulation 8): lr 5e-5, linear decay, no warmup, clip 1.0."""
+
+    output: Path
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 8  # examples per optimizer step, over all ranks
+    max_tokens: int = 4096  # padded tokens per forward pass on one rank
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end (when there is held-out data)
+    save_every: int = 500  # 0: checkpoint only when interrupted
+    keep_checkpoints: int = 2
+    seed: int = 42
+    bf16: bool = False  # autocast matmuls to bf16 (GPU)
+    resume: str | None = None  # "latest" or a checkpoint directory
+    progress: bool = True
+
+    def __post_init__(self):
+        self.output = Path(self.output)
+        positive = ("epochs", "batch_size", "max_tokens", "log_every", "keep_checkpoints")
+        non_negative = ("warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+    def losses(self, key: str = "loss") -> list[float]:
+        return [entry[key] for entry in self.history if key in entry]
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM: a checkpoint was written and the run can resume."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} after step {step}; "
+            f"checkpoint written to {checkpoint}; continue with --resume"
+        )
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient stopped being finite; the prompt was not updated."""
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup then linear decay to 0, as ``get_linear_schedule_with_warmup``."""
+    if step < warmup:
+        return peak * step / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def label_count(example) -> int:
+    return sum(label != IGNORE_INDEX for label in example["labels"])
+
+
+# ------------------------------------------------------------ checkpoints
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint, oldest first."""
+    found = []
+    for path in Path(output).glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Data on disk before the rename that publishes it (survives power loss)."""
+    for path in [*directory.iterdir(), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``, replacing an older ``target`` (a resume
+    from an earlier checkpoint re-reaches its step)."""
+    if target.exists():
+        stale = target.with_name(f".stale-{target.name}-{os.getpid()}")
+        os.rename(target, stale)
+        os.rename(staging, target)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+
+
+def write_checkpoint(output: Path, step: int, model, optimizer, plan: dict, keep: int) -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_PREFIX}{step}-", dir=output))
+    try:
+        model.save_pretrained(staging)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"step": step, "plan": plan, "optimizer": optimizer.state_dict(), "rng": rng}, staging / STATE_FILE)
+        _fsync_tree(staging)
+        target = output / f"{CHECKPOINT_PREFIX}{step}"
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for _, old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def resolve_checkpoint(resume: str, output: Path) -> Path:
+    if resume == "latest":
+        found = list_checkpoints(output)
+        if not found:
+            raise ValueError(f"--resume: no checkpoint in {str(output)!r} to resume from")
+        return found[-1][1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"--resume: {str(path)!r} is not a checkpoint directory (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, plan: dict) -> int:
+    """Restore prompt, optimizer and RNG from ``path``; returns its step."""
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    differences = [
+        f"{key} {state['plan'].get(key)!r} there, {value!r} now"
+        for key, value in plan.items()
+        if state["plan"].get(key) != value
+    ]
+    if differences:
+        raise ValueError(f"checkpoint {str(path)!r} belongs to a different run: " + "; ".join(differences))
+    _, prompt = prompt_io.load_adapter(path)
+    if prompt.shape != model.prompt_embeddings.shape:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds a prompt of shape {tuple(prompt.shape)}, "
+            f"the model's is {tuple(model.prompt_embeddings.shape)}"
+        )
+    with torch.no_grad():
+        model.prompt_embeddings.copy_(prompt)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def save_final_adapter(model, output: Path) -> None:
+    """The adapter files into ``output`` itself (so ``PeftModel.from_pretrained
+    (base, output)`` works), each replaced atomically."""
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output))
+    try:
+        model.save_pretrained(staging)
+        _fsync_tree(staging)
+        for path in staging.iterdir():
+            os.replace(path, output / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- signals
+class _StopRequest:
+    """Ctrl-C and SIGTERM ask the loop to stop at the end of the current step
+    and write a checkpoint; a second signal acts as usual (kills)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        # Handlers can only be installed from the main thread (not, e.g., in a
+        # notebook worker); elsewhere signals keep their usual effect.
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+        self._restore()
+
+    def _restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *_exc):
+        self._restore()
+
+
+# -------------------------------------------------------------------- loop
+def _truncate_log(log_file: Path, after_step: int) -> None:
+    """Drop log entries past the step a run (re)starts from: a fresh run
+    starts an empty log, a resumed one forgets the steps it will redo."""
+    if not log_file.exists():
+        return
+    lines = log_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    log_file.write_text("".join(line for line in lines if json.loads(line)["step"] <= after_step), encoding="utf-8")
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+def fingerprint(data: TokenizedData) -> str:
+    digest = hashlib.sha256()
+    for example in data.examples:
+        digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenizedData, pad_token_id: int, max_tokens: int = 4096,
+             ranks: Ranks = Ranks(), bf16: bool = False) -> float:
+    """Mean loss per label token over ``data`` (sharded over ranks)."""
+    was_training = model.training
+    model.eval()
+    collate = PadCollator(pad_token_id)
+    totals = torch.zeros(2, dtype=torch.float64, device=model.device)
+    mine = list(range(ranks.rank, len(data), ranks.world_size))
+    for micro in token_budget_batches(mine, data.lengths, max_tokens):
+        batch = _to_device(collate([data[i] for i in micro]), model.device)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            # num_items_in_batch=1 turns the mean into the sum we accumulate.
+            totals[0] += model(**batch, num_items_in_batch=1).loss.double()
+        totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
+    model.train(was_training)
+    ranks.sum_(totals)
+    return float(totals[0] / totals[1])
+
+
+def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
+          eval_data: TokenizedData | None = None, ranks: Ranks = Ranks()) -> TrainResult:
+    """Train ``model.prompt_embeddings`` on ``data``; the final adapter lands in
+    ``config.output``. Raises TrainingInterrupted (checkpoint written) on
+    Ctrl-C/SIGTERM and TrainingDiverged on a non-finite loss."""
+    prompt = model.prompt_embeddings
+    if not prompt.requires_grad:
+        raise ValueError("the prompt is frozen (loaded with is_trainable=False?); nothing to train")
+    output = config.output
+    lengths = data.lengths
+    items = [label_count(example) for example in data.examples]
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    total = config.max_steps or config.epochs * steps_per_epoch
+    plan = {
+        "seed": config.seed, "batch_size": config.batch_size, "total_steps": total,
+        "examples": len(data), "data": fingerprint(data),
+    }
+    optimizer = torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
+    if config.resume:
+        start = load_checkpoint(resolve_checkpoint(config.resume, output), model, optimizer, plan)
+    else:
+        existing = list_checkpoints(output)
+        if existing:
+            raise ValueError(
+                f"{str(output)!r} already holds checkpoints of a run (up to step {existing[-1][0]}); "
+                "pass --resume to continue it, or choose another --output"
+            )
+        start = 0
+
+    collate = PadCollator(pad_token_id)
+    log_file = output / LOG_FILE
+    if ranks.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_file, after_step=start)
+    result = TrainResult(steps=start)
+    epoch_steps, planned_epoch = [], None
+    last_saved = None
+    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0.0, time.perf_counter()
+
+    def record(entry: dict) -> None:
+        result.history.append(entry)
+        if ranks.is_main:
+            with open(log_file, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+            bar.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+
+    model.train()
+    with _StopRequest() as stop, tqdm(
+        total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+        disable=not (config.progress and ranks.is_main),
+    ) as bar:
+        for step in range(start, total):
+            epoch, offset = divmod(step, steps_per_epoch)
+            if epoch != planned_epoch:
+                epoch_steps = length_grouped_steps(lengths, config.batch_size, seed=config.seed * 100_003 + epoch)
+                planned_epoch = epoch
+            indices = epoch_steps[offset]
+            step_items = sum(items[i] for i in indices)
+            mine = indices[ranks.rank :: ranks.world_size]
+            loss_sum = torch.zeros((), device=prompt.device)
+            tokens = 0
+            for micro in token_budget_batches(mine, lengths, config.max_tokens):
+                batch = _to_device(collate([data[i] for i in micro]), prompt.device)
+                with torch.autocast(prompt.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    loss = model(**batch, num_items_in_batch=step_items).loss
+                loss.backward()
+                loss_sum += loss.detach().float()
+                tokens += int(batch["attention_mask"].sum())
+
+            grad = prompt.grad if prompt.grad is not None else torch.zeros_like(prompt)
+            shared = torch.cat([grad.flatten(), torch.stack([
+                loss_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(float(stop.signum or 0)),
+            ])])
+            ranks.sum_(shared)
+            prompt.grad = shared[: prompt.numel()].view_as(prompt)
+            step_loss, step_tokens, stop_requested = (float(x) for x in shared[prompt.numel():])
+
+            grad_norm = (torch.nn.utils.clip_grad_norm_([prompt], config.max_grad_norm) if config.max_grad_norm
+                         else prompt.grad.norm())
+            if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
+                checkpoint = list_checkpoints(output)
+                kept = f"the last good checkpoint is {checkpoint[-1][1]}" if checkpoint else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"loss {step_loss} / grad norm {float(grad_norm)} at step {step + 1}: training diverged and "
+                    f"stopped before updating the prompt; {kept} (try a lower --lr)"
+                )
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, config.warmup_steps, config.lr)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = result.steps = step + 1
+
+            window_loss += step_loss
+            window_steps += 1
+            window_tokens += step_tokens
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+            if done % config.log_every == 0 or done == total:
+                elapsed = time.perf_counter() - window_start
+                record({
+                    "step": done, "epoch": round(done / steps_per_epoch, 3), "loss": window_loss / window_steps,
+                    "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(window_tokens / elapsed, 1),
+                })
+                bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", tok_s=f"{window_tokens / elapsed:.0f}")
+                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0.0, time.perf_counter()
+            if eval_data is not None and ((config.eval_every and done % config.eval_every == 0) or done == total):
+                loss = evaluate(model, eval_data, pad_token_id, config.max_tokens, ranks, config.bf16)
+                record({"step": done, "eval_loss": loss})
+            if config.save_every and done % config.save_every == 0:
+                if ranks.is_main:
+                    write_checkpoint(output, done, model, optimizer, plan, config.keep_checkpoints)
+                last_saved = done
+                ranks.barrier()
+            if stop_requested and done < total:
+                if ranks.is_main and last_saved != done:
+                    write_checkpoint(output, done, model, optimizer, plan, config.keep_checkpoints)
+                ranks.barrier()
+                raise TrainingInterrupted(int(stop.signum or signal.SIGTERM), done, output / f"{CHECKPOINT_PREFIX}{done}")
+
+    if ranks.is_main:
+        save_final_adapter(model, output)
+    ranks.barrier()
+    return result
