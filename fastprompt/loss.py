@@ -36,10 +36,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             chunk = rows[start : start + chunk_rows]
             target = targets[start : start + chunk_rows]
             logits = F.linear(chunk, weight, bias).float()
-            total += F.cross_entropy(logits, target, reduction="sum")
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
             if grad_rows is not None:
-                # d(sum CE)/d logits = softmax − onehot, computed in place.
-                probs = torch.softmax(logits, dim=-1, out=logits)
+                # d(sum CE)/d logits = softmax − onehot, built in the logits' own storage.
+                probs = logits.sub_(log_norm[:, None]).exp_()
                 probs[torch.arange(target.shape[0], device=target.device), target] -= 1.0
                 grad_rows[start : start + chunk_rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_rows)

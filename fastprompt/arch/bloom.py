@@ -1,19 +1,24 @@
-"""BLOOM's decoder, driven with a shared soft-prompt prefix.
+"""BLOOM's decoder, driven with a soft-prompt prefix computed once per batch.
 
-We call BLOOM's own modules (layer norms, ``query_key_value``, ``dense``, MLP —
-so 8-bit ``Linear8bitLt`` layers work unchanged) but run attention ourselves,
-because the prefix must be attended *without* being copied per row: its keys
-and values have batch size 1 and the real tokens' queries of every row are
-folded into one matrix product against them. Its gradient is then one GEMM
-reduced over the batch, not B copies summed afterwards.
+We call BLOOM's own modules (layer norms, ``query_key_value``, ``dense``, the
+MLP's linears — so 8-bit ``Linear8bitLt`` layers work unchanged) but run the
+block ourselves so that earlier positions can come in as K/V segments: the
+prompt's K/V, computed at batch 1, are expanded (stride 0) to the batch and the
+real tokens attend to them. Gradients reach the prompt through that expand,
+which autograd reduces over the batch.
 
 Why this is exact: in a causal LM the prefix attends only to itself, and
 BLOOM's ALiBi bias comes from the attention-mask cumsum, so the prefix's
 hidden states and K/V are identical for every row and every request.
 
-Internal K/V layout is ``[heads, batch, seq, head_dim]``: viewed as
-``[heads, batch*seq, d]`` it multiplies a shared segment in one bmm, viewed as
-``[heads*batch, seq, d]`` it does the per-row attention.
+Attention itself is one fused ``scaled_dot_product_attention`` over the
+concatenated segments with ALiBi + masking as its additive bias: on CPU that
+is ~3x faster forward+backward than BLOOM's baddbmm/softmax/bmm chain. The
+concatenation copies the prefix K/V per row inside each layer (B·P·H values,
+the size of one layer's K for P tokens); what is never repeated per row is the
+prefix's own pass through the model, which is the cost that scales with P.
+
+K/V segments are laid out ``[heads, batch, seq, head_dim]``.
 """
 
 from __future__ import annotations
@@ -41,22 +46,19 @@ class KVSegment:
         return self.key.shape[2]
 
 
-def alibi_bias(key_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """ALiBi as BLOOM builds it (from the mask cumsum), laid out [heads, B, 1, K]."""
+def attention_bias(key_mask: torch.Tensor, query_len: int, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [B, heads, T, K]: BLOOM's ALiBi (from the mask
+    cumsum) where a key is visible, dtype-min where it is padding or in the
+    future of the query (the queries are the last ``query_len`` keys).
+    Min-value rather than -inf keeps every row finite, as BLOOM's mask does."""
     slopes = _get_alibi_slopes(num_heads, key_mask.device)
     positions = (key_mask.cumsum(dim=-1) - 1) * key_mask
-    return (slopes[:, None, None, None] * positions[None, :, None, :].float()).to(dtype)
-
-
-def allowed_keys(key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-    """Boolean [1, B, T, K]: padding keys hidden, and causal order among the
-    last ``query_len`` keys (the queries themselves)."""
+    alibi = (slopes[None, :, None, None] * positions[:, None, None, :].float()).to(dtype)
     key_len = key_mask.shape[1]
-    past_len = key_len - query_len
-    q_pos = torch.arange(query_len, device=key_mask.device)[:, None] + past_len
-    k_pos = torch.arange(key_len, device=key_mask.device)[None, :]
-    causal = k_pos <= q_pos
-    return (causal[None] & key_mask.bool()[:, None, :])[None]
+    q_pos = torch.arange(query_len, device=key_mask.device)[:, None] + (key_len - query_len)
+    causal = torch.arange(key_len, device=key_mask.device)[None, :] <= q_pos
+    visible = causal[None, None] & key_mask.bool()[:, None, None, :]
+    return alibi.masked_fill(~visible, torch.finfo(dtype).min)
 
 
 class BloomDecoder:
@@ -89,8 +91,7 @@ class BloomDecoder:
         all keys (past segments then the T queries). Returns ``ln_f`` output and
         each layer's new (key, value) for the T positions."""
         batch, query_len, _ = hidden.shape
-        alibi = alibi_bias(key_mask, self.num_heads, hidden.dtype)
-        allowed = allowed_keys(key_mask, query_len)
+        bias = attention_bias(key_mask, query_len, self.num_heads, hidden.dtype)
         may_checkpoint = self.model.training and torch.is_grad_enabled()
         new_kv = []
         for index, block in enumerate(self.transformer.h):
@@ -98,75 +99,46 @@ class BloomDecoder:
             # transformers marks each block (it may skip some: every_n_layers).
             if may_checkpoint and getattr(block, "gradient_checkpointing", False):
                 hidden, key, value = checkpoint(
-                    self._block, block, hidden, alibi, allowed, segments, use_reentrant=False
+                    self._block, block, hidden, bias, segments, use_reentrant=False
                 )
             else:
-                hidden, key, value = self._block(block, hidden, alibi, allowed, segments)
+                hidden, key, value = self._block(block, hidden, bias, segments)
             new_kv.append((key, value))
         return self.transformer.ln_f(hidden), new_kv
 
-    def _block(self, block, hidden, alibi, allowed, segments):
+    def _block(self, block, hidden, bias, segments):
         normed = block.input_layernorm(hidden)
         residual = normed if block.apply_residual_connection_post_layernorm else hidden
         attn = block.self_attention
-        context, key, value = self._attention(attn, normed, alibi, allowed, segments)
+        context, key, value = self._attention(attn, normed, bias, segments)
         attn_out = attn.dense(context)
         attn_out = residual + F.dropout(attn_out, attn.hidden_dropout, attn.training)
         normed = block.post_attention_layernorm(attn_out)
         residual = normed if block.apply_residual_connection_post_layernorm else attn_out
-        return block.mlp(normed, residual), key, value
+        return self._mlp(block.mlp, normed, residual), key, value
 
-    def _attention(self, attn, normed, alibi, allowed, segments):
+    @staticmethod
+    def _mlp(mlp, normed, residual):
+        # BLOOM's GeLUFunction is the tanh approximation written as ~10 separate
+        # elementwise ops forward and backward; F.gelu(approximate="tanh") is the
+        # same function in one fused kernel each way (same constants to 1e-9).
+        inner = F.gelu(mlp.dense_h_to_4h(normed), approximate="tanh")
+        return residual + F.dropout(mlp.dense_4h_to_h(inner), mlp.hidden_dropout, mlp.training)
+
+    def _attention(self, attn, normed, bias, segments):
         batch, query_len, hidden_size = normed.shape
         heads, dim = self.num_heads, self.head_dim
         fused = attn.query_key_value(normed).view(batch, query_len, heads, 3, dim)
-        # -> [heads, B, T, d] each: the layout both bmm views below need.
-        query, key, value = (fused[..., i, :].permute(2, 0, 1, 3).contiguous() for i in range(3))
-
-        scores = []
-        for seg in segments:
-            scores.append(self._scores(query, seg.key, seg.shared))
-        scores.append(self._scores(query, key, shared=False))
-        scores = torch.cat(scores, dim=-1) * attn.inv_norm_factor + alibi
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        probs = attn.attention_dropout(probs)
-
-        context = None
-        start = 0
-        for seg_key, seg_value, shared in [(s.key, s.value, s.shared) for s in segments] + [
-            (key, value, False)
-        ]:
-            length = seg_key.shape[2]
-            part = self._weighted_values(probs[..., start : start + length], seg_value, shared)
-            context = part if context is None else context + part
-            start += length
-        context = context.permute(1, 2, 0, 3).reshape(batch, query_len, hidden_size)
-        return context, key, value
-
-    @staticmethod
-    def _scores(query, seg_key, shared):
-        heads, batch, query_len, dim = query.shape
-        if shared:
-            flat = query.reshape(heads, batch * query_len, dim)
-            return torch.bmm(flat, seg_key[:, 0].transpose(1, 2)).view(heads, batch, query_len, -1)
-        seg_key = seg_key.expand(heads, batch, -1, dim)
-        out = torch.bmm(
-            query.reshape(heads * batch, query_len, dim),
-            seg_key.reshape(heads * batch, -1, dim).transpose(1, 2),
+        # -> [heads, B, T, d] each, the layout K/V segments are kept in.
+        query, key, value = (fused[..., i, :].permute(2, 0, 1, 3) for i in range(3))
+        keys = [seg.key.expand(heads, batch, -1, dim) for seg in segments] + [key]
+        values = [seg.value.expand(heads, batch, -1, dim) for seg in segments] + [value]
+        context = F.scaled_dot_product_attention(
+            query.transpose(0, 1),
+            torch.cat(keys, dim=2).transpose(0, 1),
+            torch.cat(values, dim=2).transpose(0, 1),
+            attn_mask=bias,
+            dropout_p=attn.attention_dropout.p if attn.training else 0.0,
+            scale=attn.inv_norm_factor,
         )
-        return out.view(heads, batch, query_len, -1)
-
-    @staticmethod
-    def _weighted_values(probs, seg_value, shared):
-        heads, batch, query_len, length = probs.shape
-        dim = seg_value.shape[-1]
-        if shared:
-            out = torch.bmm(probs.reshape(heads, batch * query_len, length), seg_value[:, 0])
-            return out.view(heads, batch, query_len, dim)
-        seg_value = seg_value.expand(heads, batch, length, dim)
-        out = torch.bmm(
-            probs.reshape(heads * batch, query_len, length),
-            seg_value.reshape(heads * batch, length, dim),
-        )
-        return out.view(heads, batch, query_len, dim)
+        return context.transpose(1, 2).reshape(batch, query_len, hidden_size), key, value
