@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU check: run on a CUDA machine from anywhere in the repo; logs and JSON land in $OUT.
+# Budget: under 8 minutes on one H100. Every step runs even if an earlier one failed (a failed
+# kernel test must not cost us the benchmark numbers); the script exits non-zero if any failed.
+# To add a check, append one `step NAME SECONDS COMMAND...` line at the end of the list below.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+failed=()
+
+step() {
+    local name=$1 seconds=$2
+    shift 2
+    echo "=== ${name} (limit ${seconds}s): $*"
+    local start=$SECONDS
+    if timeout "${seconds}" "$@" 2>&1 | tee "${OUT}/${name}.log"; then
+        echo "=== ${name}: ok in $((SECONDS - start))s"
+    else
+        echo "=== ${name}: FAILED (exit $?) after $((SECONDS - start))s"
+        failed+=("${name}")
+    fi
+}
+
+step env 60 bash -c 'nvidia-smi && python -c "
+import torch, triton
+from fastprompt.ops import backend_info
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)
+print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))
+print(backend_info())
+"'
+step test_ops_embed_concat 240 env FASTPROMPT_TEST_CUDA=1 python -m pytest tests/test_ops_embed_concat.py -q
+step bench_ops 150 python -m pytest bench/bench_ops.py -q --benchmark-json="${OUT}/bench_ops.json"
+
+if ((${#failed[@]})); then
+    echo "failed steps: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed; logs in ${OUT}"
