@@ -1,0 +1,146 @@
+"""Native (C++/OpenMP, optionally CUDA) backend of the fused ``embed_concat`` op.
+
+The kernels live in ``kernels/`` and are built by ``make native`` into
+``fastprompt/_native/libfastprompt_native.so`` as torch custom ops
+(``torch.ops.fastprompt.embed_concat_fwd`` / ``embed_concat_bwd``), not as a
+pybind module: the dispatcher then handles devices, and ``torch.compile`` can
+trace through them once the fake kernels below describe their outputs.
+
+Building is optional. ``available()`` loads the library at most once and
+reports ``False`` (never raises) when it is missing or unusable;
+``load_error()`` says why, for the dispatcher's report. Call ``available()``
+once eagerly before ``torch.compile`` traces ``embed_concat_native`` (the
+dispatcher does): the load itself is file-system work dynamo cannot trace.
+
+Autograd is ``torch.library.register_autograd`` on the forward op, so eager
+and compiled code share one backward: the C++ backward computes only the
+gradients asked for (``ctx.needs_input_grad``) and returns empty tensors for
+the rest, which become ``None`` here.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+LIBRARY_PATH = Path(__file__).resolve().parent.parent / "_native" / "libfastprompt_native.so"
+
+
+def available() -> bool:
+    """True when the native library is built and its ops are registered."""
+    return _load() is None
+
+
+def load_error() -> str | None:
+    """Why the native backend is unavailable, or None when it is available."""
+    return _load()
+
+
+def embed_concat_native(
+    input_ids: torch.Tensor,
+    weight: torch.Tensor,
+    prompt: torch.Tensor,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Same contract as ``fastprompt.ops.reference.embed_concat_reference``."""
+    if not available():
+        raise RuntimeError(f"fastprompt native backend unavailable: {load_error()}")
+    if ln_weight is None:
+        # The reference applies no LayerNorm, hence no bias, without ln_weight.
+        ln_bias = None
+    out, _mean, _rstd = torch.ops.fastprompt.embed_concat_fwd(
+        input_ids, weight, prompt, ln_weight, ln_bias, float(eps)
+    )
+    return out
+
+
+_NOT_TRIED = "not tried yet"
+# Outcome of the one load attempt: None (loaded) or why not. A plain global
+# rather than functools.cache, so that torch.compile traces `available()` as
+# a guarded constant instead of breaking the graph on the file-system check.
+_load_outcome: str | None = _NOT_TRIED
+_load_lock = threading.Lock()
+
+
+def _load() -> str | None:
+    global _load_outcome
+    if _load_outcome is not _NOT_TRIED:
+        return _load_outcome
+    with _load_lock:
+        if _load_outcome is _NOT_TRIED:
+            _load_outcome = _try_load(LIBRARY_PATH)
+    return _load_outcome
+
+
+def _try_load(path: Path) -> str | None:
+    if not path.exists():
+        return f"{path} is not built (run `make native`)"
+    try:
+        torch.ops.load_library(str(path))
+        _register_python_side()
+    except Exception as exc:  # a broken build must degrade to "unavailable", whatever the cause
+        return f"loading {path} failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _stats_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(input_ids, weight, prompt, ln_weight, ln_bias, eps):
+    batch, tokens = input_ids.shape
+    rows = prompt.shape[0] + tokens
+    out = weight.new_empty((batch, rows, weight.shape[1]))
+    stats_shape = (batch, rows) if ln_weight is not None else (0,)
+    stats_dtype = _stats_dtype(weight.dtype)
+    return out, weight.new_empty(stats_shape, dtype=stats_dtype), weight.new_empty(stats_shape, dtype=stats_dtype)
+
+
+def _fake_backward(
+    grad_out, input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd,
+    need_grad_prompt, need_grad_weight, need_grad_ln,
+):
+    layer_norm_grads = need_grad_ln and ln_weight is not None
+    gamma_dtype = weight.dtype if ln_weight is None else ln_weight.dtype
+    beta_dtype = weight.dtype if ln_bias is None else ln_bias.dtype
+    hidden = weight.shape[1]
+    return (
+        weight.new_empty(prompt.shape if need_grad_prompt else (0,), dtype=prompt.dtype),
+        weight.new_empty(weight.shape if need_grad_weight else (0,)),
+        weight.new_empty((hidden,) if layer_norm_grads else (0,), dtype=gamma_dtype),
+        weight.new_empty((hidden,) if layer_norm_grads and ln_bias is not None else (0,), dtype=beta_dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input_ids, weight, prompt, ln_weight, ln_bias, _eps = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+    _, need_weight, need_prompt, need_ln_weight, need_ln_bias, _ = ctx.needs_input_grad
+    grad_prompt, grad_weight, grad_ln_weight, grad_ln_bias = torch.ops.fastprompt.embed_concat_bwd(
+        grad_out, input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd,
+        need_prompt, need_weight, need_ln_weight or need_ln_bias,
+    )
+    return (
+        None,
+        grad_weight if need_weight else None,
+        grad_prompt if need_prompt else None,
+        grad_ln_weight if need_ln_weight else None,
+        grad_ln_bias if need_ln_bias else None,
+        None,
+    )
+
+
+def _register_python_side() -> None:
+    torch.library.register_fake("fastprompt::embed_concat_fwd", _fake_forward)
+    torch.library.register_fake("fastprompt::embed_concat_bwd", _fake_backward)
+    torch.library.register_autograd("fastprompt::embed_concat_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,239 @@
+"""Native (C++/OpenMP) `embed_concat` vs the torch reference.
+
+Forward and backward over awkward shapes and fp32/bf16/fp16 under the shared tolerance rule
+(tests/tolerance.py), float64 gradcheck, the registered fake kernels (opcheck, torch.compile),
+and the loader's "unavailable, never raises" contract. The module is skipped when the library
+is not built (`make native`).
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from fastprompt.ops import native
+from fastprompt.ops.reference import embed_concat_reference
+from tolerance import assert_within_reference_error
+
+if not native.available():
+    pytest.skip(f"native embed_concat unavailable: {native.load_error()}", allow_module_level=True)
+
+VOCAB = 37
+# CUDA cases run only where the library was built with its CUDA kernels and a GPU is present.
+DEVICES = ["cpu"]
+if torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("fastprompt::embed_concat_fwd", "CUDA"):
+    DEVICES.append("cuda")
+# (batch, prompt rows, tokens, hidden): P = 0, B = 1, T = 1, hidden sizes off every vector width.
+SHAPES = [(1, 0, 3, 8), (2, 3, 5, 1000), (3, 7, 2, 1088), (1, 4, 1, 256), (2, 1, 1, 17)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYER_NORMS = ["none", "weight", "weight+bias"]
+TRAINABLE = {
+    "prompt": ("prompt",),  # prompt tuning: table and LayerNorm frozen
+    "all": ("prompt", "weight", "ln_weight", "ln_bias"),
+}
+
+
+def shape_id(shape):
+    return "B{}P{}T{}H{}".format(*shape)
+
+
+def make_inputs(shape, dtype, layer_norm, prompt_dtype=None, seed=0, device="cpu"):
+    """Random inputs whose batch items share their first token id (colliding table-gradient
+    rows) and whose rows have a nonzero mean (so LayerNorm's centring matters)."""
+    batch, n_prompt, n_tokens, hidden = shape
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, n_tokens), generator=gen)
+    if batch and n_tokens:
+        ids[:, 0] = ids[0, 0]
+    inputs = {
+        "input_ids": ids,
+        "weight": (torch.randn(VOCAB, hidden, generator=gen) + 0.3).to(dtype),
+        "prompt": (torch.randn(n_prompt, hidden, generator=gen) - 0.2).to(prompt_dtype or dtype),
+        "ln_weight": None,
+        "ln_bias": None,
+    }
+    if layer_norm != "none":
+        inputs["ln_weight"] = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(dtype)
+    if layer_norm == "weight+bias":
+        inputs["ln_bias"] = (0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    return {name: None if value is None else value.to(device) for name, value in inputs.items()}
+
+
+def leaves(inputs, trainable, dtype=None):
+    """Fresh leaf copies (cast to `dtype` if given); names in `trainable` require grad."""
+    out = {}
+    for name, value in inputs.items():
+        if value is not None and value.is_floating_point():
+            value = value.detach().clone()
+            if dtype is not None:
+                value = value.to(dtype)
+            value.requires_grad_(name in trainable)
+        out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layer_norm", LAYER_NORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_forward_matches_reference(shape, dtype, layer_norm, device):
+    inputs = make_inputs(shape, dtype, layer_norm, device=device)
+    out = native.embed_concat_native(**inputs)
+    assert out.shape == (shape[0], shape[1] + shape[2], shape[3]) and out.dtype == dtype
+    assert_within_reference_error(
+        out,
+        embed_concat_reference(**inputs),
+        embed_concat_reference(**leaves(inputs, (), torch.float32)),
+        name="out",
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trainable", list(TRAINABLE))
+@pytest.mark.parametrize("layer_norm", ["none", "weight+bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_backward_matches_reference(shape, dtype, layer_norm, trainable, device):
+    inputs = make_inputs(shape, dtype, layer_norm, device=device)
+    names = TRAINABLE[trainable]
+    grad_out = torch.randn(shape[0], shape[1] + shape[2], shape[3]).to(dtype).to(device)
+
+    results = []
+    for run, upcast in (
+        (native.embed_concat_native, False),
+        (embed_concat_reference, False),
+        (embed_concat_reference, True),
+    ):
+        args = leaves(inputs, names, torch.float32 if upcast else None)
+        run(**args).backward(grad_out.float() if upcast else grad_out)
+        results.append(args)
+    kernel, same_dtype, fp32 = results
+
+    for name in ("weight", "prompt", "ln_weight", "ln_bias"):
+        if kernel[name] is None:
+            continue
+        if name not in names:
+            assert kernel[name].grad is None, f"frozen {name} got a gradient"
+            continue
+        assert_within_reference_error(kernel[name].grad, same_dtype[name].grad, fp32[name].grad, name=f"grad {name}")
+
+
+def test_fp32_prompt_with_bf16_table():
+    # The usual training setup: an fp32 prompt parameter in front of a bf16 model.
+    inputs = make_inputs((2, 3, 5, 1000), torch.bfloat16, "weight+bias", prompt_dtype=torch.float32)
+    grad_out = torch.randn(2, 8, 1000).to(torch.bfloat16)
+    results = []
+    for run, upcast in (
+        (native.embed_concat_native, False),
+        (embed_concat_reference, False),
+        (embed_concat_reference, True),
+    ):
+        args = leaves(inputs, ("prompt",), torch.float32 if upcast else None)
+        out = run(**args)
+        out.backward(grad_out.float() if upcast else grad_out)
+        results.append((out, args["prompt"].grad))
+    (out, grad), (out_ref, grad_ref), (out_fp32, grad_fp32) = results
+    assert out.dtype == torch.bfloat16 and grad.dtype == torch.float32
+    assert_within_reference_error(out, out_ref, out_fp32, name="out")
+    # Both prompt gradients are fp32 but come from bf16 grad_out rows: bf16's atol.
+    assert_within_reference_error(grad, grad_ref, grad_fp32, atol=1e-2, name="grad prompt")
+
+
+GRADCHECK_CASES = [
+    ("none", ("prompt",)),
+    ("none", ("prompt", "weight")),
+    ("weight", ("prompt", "ln_weight")),
+    ("weight+bias", ("prompt",)),
+    ("weight+bias", ("prompt", "ln_weight", "ln_bias")),
+    ("weight+bias", ("prompt", "weight", "ln_weight", "ln_bias")),
+    ("weight+bias", ("weight",)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layer_norm, trainable", GRADCHECK_CASES, ids=lambda c: c if isinstance(c, str) else "+".join(c))
+def test_gradcheck_float64(layer_norm, trainable, device):
+    inputs = leaves(make_inputs((3, 2, 4, 6), torch.float64, layer_norm, device=device), trainable)
+    inputs["input_ids"] = torch.tensor([[1, 3, 1, 0], [3, 3, 2, 1], [1, 0, 4, 4]], device=device)  # repeated ids
+    names = [name for name in ("input_ids", "weight", "prompt", "ln_weight", "ln_bias") if name in inputs]
+
+    def op(*tensors):
+        return native.embed_concat_native(**dict(zip(names, tensors)))
+
+    assert torch.autograd.gradcheck(op, tuple(inputs[name] for name in names), eps=1e-6, atol=1e-6)
+
+
+def test_int32_ids_and_row_strided_table():
+    inputs = make_inputs((2, 3, 4, 40), torch.float32, "weight+bias")
+    padded = torch.zeros(VOCAB, 64)
+    padded[:, :40] = inputs["weight"]
+    inputs["weight"] = padded[:, :40]
+    inputs["input_ids"] = inputs["input_ids"].to(torch.int32)
+    torch.testing.assert_close(native.embed_concat_native(**inputs), embed_concat_reference(**inputs), atol=1e-5, rtol=0)
+
+
+def test_empty_batch_gives_empty_output_and_zero_prompt_grad():
+    inputs = leaves(make_inputs((0, 3, 2, 16), torch.float32, "weight+bias"), ("prompt",))
+    out = native.embed_concat_native(**inputs)
+    assert out.shape == (0, 5, 16)
+    out.sum().backward()
+    assert torch.equal(inputs["prompt"].grad, torch.zeros_like(inputs["prompt"]))
+
+
+def test_out_of_range_id_is_an_error():
+    inputs = make_inputs((1, 2, 3, 8), torch.float32, "none")
+    inputs["input_ids"] = torch.tensor([[0, VOCAB, 1]])
+    with pytest.raises(RuntimeError, match=rf"token id {VOCAB} outside the table"):
+        native.embed_concat_native(**inputs)
+
+
+def test_fake_kernels_and_autograd_registration_pass_opcheck():
+    for layer_norm in ("none", "weight+bias"):
+        inputs = leaves(make_inputs((2, 3, 4, 16), torch.float32, layer_norm), ("prompt", "ln_weight"))
+        args = (inputs["input_ids"], inputs["weight"], inputs["prompt"], inputs["ln_weight"], inputs["ln_bias"], 1e-5)
+        torch.library.opcheck(torch.ops.fastprompt.embed_concat_fwd.default, args)
+
+
+def test_torch_compile_matches_eager():
+    inputs = make_inputs((2, 3, 5, 64), torch.float32, "weight+bias")
+    grad_out = torch.randn(2, 8, 64)
+
+    def loss(prompt):
+        args = dict(inputs, prompt=prompt)
+        return (native.embed_concat_native(**args) * grad_out).sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        prompt = inputs["prompt"].clone().requires_grad_(True)
+        value = fn(prompt)
+        value.backward()
+        results.append((value.detach(), prompt.grad))
+    (eager_value, eager_grad), (compiled_value, compiled_grad) = results
+    torch.testing.assert_close(compiled_value, eager_value)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def load_isolated_copy_of_native_module(library_path):
+    """fastprompt.ops.native re-executed as a separate module whose load has not been tried,
+    pointed at `library_path`; the real module (already loaded) is left alone."""
+    spec = importlib.util.spec_from_file_location("native_loader_under_test", native.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.LIBRARY_PATH = library_path
+    return module
+
+
+def test_unbuilt_library_is_reported_not_raised(tmp_path):
+    loader = load_isolated_copy_of_native_module(tmp_path / "libfastprompt_native.so")
+    assert loader.available() is False
+    assert "is not built (run `make native`)" in loader.load_error()
+    with pytest.raises(RuntimeError, match="native backend unavailable"):
+        loader.embed_concat_native(**make_inputs((1, 2, 3, 8), torch.float32, "none"))
+
+
+def test_broken_library_is_reported_not_raised(tmp_path):
+    broken = tmp_path / "libfastprompt_native.so"
+    broken.write_bytes(b"not an ELF file")
+    loader = load_isolated_copy_of_native_module(broken)
+    assert loader.available() is False
+    assert loader.load_error().startswith(f"loading {broken} failed: OSError")
