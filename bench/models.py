@@ -16,9 +16,28 @@ def bloom_from_shape(shape: dict, dtype=torch.float32, seed: int = 0, device="cp
 
     torch.manual_seed(seed)
     config = BloomConfig(**shape, hidden_dropout=0.0, attention_dropout=0.0)
-    model = BloomForCausalLM(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialise in place: a 1.4B model on GPU in seconds
+        model = BloomForCausalLM(config).to(dtype=dtype)
     return model.requires_grad_(False).eval()
 
 
 def bloom_mini(dtype=torch.float32, seed: int = 0, device="cpu"):
     return bloom_from_shape(BLOOM_MINI, dtype=dtype, seed=seed, device=device)
+
+
+SHAPES_BY_NAME = {"bloom-mini": BLOOM_MINI, "bloom-1b4-zh": BLOOM_1B4_ZH}
+
+
+def build_base(model: str = "bloom-mini", dtype: str = "float32", device: str = "cpu", seed: int = 0):
+    """A frozen benchmark model by shape name; dtype "int8" quantises the
+    linear layers with bitsandbytes (via a temporary checkpoint, as users load
+    8-bit models) with fp16 activations."""
+    if dtype != "int8":
+        return bloom_from_shape(SHAPES_BY_NAME[model], dtype=getattr(torch, dtype), seed=seed, device=device)
+    import tempfile
+
+    import fastprompt
+
+    with tempfile.TemporaryDirectory() as directory:
+        bloom_from_shape(SHAPES_BY_NAME[model], seed=seed).save_pretrained(directory)
+        return fastprompt.load_model(directory, load_in_8bit=True, device_map=device)

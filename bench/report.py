@@ -24,7 +24,10 @@ def tables(paths: list[Path]) -> str:
     rows_by_module = defaultdict(list)
     machine = None
     for path in paths:
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"{path}: not a pytest-benchmark JSON file ({err})") from None
         machine = machine or data.get("machine_info", {})
         for bench in data.get("benchmarks", []):
             if bench.get("extra_info"):

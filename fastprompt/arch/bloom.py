@@ -130,7 +130,9 @@ class BloomDecoder:
         heads, dim = self.num_heads, self.head_dim
         fused = attn.query_key_value(normed).view(batch, query_len, heads, 3, dim)
         # -> [heads, B, T, d] each, the layout K/V segments are kept in.
-        query, key, value = (fused[..., i, :].permute(2, 0, 1, 3) for i in range(3))
+        # unbind, not three selects: its backward is one stack instead of three
+        # zero-filled full-size gradients.
+        query, key, value = (part.permute(2, 0, 1, 3) for part in fused.unbind(dim=3))
         keys = [seg.key.expand(heads, batch, -1, dim) for seg in segments] + [key]
         values = [seg.value.expand(heads, batch, -1, dim) for seg in segments] + [value]
         context = F.scaled_dot_product_attention(
