@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -337,6 +338,7 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
             with open(log_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
             bar.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+            sys.stdout.flush()  # a pipe is block-buffered: a watcher would see nothing until exit
 
     model.train()
     with _StopRequest() as stop, tqdm(
