@@ -1,0 +1,165 @@
+"""``fastprompt`` as a user runs it: subprocesses, exit codes, one-line errors, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PromptTuningConfig, TaskType
+
+import fastprompt
+from fastprompt.cli import main
+from fastprompt.loading import demo_data_path
+from fastprompt.prompt import save_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_generate = pytest.mark.skipif(
+    not hasattr(fastprompt.FastPromptModel, "generate"), reason="FastPromptModel.generate has not landed yet"
+)
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "fastprompt.cli", *map(str, args)]
+
+
+def cli_env() -> dict:
+    """The checkout importable from any working directory."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def run_cli(*args, cwd, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def small_data(directory: Path, count: int = 12) -> Path:
+    records = json.loads(demo_data_path().read_text(encoding="utf-8"))[:count]
+    path = directory / "data.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["bench"], ["demo"]])
+def test_every_command_has_standard_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {' '.join(['fastprompt', *command])}")
+
+
+@needs_generate
+def test_generate_answers_with_an_adapter(tmp_path):
+    torch.manual_seed(0)
+    model = fastprompt.get_peft_model(fastprompt.load_model("tiny-bloom"),
+                                      PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    model.save_pretrained(tmp_path / "adapter")
+    answered = run_cli("generate", "--adapter", tmp_path / "adapter", "请介绍一下你自己。", "--max-new-tokens", 4,
+                       cwd=tmp_path)
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.endswith("\n") and answered.stderr == ""
+
+
+def mismatched_adapter(directory: Path) -> Path:
+    """A valid adapter for a model of hidden size 128 (tiny-bloom's is 256)."""
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, token_dim=128,
+                                num_transformer_submodules=1, num_attention_heads=2, num_layers=2)
+    save_adapter(directory / "other", config, torch.zeros(4, 128))
+    return directory / "other"
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    cases = {
+        "missing data": (["train", "--data", tmp_path / "nope.json", "--output", tmp_path / "o1"], 1,
+                         "data '.*nope.json' does not exist"),
+        "bad flag value": (["train", "--output", tmp_path / "o2", "--lr", "-1"], 2,
+                           r"argument --lr: must be > 0.0, got -1"),
+        "unknown model": (["train", "--model", "./no-such-model", "--output", tmp_path / "o3"], 1,
+                          "model directory './no-such-model' does not exist"),
+        "adapter mismatch": (["generate", "--adapter", mismatched_adapter(tmp_path), "hello"], 1,
+                             "has token_dim 128, but the model's hidden size is 256"),
+    }
+    # Each case pays the interpreter + torch start-up; run them side by side.
+    running = {name: subprocess.Popen(cli_command(*argv), cwd=tmp_path, env=cli_env(), text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for name, (argv, _, _) in cases.items()}
+    for name, process in running.items():
+        _, stderr = process.communicate(timeout=300)
+        _, code, pattern = cases[name]
+        assert process.returncode == code, (name, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1, (name, stderr)
+        assert re.match(rf"fastprompt (train|generate): error: .*{pattern}", lines[0]), (name, lines[0])
+
+
+def test_errors_in_process_and_debug(tmp_path, capsys):
+    assert main(["generate", "--adapter", str(tmp_path / "none"), "hello"]) == 1
+    assert capsys.readouterr().err == f"fastprompt generate: error: adapter directory {str(tmp_path / 'none')!r} does not exist\n"
+    with pytest.raises(FileNotFoundError):
+        main(["train", "--data", str(tmp_path / "nope.json"), "--output", str(tmp_path / "o"), "--debug"])
+
+
+def test_train_survives_sigterm_and_resumes_to_the_end(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_data(tmp_path), "--output", out, "--max-steps", 20, "--batch-size", 2,
+            "--save-every", 0, "--log-every", 1, "--no-progress"]
+    process = subprocess.Popen(cli_command(*argv), cwd=tmp_path, env=cli_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith("step 2 "):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted by SIGTERM" in stderr and "--resume" in stderr
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    interrupted_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= interrupted_at < 20
+
+    resumed = run_cli(*argv, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(rf"^step {interrupted_at + 1} ", resumed.stdout, re.M)
+    assert re.search(r"^step 20 ", resumed.stdout, re.M)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+FAKE_BENCH = '''
+def test_step(benchmark):
+    benchmark(sum, range(10))
+    benchmark.extra_info.update(fastprompt_step_s=0.5, peft_step_s=1.0, speedup=2.0, memory_ratio=0.5)
+'''
+
+
+def test_bench_runs_pytest_benchmark_and_prints_the_table(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_fake.py").write_text(FAKE_BENCH)
+    done = run_cli("bench", "--bench-dir", bench, "--", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = done.stdout[done.stdout.index("benchmark "):]
+    assert re.search(r"test_step\s+0\.5000\s+1\.0000\s+2\.00x\s+0\.50x", table), table
+
+
+@needs_generate
+def test_demo_trains_reloads_with_peft_and_generates(tmp_path):
+    started = time.perf_counter()
+    done = run_cli("demo", "--output", tmp_path / "demo", cwd=tmp_path)
+    wall = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    before, after = map(float, re.search(r"loss over all records: ([\d.]+) -> ([\d.]+)", done.stdout).groups())
+    assert after < before - 0.02
+    diff = float(re.search(r"max \|logit diff\| fastprompt vs PEFT = (\S+)", done.stdout).group(1))
+    assert diff < 1e-4
+    assert "4. generate: '请介绍一下你自己。' -> " in done.stdout
+    print(f"\nfastprompt demo: {wall:.1f}s wall including start-up; {done.stdout.strip().splitlines()[-1]}")
+    # Generous: the demo shares 2 cores with the rest of CI.
+    assert wall < 180
