@@ -1,0 +1,59 @@
+"""The examples run as documented, on tiny-bloom and the bundled data, shortened."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastprompt
+from test_cli import cli_env, small_data
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+needs_generate = pytest.mark.skipif(
+    not hasattr(fastprompt.FastPromptModel, "generate"), reason="FastPromptModel.generate has not landed yet"
+)
+
+
+@needs_generate
+def test_tutorial_trainer_script_trains_with_hf_trainer(tmp_path, monkeypatch, capsys):
+    for name, value in {"FASTPROMPT_MAX_STEPS": "4", "FASTPROMPT_LR": "3e-2", "FASTPROMPT_LOGGING_STEPS": "2",
+                        "FASTPROMPT_OUTPUT": str(tmp_path / "chatbot")}.items():
+        monkeypatch.setenv(name, value)
+    runpy.run_path(str(EXAMPLES / "tutorial_trainer.py"), run_name="__main__")  # asserts the loss fell
+    out = capsys.readouterr().out
+    before, after = map(float, re.search(r"loss on the training data: ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < before
+    assert "Assistant: " in out  # the tutorial's generated answer follows its prompt
+
+
+@needs_generate
+def test_tutorial_cli_script_trains_and_generates(tmp_path):
+    out = tmp_path / "chatbot"
+    env = dict(cli_env(), FASTPROMPT=shlex.join([sys.executable, "-m", "fastprompt.cli"]), FASTPROMPT_OUTPUT=str(out))
+    done = subprocess.run(
+        ["bash", str(EXAMPLES / "tutorial_cli.sh"), "--max-steps", "4", "--lr", "3e-2", "--log-every", "2",
+         "--eval-data", str(small_data(tmp_path)), "--eval-every", "1", "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "adapter saved to" in done.stdout
+    evals = [entry["eval_loss"] for entry in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+             if "eval_loss" in entry]
+    assert len(evals) == 4 and evals[-1] < evals[0]
+
+
+def test_sentiment_classification_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sentiment_classification.py", "--epochs", "2", "--output", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "sentiment_classification.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    before, after = map(float, re.search(r"label-token loss .*: ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < before
+    assert re.search(r"accuracy on 16 held-out reviews: [\d.]+ -> [\d.]+", out)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
