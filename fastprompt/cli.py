@@ -147,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", parents=[common], help="benchmark fastprompt against PEFT",
-        description="Run the benchmark suite in the repository's bench/ and print the fastprompt-vs-PEFT table. "
-                    "Arguments after -- go to pytest.",
+        description="Run the benchmark suites (bench/bench_*.py) with pytest-benchmark and print the "
+                    "fastprompt-vs-PEFT tables of bench/report.py. Arguments after -- go to pytest.",
     )
     bench.add_argument("--bench-dir", default=None, help="benchmark directory (default: bench/ next to the package)")
+    bench.add_argument("--json", help="also keep the pytest-benchmark results in this file")
     bench.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments, after --")
     bench.set_defaults(run=run_bench)
 
@@ -305,44 +306,23 @@ def run_generate(args) -> int:
 
 def run_bench(args) -> int:
     bench_dir = Path(args.bench_dir) if args.bench_dir else Path(__file__).resolve().parents[1] / "bench"
-    if not bench_dir.is_dir():
+    suites = sorted(bench_dir.glob("bench_*.py"))
+    report = bench_dir / "report.py"
+    if not suites or not report.is_file():
         raise FileNotFoundError(
-            f"benchmark directory {str(bench_dir)!r} not found; run from a source checkout or pass --bench-dir"
+            f"no benchmark suites (bench_*.py and report.py) in {str(bench_dir)!r}; "
+            "run from a source checkout or pass --bench-dir"
         )
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     with tempfile.TemporaryDirectory(prefix="fastprompt-bench-") as scratch:
-        results = Path(scratch) / "results.json"
-        command = [sys.executable, "-m", "pytest", str(bench_dir), "--benchmark-only", "-q",
+        results = Path(args.json) if args.json else Path(scratch) / "results.json"
+        command = [sys.executable, "-m", "pytest", *map(str, suites), "--benchmark-only", "-q",
                    f"--benchmark-json={results}", *extra]
         print("running:", " ".join(command), flush=True)
         code = subprocess.call(command, cwd=bench_dir.parent)
         if results.exists():
-            print(_bench_table(results))
+            code = subprocess.call([sys.executable, str(report), str(results)]) or code
     return code
-
-
-def _bench_table(results_json: Path) -> str:
-    """fastprompt vs PEFT, one row per benchmark that measured both."""
-    import json
-
-    rows = []
-    for bench in json.loads(results_json.read_text())["benchmarks"]:
-        info = bench.get("extra_info", {})
-        if "speedup" in info:
-            rows.append((bench["name"], info.get("fastprompt_step_s"), info.get("peft_step_s"), info["speedup"],
-                         info.get("memory_ratio")))
-    if not rows:
-        return "no fastprompt-vs-PEFT benchmarks were run"
-    width = max(len(row[0]) for row in rows)
-    lines = [f"{'benchmark':<{width}}  {'fastprompt s':>12}  {'PEFT s':>10}  {'speedup':>8}  {'memory':>7}"]
-    for name, ours, theirs, speedup, memory in rows:
-        lines.append(f"{name:<{width}}  {_fmt(ours, '.4f'):>12}  {_fmt(theirs, '.4f'):>10}  "
-                     f"{speedup:>7.2f}x  {_fmt(memory, '.2f') + 'x' if memory else '-':>7}")
-    return "\n".join(lines)
-
-
-def _fmt(value, spec):
-    return format(value, spec) if value is not None else "-"
 
 
 def run_demo(args) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,19 +135,22 @@ def test_train_survives_sigterm_and_resumes_to_the_end(tmp_path):
 FAKE_BENCH = '''
 def test_step(benchmark):
     benchmark(sum, range(10))
-    benchmark.extra_info.update(fastprompt_step_s=0.5, peft_step_s=1.0, speedup=2.0, memory_ratio=0.5)
+    benchmark.extra_info.update(shape="tiny", fastprompt_step_s=0.5, peft_step_s=1.0, speedup=2.0)
 '''
 
 
-def test_bench_runs_pytest_benchmark_and_prints_the_table(tmp_path):
+def test_bench_runs_the_suites_and_prints_the_report(tmp_path):
     bench = tmp_path / "bench"
     bench.mkdir()
     (bench / "bench_fake.py").write_text(FAKE_BENCH)
-    done = run_cli("bench", "--bench-dir", bench, "--", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+    shutil.copy(ROOT / "bench" / "report.py", bench / "report.py")
+    done = run_cli("bench", "--bench-dir", bench, "--json", tmp_path / "results.json", "--", "-p", "no:cacheprovider",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    table = done.stdout[done.stdout.index("benchmark "):]
-    assert re.search(r"test_step\s+0\.5000\s+1\.0000\s+2\.00x\s+0\.50x", table), table
+    assert "bench_fake.py" in done.stdout and (tmp_path / "results.json").is_file()
+    header, _, row = done.stdout.strip().splitlines()[-3:]
+    assert header.split() == ["shape", "fastprompt_step_s", "peft_step_s", "speedup"]
+    assert row.split() == ["tiny", "0.5", "1", "2"]
 
 
 @needs_generate
