@@ -17,6 +17,7 @@ needs to continue bit for bit where the run stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -293,6 +294,37 @@ def evaluate(model, data: TokenizedData, pad_token_id: int, max_tokens: int = 40
     return float(totals[0] / totals[1])
 
 
+def _accumulate_gradients(model, data: TokenizedData, indices: list[int], step_items: int, config: TrainConfig,
+                          collate: PadCollator) -> tuple[torch.Tensor, int]:
+    """Forward and backward this rank's share of a step, in micro-batches under
+    the token budget; gradients add up in ``.grad``. Returns the summed loss
+    and the number of real tokens."""
+    device = model.prompt_embeddings.device
+    loss_sum = torch.zeros((), device=device)
+    tokens = 0
+    for micro in token_budget_batches(indices, data.lengths, config.max_tokens):
+        batch = _to_device(collate([data[i] for i in micro]), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            loss = model(**batch, num_items_in_batch=step_items).loss
+        loss.backward()
+        loss_sum += loss.detach().float()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, tokens
+
+
+def _sum_over_ranks(prompt, loss_sum: torch.Tensor, tokens: int, signum: int | None,
+                    ranks: Ranks) -> tuple[float, float, bool]:
+    """One all-reduce for the gradient and the step's numbers, so that every
+    rank sees the same loss and the same stop request. Returns (step loss,
+    step tokens, stop requested)."""
+    grad = prompt.grad if prompt.grad is not None else torch.zeros_like(prompt)  # a rank may get no example
+    numbers = torch.stack([loss_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(float(signum or 0))])
+    shared = ranks.sum_(torch.cat([grad.flatten(), numbers]))
+    prompt.grad = shared[: prompt.numel()].view_as(prompt)
+    step_loss, step_tokens, stop = (float(x) for x in shared[prompt.numel():])
+    return step_loss, step_tokens, stop > 0
+
+
 def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
           eval_data: TokenizedData | None = None, ranks: Ranks = Ranks()) -> TrainResult:
     """Train ``model.prompt_embeddings`` on ``data``; the final adapter lands in
@@ -328,7 +360,11 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
         output.mkdir(parents=True, exist_ok=True)
         _truncate_log(log_file, after_step=start)
     result = TrainResult(steps=start)
-    epoch_steps, planned_epoch = [], None
+
+    @functools.lru_cache(maxsize=1)
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        return length_grouped_steps(lengths, config.batch_size, seed=config.seed * 100_003 + epoch)
+
     last_saved = None
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0.0, time.perf_counter()
 
@@ -347,29 +383,11 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
     ) as bar:
         for step in range(start, total):
             epoch, offset = divmod(step, steps_per_epoch)
-            if epoch != planned_epoch:
-                epoch_steps = length_grouped_steps(lengths, config.batch_size, seed=config.seed * 100_003 + epoch)
-                planned_epoch = epoch
-            indices = epoch_steps[offset]
-            step_items = sum(items[i] for i in indices)
-            mine = indices[ranks.rank :: ranks.world_size]
-            loss_sum = torch.zeros((), device=prompt.device)
-            tokens = 0
-            for micro in token_budget_batches(mine, lengths, config.max_tokens):
-                batch = _to_device(collate([data[i] for i in micro]), prompt.device)
-                with torch.autocast(prompt.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = model(**batch, num_items_in_batch=step_items).loss
-                loss.backward()
-                loss_sum += loss.detach().float()
-                tokens += int(batch["attention_mask"].sum())
-
-            grad = prompt.grad if prompt.grad is not None else torch.zeros_like(prompt)
-            shared = torch.cat([grad.flatten(), torch.stack([
-                loss_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(float(stop.signum or 0)),
-            ])])
-            ranks.sum_(shared)
-            prompt.grad = shared[: prompt.numel()].view_as(prompt)
-            step_loss, step_tokens, stop_requested = (float(x) for x in shared[prompt.numel():])
+            indices = epoch_plan(epoch)[offset]
+            loss_sum, tokens = _accumulate_gradients(
+                model, data, indices[ranks.rank :: ranks.world_size], sum(items[i] for i in indices), config, collate
+            )
+            step_loss, step_tokens, stop_requested = _sum_over_ranks(prompt, loss_sum, tokens, stop.signum, ranks)
 
             grad_norm = (torch.nn.utils.clip_grad_norm_([prompt], config.max_grad_norm) if config.max_grad_norm
                          else prompt.grad.norm())
