@@ -245,7 +245,7 @@ def run_train(args) -> int:
         config = PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM, prompt_tuning_init=init, num_virtual_tokens=num_virtual_tokens,
             prompt_tuning_init_text=args.init_text if init == PromptTuningInit.TEXT else None,
-            tokenizer_name_or_path=args.model if init == PromptTuningInit.TEXT else None,
+            tokenizer_name_or_path=os.path.expanduser(args.model) if init == PromptTuningInit.TEXT else None,
         )
         torch.manual_seed(args.seed)
         model = fastprompt.get_peft_model(base, config)
@@ -359,8 +359,9 @@ def run_demo(args) -> int:
     print(f"   loss over all records: {before:.4f} -> {after:.4f}  ({after - before:+.4f})")
 
     print(f"2. saved: {output} ({', '.join(sorted(p.name for p in output.iterdir() if p.is_file()))})")
+    # PEFT gets a fresh base: the saved files alone must carry the prompt.
     peft_model = PeftModel.from_pretrained(fastprompt.load_model(TINY_BLOOM), str(output)).eval()
-    ours = fastprompt.FastPromptModel.from_pretrained(fastprompt.load_model(TINY_BLOOM), output).eval()
+    ours = fastprompt.FastPromptModel.from_pretrained(base, output).eval()
     batch = PadCollator(pad_id, padding_side="left")([data[i] for i in range(4)])
     with torch.no_grad():
         theirs_logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
