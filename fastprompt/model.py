@@ -14,6 +14,7 @@ import torch
 from peft import PromptTuningConfig
 from transformers.modeling_outputs import CausalLMOutput
 
+from . import generation
 from . import prompt as prompt_io
 from .arch.bloom import BloomDecoder, KVSegment
 from .loss import IGNORE_INDEX, prefix_causal_lm_loss
@@ -204,6 +205,11 @@ class FastPromptModel(torch.nn.Module):
             hidden = torch.cat([prefix_final.expand(batch, -1, -1), token_final], dim=1)
             logits = self.base_model.get_output_embeddings()(hidden)
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
+        """HF-style generation behind the soft prompt (see ``generation.py``):
+        ``[B * num_return_sequences, T + new]`` ids, inputs left-padded."""
+        return generation.generate(self, input_ids, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------- io
     def save_pretrained(self, save_directory, **_trainer_kwargs) -> None:
