@@ -108,24 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-virtual-tokens", type=_number(int, 1),
                        help="prompt length (default: the token count of --init-text, as the tutorial)")
     train.add_argument("--output", required=True, help="directory for the adapter, checkpoints and train_log.jsonl")
-    train.add_argument("--epochs", type=_number(int, 1), default=defaults.epochs)
+    train.add_argument("--epochs", type=_number(int, 1), default=defaults.epochs, help="(default: %(default)s)")
     train.add_argument("--max-steps", type=_number(int, 1), help="stop after this many optimizer steps (overrides --epochs)")
     train.add_argument("--batch-size", type=_number(int, 1), default=defaults.batch_size,
                        help="examples per optimizer step over all processes (default: %(default)s)")
     train.add_argument("--max-tokens", type=_number(int, 1), default=defaults.max_tokens,
                        help="padded tokens per forward pass; a step that does not fit is accumulated (default: %(default)s)")
-    train.add_argument("--lr", type=_number(float, 0.0, inclusive=False), default=defaults.lr)
-    train.add_argument("--warmup-steps", type=_number(int, 0), default=defaults.warmup_steps)
-    train.add_argument("--weight-decay", type=_number(float, 0.0), default=defaults.weight_decay)
+    train.add_argument("--lr", type=_number(float, 0.0, inclusive=False), default=defaults.lr,
+                       help="peak learning rate, decayed linearly to 0 (default: %(default)s)")
+    train.add_argument("--warmup-steps", type=_number(int, 0), default=defaults.warmup_steps,
+                       help="linear warmup (default: %(default)s)")
+    train.add_argument("--weight-decay", type=_number(float, 0.0), default=defaults.weight_decay,
+                       help="AdamW weight decay (default: %(default)s)")
     train.add_argument("--max-grad-norm", type=_number(float, 0.0), default=defaults.max_grad_norm,
                        help="gradient clipping, 0 to disable (default: %(default)s)")
-    train.add_argument("--log-every", type=_number(int, 1), default=defaults.log_every, metavar="STEPS")
+    train.add_argument("--log-every", type=_number(int, 1), default=defaults.log_every, metavar="STEPS",
+                       help="mean loss, lr and tokens/s every STEPS (default: %(default)s)")
     train.add_argument("--eval-every", type=_number(int, 0), default=defaults.eval_every, metavar="STEPS",
                        help="0: only at the end (default: %(default)s)")
     train.add_argument("--save-every", type=_number(int, 0), default=defaults.save_every, metavar="STEPS",
                        help="checkpoint interval, 0: only when interrupted (default: %(default)s)")
-    train.add_argument("--keep-checkpoints", type=_number(int, 1), default=defaults.keep_checkpoints)
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--keep-checkpoints", type=_number(int, 1), default=defaults.keep_checkpoints, metavar="N",
+                       help="keep the newest N checkpoints (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=defaults.seed,
+                       help="prompt init, data order and held-out split (default: %(default)s)")
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                        help="auto: bf16 autocast on a GPU, fp32 on CPU (default: %(default)s)")
     train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the instruction (the template's {instruction})")
     generate.add_argument("--adapter", required=True, help="adapter directory (ours or PEFT's)")
     generate.add_argument("--input", default="", help="the template's {input} (default: empty)")
-    generate.add_argument("--max-new-tokens", type=_number(int, 1), default=128)
+    generate.add_argument("--max-new-tokens", type=_number(int, 1), default=128, help="(default: %(default)s)")
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--seed", type=int, help="random seed for --sample")
     generate.set_defaults(run=run_generate)
