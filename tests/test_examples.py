@@ -50,7 +50,7 @@ def test_tutorial_cli_script_trains_and_generates(tmp_path):
 
 
 def test_sentiment_classification_example(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["sentiment_classification.py", "--epochs", "2", "--output", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["sentiment_classification.py", "--epochs", "1", "--output", str(tmp_path)])
     runpy.run_path(str(EXAMPLES / "sentiment_classification.py"), run_name="__main__")
     out = capsys.readouterr().out
     before, after = map(float, re.search(r"label-token loss .*: ([\d.]+) -> ([\d.]+)", out).groups())
