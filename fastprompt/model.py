@@ -18,6 +18,7 @@ from . import generation
 from . import prompt as prompt_io
 from .arch.bloom import BloomDecoder, KVSegment
 from .loss import IGNORE_INDEX, prefix_causal_lm_loss
+from .ops import embed_concat
 
 
 def get_peft_model(model, peft_config: PromptTuningConfig, adapter_name: str = "default", **_ignored):
@@ -172,14 +173,22 @@ class FastPromptModel(torch.nn.Module):
         )
         return CausalLMOutput(loss=out.loss, logits=out.logits)
 
+    def _embed(self, input_ids, prompt) -> torch.Tensor:
+        """BLOOM's embedding + ``word_embeddings_layernorm`` of ``cat(prompt,
+        weight[ids])`` in one fused op (Triton on CUDA, native or torch on CPU)."""
+        norm = self._decoder.embedding_layernorm
+        return embed_concat(
+            input_ids, self._decoder.word_embeddings.weight, prompt, norm.weight, norm.bias, norm.eps
+        )
+
     def _embed_prompt(self) -> torch.Tensor:
         """Post-LayerNorm hidden states of the virtual tokens, [1, P, H]."""
-        weight = self._decoder.word_embeddings.weight
-        return self._decoder.embedding_layernorm(self.prompt_embeddings.to(weight.dtype)).unsqueeze(0)
+        no_tokens = torch.empty(1, 0, dtype=torch.long, device=self.device)
+        return self._embed(no_tokens, self.prompt_embeddings)
 
     def _embed_tokens(self, input_ids) -> torch.Tensor:
         """Post-LayerNorm hidden states of the real tokens, [B, T, H]."""
-        return self._decoder.embedding_layernorm(self._decoder.word_embeddings(input_ids))
+        return self._embed(input_ids, self.prompt_embeddings[:0])
 
     def prefix_states(self):
         """Run the virtual tokens once, at batch 1: final hidden [1, P, H] and,
