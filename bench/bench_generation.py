@@ -167,7 +167,8 @@ def test_generation(benchmark, shape):
     ours, theirs = median["fastprompt"], median["peft_intended"]
     benchmark.extra_info.update(
         shape=shape, threads=THREADS, new_tokens=NEW_TOKENS, rounds=ROUNDS,
-        **{f"{name}_{metric}": value for name, m in median.items() for metric, value in m.items()},
+        **{f"{name}_{metric}": value for name in CONTENDERS for metric, value in median[name].items()},
+        fastprompt_cold_ttft_s=median["fastprompt_cold"]["ttft_s"],
         ttft_speedup=theirs["ttft_s"] / ours["ttft_s"],
         cold_ttft_speedup=theirs["ttft_s"] / median["fastprompt_cold"]["ttft_s"],
         decode_per_token_speedup=theirs["decode_per_token_s"] / ours["decode_per_token_s"],
