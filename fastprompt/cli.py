@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "peft.PeftModel.from_pretrained, show the logit parity with PEFT and a generated answer.",
     )
     demo.add_argument("--output", help="adapter directory (default: a new temporary directory)")
-    demo.add_argument("--epochs", type=_number(int, 1), default=3)
+    demo.add_argument("--epochs", type=_number(int, 1), default=2)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=run_demo)
     return parser
@@ -207,11 +207,6 @@ def _template(args):
     from .data import Template
 
     return Template(_unescape(args.template), _unescape(args.response_prefix), getattr(args, "response_field", "output"))
-
-
-def _say(*parts, main: bool = True) -> None:
-    if main:
-        print(*parts, flush=True)
 
 
 # ----------------------------------------------------------------- commands
@@ -268,12 +263,14 @@ def run_train(args) -> int:
             resume=args.resume, progress=not args.no_progress,
         )
         trainable, total = model.get_nb_trainable_parameters()
-        _say(f"model {args.model}: {num_virtual_tokens} virtual tokens, trainable {trainable:,d} of {total:,d} "
-             f"parameters; {len(data)} training examples"
-             + (f", {len(eval_data)} held out" if eval_data is not None else "")
-             + (f"; {ranks.world_size} processes" if ranks.world_size > 1 else ""), main=ranks.is_main)
+        if ranks.is_main:
+            print(f"model {args.model}: {num_virtual_tokens} virtual tokens, trainable {trainable:,d} of {total:,d} "
+                  f"parameters; {len(data)} training examples"
+                  + (f", {len(eval_data)} held out" if eval_data is not None else "")
+                  + (f"; {ranks.world_size} processes" if ranks.world_size > 1 else ""), flush=True)
         result = train(model, data, train_config, pad_token_id=_pad_id(tokenizer), eval_data=eval_data, ranks=ranks)
-        _say(f"trained {result.steps} steps; adapter saved to {args.output}", main=ranks.is_main)
+        if ranks.is_main:
+            print(f"trained {result.steps} steps; adapter saved to {args.output}")
         return 0
     finally:
         distributed.shutdown()

@@ -88,9 +88,6 @@ class TrainResult:
     steps: int
     history: list[dict] = field(default_factory=list)
 
-    def losses(self, key: str = "loss") -> list[float]:
-        return [entry[key] for entry in self.history if key in entry]
-
 
 class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM: a checkpoint was written and the run can resume."""
@@ -112,10 +109,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * step / warmup
     return peak * max(0.0, (total - step) / max(1, total - warmup))
-
-
-def label_count(example) -> int:
-    return sum(label != IGNORE_INDEX for label in example["labels"])
 
 
 # ------------------------------------------------------------ checkpoints
@@ -335,7 +328,7 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
         raise ValueError("the prompt is frozen (loaded with is_trainable=False?); nothing to train")
     output = config.output
     lengths = data.lengths
-    items = [label_count(example) for example in data.examples]
+    items = [sum(label != IGNORE_INDEX for label in example["labels"]) for example in data.examples]
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.max_steps or config.epochs * steps_per_epoch
     plan = {
