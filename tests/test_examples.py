@@ -10,20 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-import fastprompt
-from test_cli import cli_env, small_data
+from test_cli import cli_env, needs_generate, small_data
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-needs_generate = pytest.mark.skipif(
-    not hasattr(fastprompt.FastPromptModel, "generate"), reason="FastPromptModel.generate has not landed yet"
-)
 
 
 @needs_generate
 def test_tutorial_trainer_script_trains_with_hf_trainer(tmp_path, monkeypatch, capsys):
-    for name, value in {"FASTPROMPT_MAX_STEPS": "4", "FASTPROMPT_LR": "3e-2", "FASTPROMPT_LOGGING_STEPS": "2",
+    for name, value in {"FASTPROMPT_MAX_STEPS": "2", "FASTPROMPT_LR": "3e-2", "FASTPROMPT_LOGGING_STEPS": "1",
                         "FASTPROMPT_OUTPUT": str(tmp_path / "chatbot")}.items():
         monkeypatch.setenv(name, value)
     runpy.run_path(str(EXAMPLES / "tutorial_trainer.py"), run_name="__main__")  # asserts the loss fell
