@@ -201,9 +201,16 @@ class FastPromptModel(torch.nn.Module):
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        key_mask = torch.cat([attention_mask.new_ones(batch, self.num_virtual_tokens), attention_mask], dim=1)
-        prefix_final, prefix_kv = self.prefix_states()
-        token_final, _ = self._decoder.forward(self._embed_tokens(input_ids), key_mask, past=prefix_kv)
+        count = self.num_virtual_tokens
+        key_mask = torch.cat([attention_mask.new_ones(batch, count), attention_mask], dim=1)
+        if batch == 1:
+            # Nothing to share with one row: one pass over cat(prompt, tokens)
+            # from the fused embed+concat op beats two passes of smaller GEMMs.
+            final, _ = self._decoder.forward(self._embed(input_ids, self.prompt_embeddings), key_mask)
+            prefix_final, token_final = final[:, :count], final[:, count:]
+        else:
+            prefix_final, prefix_kv = self.prefix_states()
+            token_final, _ = self._decoder.forward(self._embed_tokens(input_ids), key_mask, past=prefix_kv)
 
         loss = logits = None
         if labels is not None:
