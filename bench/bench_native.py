@@ -5,8 +5,9 @@ as a real vocabulary is), with BLOOM's embedding LayerNorm ("layernorm") and wit
 ("plain"). Two passes: forward, and forward + backward w.r.t. the prompt with the table and
 LayerNorm frozen, as in prompt tuning.
 
-Both contenders run in the same session with the same thread count: torch.set_num_threads sets
-torch's intra-op pool, and the native library sizes its OpenMP teams from the same setting.
+Both contenders run in the same session with the same thread count, 2 unless
+FASTPROMPT_BENCH_THREADS says otherwise: torch.set_num_threads sets torch's intra-op pool, and the
+native library sizes its OpenMP teams from the same setting.
 
 Every case runs ROUNDS timed rounds after WARMUP_ROUNDS, so both contenders get the same
 sample count; on a shared machine compare minima as well as medians.
@@ -32,7 +33,7 @@ if not native.available():
     pytest.skip(f"native embed_concat unavailable: {native.load_error()}", allow_module_level=True)
 
 BATCH, PROMPT, TOKENS, HIDDEN, VOCAB = 8, 20, 128, 2048, 16384
-THREADS = min(2, os.cpu_count() or 1)
+THREADS = int(os.environ.get("FASTPROMPT_BENCH_THREADS", min(2, os.cpu_count() or 1)))
 ROUNDS, WARMUP_ROUNDS = 60, 3
 IMPLS = {"torch": embed_concat_reference, "native": native.embed_concat_native}
 # (median, min) per case, filled as the cases run; "torch" is parametrised first so that the

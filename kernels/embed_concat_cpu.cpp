@@ -64,9 +64,11 @@ int64_t token_output_row(int64_t flat_token, const EmbedConcatSizes& sizes) {
 
 // fp32/fp64 rows are used in place; 16-bit rows are widened once into
 // `scratch`, so the statistics and normalisation passes read L1-resident
-// accumulate-type values instead of converting three times.
+// accumulate-type values instead of converting three times. Always inlined,
+// like lane_sum below, so that it takes its caller's instruction set.
 template <typename scalar_t, typename acc_t>
-const acc_t* widen_row(const scalar_t* row, [[maybe_unused]] int64_t hidden, [[maybe_unused]] acc_t* scratch) {
+[[gnu::always_inline]] inline const acc_t* widen_row(const scalar_t* row, [[maybe_unused]] int64_t hidden,
+                                                     [[maybe_unused]] acc_t* scratch) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return row;
   } else {
@@ -82,8 +84,10 @@ const acc_t* widen_row(const scalar_t* row, [[maybe_unused]] int64_t hidden, [[m
 // chains of fp32, enough to hide it at any of those widths.
 constexpr int64_t kLanes = 32;
 
+// Always inlined so that it is compiled for the ISA of its caller's clone
+// (see FASTPROMPT_ISA_CLONES), not called at the baseline ISA.
 template <typename acc_t, typename Term>
-acc_t lane_sum(int64_t n, Term term) {
+[[gnu::always_inline]] inline acc_t lane_sum(int64_t n, Term term) {
   acc_t partial[kLanes] = {};
   int64_t h = 0;
   for (; h + kLanes <= n; h += kLanes) {
@@ -94,20 +98,6 @@ acc_t lane_sum(int64_t n, Term term) {
   for (; h < n; ++h) total += term(h);
   for (int64_t lane = 0; lane < kLanes; ++lane) total += partial[lane];
   return total;
-}
-
-// Two passes over an L1-resident row: as accurate as Welford's update, and
-// both passes vectorise.
-template <typename acc_t>
-void row_statistics(const acc_t* x, int64_t hidden, double eps, acc_t& mean, acc_t& rstd) {
-  const acc_t count = static_cast<acc_t>(hidden);
-  mean = lane_sum<acc_t>(hidden, [x](int64_t h) { return x[h]; }) / count;
-  const acc_t row_mean = mean;
-  const acc_t squares = lane_sum<acc_t>(hidden, [x, row_mean](int64_t h) {
-    const acc_t centred = x[h] - row_mean;
-    return centred * centred;
-  });
-  rstd = acc_t(1) / std::sqrt(squares / count + static_cast<acc_t>(eps));
 }
 
 // The two row means in LayerNorm's input gradient
@@ -135,13 +125,21 @@ void layer_norm_grad_means(const grad_t* grad, const acc_t* x, acc_t mean, acc_t
 #define FASTPROMPT_ISA_CLONES
 #endif
 
+// Statistics take two passes over the L1-resident row (mean, then centred
+// squares): as accurate as Welford's update, and both passes vectorise.
 template <typename scalar_t, typename acc_t>
 FASTPROMPT_ISA_CLONES void layer_norm_row(const scalar_t* src, int64_t hidden, const acc_t* gamma, const acc_t* beta,
                                           double eps, acc_t* scratch, scalar_t* dst, acc_t& mean, acc_t& rstd) {
   const acc_t* x = widen_row(src, hidden, scratch);
-  row_statistics(x, hidden, eps, mean, rstd);
-  const acc_t row_mean = mean;
-  const acc_t row_rstd = rstd;
+  const acc_t count = static_cast<acc_t>(hidden);
+  const acc_t row_mean = lane_sum<acc_t>(hidden, [x](int64_t h) { return x[h]; }) / count;
+  const acc_t squares = lane_sum<acc_t>(hidden, [x, row_mean](int64_t h) {
+    const acc_t centred = x[h] - row_mean;
+    return centred * centred;
+  });
+  const acc_t row_rstd = acc_t(1) / std::sqrt(squares / count + static_cast<acc_t>(eps));
+  mean = row_mean;
+  rstd = row_rstd;
 #pragma omp simd
   for (int64_t h = 0; h < hidden; ++h) {
     dst[h] = static_cast<scalar_t>((x[h] - row_mean) * row_rstd * gamma[h] + beta[h]);
