@@ -33,56 +33,23 @@ import torch  # noqa: E402
 from fastprompt.ops import backend_info, embed_concat, embed_concat_reference  # noqa: E402
 from fastprompt.ops import dispatch  # noqa: E402
 from fastprompt.ops import embed_concat_triton as triton_op  # noqa: E402
+import op_cases  # noqa: E402
+from op_cases import DTYPES, LAYER_NORMS, SHAPES, VOCAB, shape_id  # noqa: E402
 from tolerance import assert_within_reference_error  # noqa: E402
 
 if CUDA_MODE and not torch.cuda.is_available():
     raise RuntimeError("FASTPROMPT_TEST_CUDA=1 but torch sees no CUDA device")
 
 DEVICE = "cuda" if CUDA_MODE else "cpu"
-VOCAB = 37
-
-# (batch, prompt rows, tokens, hidden): P = 0, B = 1, non-power-of-two and tiny hidden sizes.
-SHAPES = [(1, 0, 3, 8), (2, 3, 5, 1000), (3, 7, 2, 1088), (1, 4, 1, 256), (2, 1, 1, 17)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-LAYER_NORMS = ["none", "weight+bias", "weight"]
 
 
-def shape_id(shape):
-    return "B{}P{}T{}H{}".format(*shape)
-
-
-def make_inputs(shape, dtype, layer_norm, prompt_dtype=None, seed=0):
-    """Random inputs with every batch item sharing its first token id (so the embedding
-    gradient has colliding rows) and rows with nonzero mean (so LayerNorm centring matters)."""
-    batch, n_prompt, n_tokens, hidden = shape
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (batch, n_tokens), generator=gen)
-    ids[:, :1] = ids[:1, :1]
-    tensors = {
-        "input_ids": ids,
-        "weight": (torch.randn(VOCAB, hidden, generator=gen) + 0.3).to(dtype),
-        "prompt": (torch.randn(n_prompt, hidden, generator=gen) - 0.2).to(prompt_dtype or dtype),
-        "ln_weight": None,
-        "ln_bias": None,
-    }
-    if layer_norm != "none":
-        tensors["ln_weight"] = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(dtype)
-    if layer_norm == "weight+bias":
-        tensors["ln_bias"] = (0.1 * torch.randn(hidden, generator=gen)).to(dtype)
-    return {k: None if v is None else v.to(DEVICE) for k, v in tensors.items()}
+def make_inputs(*args, **kwargs):
+    return op_cases.make_inputs(*args, device=DEVICE, **kwargs)
 
 
 def leaves(inputs, trainable, upcast=False):
-    """Fresh leaf copies; names in `trainable` require grad. `upcast` gives the fp32 reference's."""
-    out = {}
-    for name, value in inputs.items():
-        if value is not None and value.is_floating_point():
-            value = value.detach().clone()
-            if upcast:
-                value = value.float()
-            value.requires_grad_(name in trainable)
-        out[name] = value
-    return out
+    """`upcast` gives the fp32 reference's copies."""
+    return op_cases.leaves(inputs, trainable, torch.float32 if upcast else None)
 
 
 def run_triton(**inputs):

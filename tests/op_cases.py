@@ -1,0 +1,51 @@
+"""Inputs and cases shared by every embed_concat backend's tests (Triton, native),
+so all backends are judged on the same shapes and the same data."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 37
+# (batch, prompt rows, tokens, hidden): P = 0, B = 1, T = 1, hidden sizes off every vector width.
+SHAPES = [(1, 0, 3, 8), (2, 3, 5, 1000), (3, 7, 2, 1088), (1, 4, 1, 256), (2, 1, 1, 17)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYER_NORMS = ["none", "weight+bias", "weight"]
+
+
+def shape_id(shape):
+    return "B{}P{}T{}H{}".format(*shape)
+
+
+def make_inputs(shape, dtype, layer_norm, prompt_dtype=None, seed=0, device="cpu"):
+    """Random inputs whose batch items share their first token id (colliding table-gradient
+    rows) and whose rows have a nonzero mean (so LayerNorm's centring matters)."""
+    batch, n_prompt, n_tokens, hidden = shape
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, n_tokens), generator=gen)
+    if batch and n_tokens:
+        ids[:, 0] = ids[0, 0]
+    inputs = {
+        "input_ids": ids,
+        "weight": (torch.randn(VOCAB, hidden, generator=gen) + 0.3).to(dtype),
+        "prompt": (torch.randn(n_prompt, hidden, generator=gen) - 0.2).to(prompt_dtype or dtype),
+        "ln_weight": None,
+        "ln_bias": None,
+    }
+    if layer_norm != "none":
+        inputs["ln_weight"] = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(dtype)
+    if layer_norm == "weight+bias":
+        inputs["ln_bias"] = (0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    return {name: None if value is None else value.to(device) for name, value in inputs.items()}
+
+
+def leaves(inputs, trainable, dtype=None):
+    """Fresh leaf copies (cast to `dtype` if given); names in `trainable` require grad."""
+    out = {}
+    for name, value in inputs.items():
+        if value is not None and value.is_floating_point():
+            value = value.detach().clone()
+            if dtype is not None:
+                value = value.to(dtype)
+            value.requires_grad_(name in trainable)
+        out[name] = value
+    return out
