@@ -180,6 +180,16 @@ def _token_rules(plan: _Plan, attention_mask, input_length, user_processors, use
     return processors, criteria
 
 
+def next_token_logits(lm_head, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits for a few rows (one per sequence). CPU BLAS runs ``W @ h.T`` about
+    twice as fast as ``h @ W.T`` when h has a handful of rows and W is a
+    vocabulary-sized matrix (bloom-mini, 8 rows: 14 vs 29 ms): the head is the
+    largest GEMM of a decode step. Same products, same fp32 accumulation."""
+    if type(lm_head) is torch.nn.Linear and lm_head.bias is None:
+        return torch.mm(lm_head.weight, hidden.t()).t()
+    return lm_head(hidden)
+
+
 def _prefill(model, prefix, input_ids, attention_mask, plan):
     """Runs the real tokens once per distinct row against the shared prefix,
     then makes the num_return_sequences copies: the first logits, the ids
@@ -190,7 +200,7 @@ def _prefill(model, prefix, input_ids, attention_mask, plan):
     hidden, token_kv = model._decoder.forward(
         model._embed_tokens(input_ids), key_mask, past=[[seg] for seg in prefix]
     )
-    logits = model.base_model.get_output_embeddings()(hidden[:, -1])
+    logits = next_token_logits(model.base_model.get_output_embeddings(), hidden[:, -1])
 
     copies = plan.copies
     rows, total = batch * copies, length + plan.max_new
@@ -243,7 +253,7 @@ def _generate_with_cached_prefix(model, input_ids, attention_mask, plan, streame
         for buf, (key, value) in zip(kv_cache, new_kv):
             buf[0, :, :, position] = key[:, :, 0]
             buf[1, :, :, position] = value[:, :, 0]
-        logits = lm_head(hidden[:, -1])
+        logits = next_token_logits(lm_head, hidden[:, -1])
     if streamer is not None:
         streamer.end()
     return ids[:, : position + 1]
