@@ -3,7 +3,7 @@
     python bench/report.py bench/results/*.json
 
 Every benchmark that recorded ``extra_info`` becomes one row of the table of
-its module; columns are the ``extra_info`` keys, in the order recorded.
+its module: its parameter id, then the ``extra_info`` keys in the order recorded.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def tables(paths: list[Path]) -> str:
         for bench in data.get("benchmarks", []):
             if bench.get("extra_info"):
                 module = bench["fullname"].split("::")[0]
-                rows_by_module[module].append(bench["extra_info"])
+                rows_by_module[module].append({"case": bench["name"].removeprefix("test_"), **bench["extra_info"]})
     out = []
     if machine:
         out.append(f"machine: {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))}, "
