@@ -49,3 +49,26 @@ def leaves(inputs, trainable, dtype=None):
             value.requires_grad_(name in trainable)
         out[name] = value
     return out
+
+
+def assert_backward_matches_reference(run, inputs, trainable, grad_out):
+    """Backpropagate ``grad_out`` through ``run`` and through the reference in the
+    inputs' dtype and in fp32; every trainable gradient must obey the tolerance
+    rule and every frozen tensor must get none."""
+    from tolerance import assert_within_reference_error
+
+    from fastprompt.ops.reference import embed_concat_reference
+
+    results = []
+    for function, upcast in ((run, False), (embed_concat_reference, False), (embed_concat_reference, True)):
+        args = leaves(inputs, trainable, torch.float32 if upcast else None)
+        function(**args).backward(grad_out.float() if upcast else grad_out)
+        results.append(args)
+    kernel, same_dtype, fp32 = results
+    for name in ("weight", "prompt", "ln_weight", "ln_bias"):
+        if kernel[name] is None:
+            continue
+        if name not in trainable:
+            assert kernel[name].grad is None, f"frozen {name} got a gradient"
+            continue
+        assert_within_reference_error(kernel[name].grad, same_dtype[name].grad, fp32[name].grad, name=f"grad {name}")

@@ -116,22 +116,7 @@ def test_backward_matches_reference(shape, dtype, layer_norm, trainable):
     names = TRAINABLE[trainable]
     grad_out = torch.randn(shape[0], shape[1] + shape[2], shape[3], device=DEVICE).to(dtype)
 
-    results = []
-    for run, upcast in ((run_triton, False), (embed_concat_reference, False), (embed_concat_reference, True)):
-        args = leaves(inputs, names, upcast)
-        run(**args).backward(grad_out.float() if upcast else grad_out)
-        results.append(args)
-    kernel, same_dtype, fp32 = results
-
-    for name in ("weight", "prompt", "ln_weight", "ln_bias"):
-        if kernel[name] is None:
-            continue
-        if name not in names:
-            assert kernel[name].grad is None, f"frozen {name} got a gradient"
-            continue
-        assert_within_reference_error(
-            kernel[name].grad, same_dtype[name].grad, fp32[name].grad, name=f"grad {name}"
-        )
+    op_cases.assert_backward_matches_reference(run_triton, inputs, names, grad_out)
 
 
 def test_frozen_table_and_layer_norm_launch_no_token_kernel(monkeypatch):

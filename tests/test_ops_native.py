@@ -13,7 +13,9 @@ import torch
 
 from fastprompt.ops import native
 from fastprompt.ops.reference import embed_concat_reference
-from op_cases import DTYPES, LAYER_NORMS, SHAPES, VOCAB, leaves, make_inputs, shape_id
+from op_cases import (
+    DTYPES, LAYER_NORMS, SHAPES, VOCAB, assert_backward_matches_reference, leaves, make_inputs, shape_id,
+)
 from tolerance import assert_within_reference_error
 
 if not native.available():
@@ -55,24 +57,7 @@ def test_backward_matches_reference(shape, dtype, layer_norm, trainable, device)
     names = TRAINABLE[trainable]
     grad_out = torch.randn(shape[0], shape[1] + shape[2], shape[3]).to(dtype).to(device)
 
-    results = []
-    for run, upcast in (
-        (native.embed_concat_native, False),
-        (embed_concat_reference, False),
-        (embed_concat_reference, True),
-    ):
-        args = leaves(inputs, names, torch.float32 if upcast else None)
-        run(**args).backward(grad_out.float() if upcast else grad_out)
-        results.append(args)
-    kernel, same_dtype, fp32 = results
-
-    for name in ("weight", "prompt", "ln_weight", "ln_bias"):
-        if kernel[name] is None:
-            continue
-        if name not in names:
-            assert kernel[name].grad is None, f"frozen {name} got a gradient"
-            continue
-        assert_within_reference_error(kernel[name].grad, same_dtype[name].grad, fp32[name].grad, name=f"grad {name}")
+    assert_backward_matches_reference(native.embed_concat_native, inputs, names, grad_out)
 
 
 def test_fp32_prompt_with_bf16_table():
