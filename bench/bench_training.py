@@ -16,7 +16,6 @@ FASTPROMPT_BENCH_MODEL=bloom-1b4-zh.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,15 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import build_base
+from models import build_base, setting_from_env
 from training_cases import SHAPES, make_batches, make_contender, train_step, trained_tokens
 
 ROUNDS = {"tutorial": 16, "chat-batch": 6, "classify": 6}
-SETTING = {
-    "model": os.environ.get("FASTPROMPT_BENCH_MODEL", "bloom-mini"),
-    "dtype": os.environ.get("FASTPROMPT_BENCH_DTYPE", "float32"),
-    "device": os.environ.get("FASTPROMPT_BENCH_DEVICE", "cpu"),
-}
+SETTING = setting_from_env()
 
 
 def peak_memory(shape: str, contender: str, model, optimizer, batch) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 # BLOOM's head_dim (128) and BLOOM-zh's vocabulary (46145), fewer layers and a
@@ -41,3 +43,14 @@ def build_base(model: str = "bloom-mini", dtype: str = "float32", device: str = 
     with tempfile.TemporaryDirectory() as directory:
         bloom_from_shape(SHAPES_BY_NAME[model], seed=seed).save_pretrained(directory)
         return fastprompt.load_model(directory, load_in_8bit=True, device_map=device)
+
+
+def setting_from_env() -> dict:
+    """Benchmark model, dtype and device: bloom-mini fp32 on CPU unless
+    FASTPROMPT_BENCH_MODEL / _DTYPE (float32|bfloat16|int8) / _DEVICE say
+    otherwise (bench/gpu_check.sh sets them for GPU runs)."""
+    return {
+        "model": os.environ.get("FASTPROMPT_BENCH_MODEL", "bloom-mini"),
+        "dtype": os.environ.get("FASTPROMPT_BENCH_DTYPE", "float32"),
+        "device": os.environ.get("FASTPROMPT_BENCH_DEVICE", "cpu"),
+    }
