@@ -149,8 +149,8 @@ def test_bench_runs_the_suites_and_prints_the_report(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "bench_fake.py" in done.stdout and (tmp_path / "results.json").is_file()
     header, _, row = done.stdout.strip().splitlines()[-3:]
-    assert header.split() == ["shape", "fastprompt_step_s", "peft_step_s", "speedup"]
-    assert row.split() == ["tiny", "0.5", "1", "2"]
+    assert header.split() == ["case", "shape", "fastprompt_step_s", "peft_step_s", "speedup"]
+    assert row.split() == ["step", "tiny", "0.5", "1", "2"]
 
 
 @needs_generate
