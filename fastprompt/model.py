@@ -142,15 +142,16 @@ class FastPromptModel(torch.nn.Module):
     ) -> CausalLMOutput:
         """PEFT's forward. With ``labels`` only the loss is computed unless
         ``return_logits=True``; without labels ``logits`` is ``[B, P+T, V]``."""
-        batch, length = _check_inputs(input_ids, inputs_embeds, attention_mask, labels)
+        _check_inputs(input_ids, inputs_embeds, attention_mask, labels)
         want_logits = labels is None if return_logits is None else return_logits
-        plain = output_attentions or output_hidden_states or kwargs
-        if self._decoder is None or inputs_embeds is not None or plain:
+        # Attentions, hidden states or extra base-model arguments exist only on the base model's own path.
+        wants_base_outputs = output_attentions or output_hidden_states or kwargs
+        if self._decoder is None or inputs_embeds is not None or wants_base_outputs:
             return self._peft_forward(
                 input_ids, attention_mask, inputs_embeds, labels, num_items_in_batch,
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
             )
-        return self._shared_prefix_forward(input_ids, attention_mask, labels, want_logits, num_items_in_batch)
+        return self._bloom_forward(input_ids, attention_mask, labels, want_logits, num_items_in_batch)
 
     def _peft_forward(self, input_ids, attention_mask, inputs_embeds, labels, num_items_in_batch, **kwargs):
         """The reference semantics, for architectures without a fast decoder."""
@@ -197,7 +198,8 @@ class FastPromptModel(torch.nn.Module):
         final, kv = self._decoder.forward(self._embed_prompt(), key_mask)
         return final, [[KVSegment(key, value, shared=True)] for key, value in kv]
 
-    def _shared_prefix_forward(self, input_ids, attention_mask, labels, want_logits, num_items_in_batch):
+    def _bloom_forward(self, input_ids, attention_mask, labels, want_logits, num_items_in_batch):
+        """BLOOM: the prefix once per batch (shared K/V), label-only loss."""
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -247,7 +249,7 @@ class FastPromptModel(torch.nn.Module):
         return cls(base_model, config, prompt=prompt, adapter_name=adapter_name)
 
 
-def _check_inputs(input_ids, inputs_embeds, attention_mask, labels) -> tuple[int, int]:
+def _check_inputs(input_ids, inputs_embeds, attention_mask, labels) -> None:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
@@ -269,4 +271,3 @@ def _check_inputs(input_ids, inputs_embeds, attention_mask, labels) -> tuple[int
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)} but the inputs have shape {shape}")
-    return shape
