@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from models import padded_batch, pair, peft_prompt, prompt_config, random_bloom
 from peft import PeftModel

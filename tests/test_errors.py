@@ -1,7 +1,6 @@
 """Bad input gets a clear ValueError/TypeError naming the problem."""
 
 import json
-import shutil
 
 import pytest
 import torch

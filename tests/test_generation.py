@@ -380,7 +380,7 @@ def test_cache_invalidated_by_load_state_dict_and_data_writes():
 def test_cache_invalidated_by_dtype_round_trip():
     ours, ref = pair(lively_bloom, prompt_config(8))
     ids, mask = left_batch(2, 9)
-    fp32 = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)  # fills the cache in fp32
     cache = prefix_cache_of(ours)
 
     ours.to(torch.bfloat16)
