@@ -1,9 +1,26 @@
 """fastprompt: fast soft-prompt tuning (PEFT PROMPT_TUNING) for frozen causal LMs."""
 
+import logging as _logging
+
 __all__ = ["FastPromptModel", "get_peft_model", "load_model"]
 __version__ = "0.1.0"
 
 _EXPORTS = {"FastPromptModel": "model", "get_peft_model": "model", "load_model": "loading"}
+
+
+class _OptionalHubKernelFilter(_logging.Filter):
+    """bitsandbytes tries, at import, to fetch optional CPU/MPS kernels from the
+    ``kernels-community`` hub repos and logs a warning when it cannot (no HF
+    ``kernels`` package, no network, or — from this repository's root — our own
+    ``kernels/`` source folder shadowing that package). 8-bit layers work without
+    them, so the line is noise on every command; other bitsandbytes warnings pass."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.mps.ops"):
+    _logging.getLogger(_name).addFilter(_OptionalHubKernelFilter())
 
 
 def __getattr__(name):
