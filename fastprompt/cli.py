@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 TUTORIAL_INIT_TEXT = "下面是一段人与机器人的对话。"
+TINY_BLOOM = "tiny-bloom"  # fastprompt.loading's built-in name, without importing torch
 DEMO_QUESTION = "请介绍一下你自己。"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -64,8 +65,9 @@ def _unescape(text: str) -> str:
 
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    from .data import MAX_LENGTH, TUTORIAL_TEMPLATE
-    from .train import TrainConfig
+    # Torch-free modules only: --help must answer in well under a second.
+    from .template import MAX_LENGTH, TUTORIAL_TEMPLATE
+    from .train_config import TrainConfig
 
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
@@ -184,27 +186,37 @@ def _device(choice: str):
     return torch.device(choice)
 
 
-def _load_base(name: str, load_in_8bit: bool, device):
-    """The frozen base model on ``device``; a missing local path fails fast
-    instead of being looked up on a hub."""
-    import fastprompt
-    from fastprompt.loading import TINY_BLOOM
+def _model_location(name: str) -> str:
+    """The path or hub id behind ``--model``, checked before any heavy import:
+    a missing local directory, or a hub id that cannot be had offline, fails
+    in a second instead of after loading torch and a minute of hub retries."""
+    from . import hub
 
+    if name == TINY_BLOOM:
+        return name
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     path = str(Path(name).expanduser()) if looks_local else name
-    if name != TINY_BLOOM and looks_local and not Path(path).is_dir():
+    if looks_local and not Path(path).is_dir():
         raise ValueError(f"model directory {name!r} does not exist")
+    hub.from_pretrained_kwargs(path, "config.json", "model")
+    return path
+
+
+def _load_base(path: str, load_in_8bit: bool, device):
+    """The frozen base model on ``device`` (``path`` from ``_model_location``)."""
+    import fastprompt
+
     device_map = {"": device} if load_in_8bit and device.type == "cuda" else None
     base = fastprompt.load_model(path, load_in_8bit=load_in_8bit, device_map=device_map)
     if not load_in_8bit:
         base.to(device)
     if base.tokenizer is None:
-        raise ValueError(f"model {name!r} has no tokenizer next to its weights")
+        raise ValueError(f"model {path!r} has no tokenizer next to its weights")
     return base
 
 
 def _template(args):
-    from .data import Template
+    from .template import Template
 
     return Template(_unescape(args.template), _unescape(args.response_prefix), getattr(args, "response_field", "output"))
 
@@ -393,6 +405,12 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        if hasattr(args, "model"):
+            args.model = _model_location(args.model)
+    except ValueError as err:
+        print(f"fastprompt {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fastprompt: %(message)s"))
     logger = logging.getLogger("fastprompt")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import hub
+
 TINY_BLOOM = "tiny-bloom"
 # Bump when the recipe below changes: the cache key includes it, so stale
 # directories are never reused.
@@ -183,17 +185,17 @@ def load_model(
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["dtype"] = dtype or torch.float16
+    hub_kwargs = hub.from_pretrained_kwargs(path, "config.json", "model")
+    # transformers probes the id for an adapter too, with its own arguments.
+    adapter_kwargs = dict(hub_kwargs) if hub_kwargs else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **hub_kwargs, adapter_kwargs=adapter_kwargs)
     except OSError as err:
-        raise ValueError(
-            f"cannot load model {str(name_or_path)!r}: not the built-in {TINY_BLOOM!r}, "
-            f"not a local model directory, and not reachable on a hub ({err.__class__.__name__})"
-        ) from None
+        raise ValueError(f"cannot load model {str(name_or_path)!r}: {' '.join(str(err).split())}") from None
     model.requires_grad_(False)
     model.eval()
     try:
-        model.tokenizer = AutoTokenizer.from_pretrained(path)
+        model.tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
     except (OSError, ValueError):
         model.tokenizer = None
     return model
