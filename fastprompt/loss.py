@@ -25,23 +25,30 @@ def rows_per_chunk(vocab_size: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> in
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
-    """sum_i CE(rows_i @ weight.T + bias, targets_i) with the gradient w.r.t.
-    ``rows`` computed during forward, chunk by chunk. ``weight`` is frozen."""
+    """sum_i CE(cap(rows_i @ weight.T + bias), targets_i) with the gradient
+    w.r.t. ``rows`` computed during forward, chunk by chunk. ``weight`` is
+    frozen; ``cap`` is Gemma's final-logit soft-capping ``c·tanh(z/c)`` or None."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, chunk_rows):
+    def forward(ctx, rows, weight, bias, targets, chunk_rows, softcap):
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_rows = torch.empty_like(rows) if rows.requires_grad else None
         for start in range(0, rows.shape[0], chunk_rows):
             chunk = rows[start : start + chunk_rows]
             target = targets[start : start + chunk_rows]
+            logits = F.linear(chunk, weight, bias).float()
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
             # One fused log_softmax pass (logsumexp is five kernels on CPU).
-            log_probs = torch.log_softmax(F.linear(chunk, weight, bias).float(), dim=-1)
+            log_probs = torch.log_softmax(logits, dim=-1)
             total -= log_probs.gather(1, target[:, None]).sum()
             if grad_rows is not None:
                 # d(sum CE)/d logits = softmax − onehot, built in place.
                 probs = log_probs.exp_()
                 probs[torch.arange(target.shape[0], device=target.device), target] -= 1.0
+                if softcap:
+                    probs.mul_(1.0 - capped.square_())
                 grad_rows[start : start + chunk_rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_rows)
         return total
@@ -49,16 +56,19 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_rows,) = ctx.saved_tensors
-        return grad_rows * grad_total.to(grad_rows.dtype), None, None, None, None
+        return grad_rows * grad_total.to(grad_rows.dtype), None, None, None, None, None
 
 
-def _chunked_module_ce_sum(rows, lm_head, targets, chunk_rows):
-    """Fallback for heads that are not a plain Linear (e.g. quantised): each
+def _chunked_module_ce_sum(rows, lm_head, targets, chunk_rows, softcap):
+    """For heads we must call as modules (quantised, hooked, trainable): each
     chunk is recomputed in backward instead of keeping its logits."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk_loss(chunk, target):
-        return F.cross_entropy(lm_head(chunk).float(), target, reduction="sum")
+        logits = lm_head(chunk).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, target, reduction="sum")
 
     total = rows.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_rows):
@@ -68,12 +78,22 @@ def _chunked_module_ce_sum(rows, lm_head, targets, chunk_rows):
     return total
 
 
-def linear_cross_entropy_sum(rows: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+def _is_plain_frozen_linear(module: torch.nn.Module) -> bool:
+    """A head whose weight we may use directly: no quantisation, no hooks
+    (accelerate's offload hooks bring the weight in only inside the call)."""
+    return (
+        type(module) is torch.nn.Linear and not module.weight.requires_grad
+        and not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+    )
+
+
+def linear_cross_entropy_sum(rows: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
+                             softcap: float | None = None) -> torch.Tensor:
     vocab = lm_head.weight.shape[0]
     chunk = rows_per_chunk(vocab)
-    if type(lm_head) is torch.nn.Linear and not lm_head.weight.requires_grad:
-        return _LinearCrossEntropySum.apply(rows, lm_head.weight, lm_head.bias, targets, chunk)
-    return _chunked_module_ce_sum(rows, lm_head, targets, chunk)
+    if _is_plain_frozen_linear(lm_head):
+        return _LinearCrossEntropySum.apply(rows, lm_head.weight, lm_head.bias, targets, chunk, softcap)
+    return _chunked_module_ce_sum(rows, lm_head, targets, chunk, softcap)
 
 
 def prefix_causal_lm_loss(
@@ -82,20 +102,21 @@ def prefix_causal_lm_loss(
     labels: torch.Tensor,
     lm_head: torch.nn.Module,
     num_items_in_batch=None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """PEFT's loss for ``cat(prompt, tokens)`` with labels ``cat(-100·P, labels)``.
 
-    prefix_last: [H] final hidden state of the last virtual token (it predicts
-    ``labels[:, 0]``); token_hidden: [B, T, H]; labels: [B, T].
+    prefix_last: [1 or B, H] final hidden state of the last virtual token (it
+    predicts ``labels[:, 0]``; one row when every row has the same prompt);
+    token_hidden: [B, T, H]; labels: [B, T].
     """
     first_labelled = labels[:, 0] != IGNORE_INDEX
     next_labels = labels[:, 1:]
     labelled = next_labels != IGNORE_INDEX
-    rows = torch.cat(
-        [prefix_last.unsqueeze(0).expand(int(first_labelled.sum()), -1), token_hidden[:, :-1][labelled]]
-    )
-    targets = torch.cat([labels[:, 0][first_labelled], next_labels[labelled]])
-    total = linear_cross_entropy_sum(rows, lm_head, targets)
+    prefix_rows = prefix_last.expand(labels.shape[0], -1)[first_labelled]
+    rows = torch.cat([prefix_rows.to(token_hidden.dtype), token_hidden[:, :-1][labelled]])
+    targets = torch.cat([labels[:, 0][first_labelled], next_labels[labelled]]).to(rows.device)
+    total = linear_cross_entropy_sum(rows, lm_head, targets, softcap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)

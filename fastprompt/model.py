@@ -1,269 +1,338 @@
-"""FastPromptModel: PEFT prompt tuning for a frozen causal LM, computed faster.
+"""FastPromptModel: PEFT's ``PeftModelForCausalLM`` for prompt tuning, with a faster forward and generate.
 
-Semantics are PEFT's ``PeftModelForCausalLM`` with ``PROMPT_TUNING``: the
-prompt is prepended to every row, the attention mask gets a prefix of ones,
-labels get a prefix of -100. For BLOOM the prefix is run once at batch 1 and
-its K/V shared by all rows (see ``arch/bloom.py``) and the loss is computed only
-on labelled positions (``loss.py``). Other architectures take PEFT's own path
-(``cat`` + full forward) so they are correct, just not faster.
+Everything a PEFT user touches is PEFT's own code: initialisation, the prompt
+encoder (the prompt lives in ``prompt_encoder[<adapter>].embedding.weight``),
+adapter bookkeeping, state dicts, saving, loading, ``disable_adapter``,
+gradient-checkpointing preparation. This subclass overrides ``forward``,
+``generate`` and ``prepare_inputs_for_generation`` only.
+
+The fast forward computes PEFT's numbers with less work (see ``arch/``): the
+prompt's positions run once per batch instead of once per row (their K/V are
+shared by every row), and with labels under autograd only labelled positions
+go through ``lm_head`` (``loss.py``). The rule for logits:
+
+* labels given and gradients on (a training step): only the loss is computed,
+  ``logits`` is None (pass ``return_logits=True`` to get them as well);
+* otherwise (no labels, or gradients off as in ``Trainer.evaluate/predict``):
+  ``logits`` ``[B, P+T, V]`` as PEFT returns them, and the loss if labels.
+
+A call the fast path cannot serve exactly runs PEFT's own code and says so
+once per reason (logger ``fastprompt``): ``inputs_embeds``, ``output_attentions``,
+``output_hidden_states``, ``task_ids``, unknown extra arguments, or a model
+family without a fast path. ``model.fast_path`` names the path a plain call takes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import logging
+
 import torch
-from peft import PromptTuningConfig
-from transformers.modeling_outputs import CausalLMOutput
+from peft import PeftModel, PeftModelForCausalLM, PeftType, PromptTuningConfig, PromptTuningInit, TaskType
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import generation
-from . import prompt as prompt_io
-from .arch.bloom import BloomDecoder, KVSegment
-from .loss import IGNORE_INDEX, prefix_causal_lm_loss
-from .ops import embed_concat
+from . import adapter_check, generation, hub
+from .arch import dropout_active, has_hooks, make_drivers
+from .loss import prefix_causal_lm_loss
+from .prefix_cache import prefix_cache_of
 
+log = logging.getLogger("fastprompt")
 
-def get_peft_model(model, peft_config: PromptTuningConfig, adapter_name: str = "default", **_ignored):
-    """Drop-in for ``peft.get_peft_model`` (prompt tuning on a causal LM)."""
-    return FastPromptModel(model, peft_config, adapter_name=adapter_name)
-
-
-def _decoder_for(base_model):
-    if getattr(base_model.config, "model_type", None) == "bloom" and hasattr(base_model, "transformer"):
-        return BloomDecoder(base_model)
-    return None
+# Keyword arguments the fast forward accepts besides PEFT's named ones; any
+# other sends the call to PEFT's code.
+FAST_FORWARD_KWARGS = frozenset({"num_items_in_batch", "use_cache"})
 
 
-class FastPromptModel(torch.nn.Module):
-    def __init__(
-        self,
-        base_model,
-        peft_config: PromptTuningConfig,
-        prompt: torch.Tensor | None = None,
-        adapter_name: str = "default",
-    ):
-        super().__init__()
-        if not isinstance(base_model, torch.nn.Module) or not hasattr(base_model, "config"):
-            raise TypeError(f"base model must be a transformers model, got {type(base_model).__name__}")
-        config = prompt_io.prepare_config(peft_config, base_model)
-        embeddings = prompt_io.input_embeddings(base_model)
-        if prompt is None:
-            prompt = prompt_io.initial_prompt(config, embeddings)
-        elif tuple(prompt.shape) != (config.num_virtual_tokens, config.token_dim):
+def get_peft_model(model, peft_config: PromptTuningConfig, adapter_name: str = "default", **peft_kwargs):
+    """Drop-in for ``peft.get_peft_model`` (prompt tuning on a causal LM):
+    returns a ``FastPromptModel``, a ``peft.PeftModelForCausalLM``."""
+    import peft
+
+    _check_config(model, peft_config)
+    if peft_kwargs.get("mixed"):
+        raise ValueError("fastprompt does not support mixed=True (PeftMixedModel has no prompt tuning)")
+    resolved = _with_local_tokenizer(peft_config)
+    try:
+        peft_model = peft.get_peft_model(model, resolved, adapter_name=adapter_name, **peft_kwargs)
+    except OSError as err:
+        if resolved.prompt_tuning_init == PromptTuningInit.TEXT:
             raise ValueError(
-                f"prompt has shape {tuple(prompt.shape)}, expected "
-                f"({config.num_virtual_tokens}, {config.token_dim})"
-            )
-        base_model.requires_grad_(False)
-        self.base_model = base_model
-        self.adapter_name = adapter_name
-        self.peft_config = {adapter_name: config}
-        self.prompt_embeddings = torch.nn.Parameter(
-            prompt.detach().to(device=embeddings.weight.device, dtype=torch.float32).clone(),
-            requires_grad=not config.inference_mode,
+                f"cannot load the init-text tokenizer {resolved.tokenizer_name_or_path!r}: {' '.join(str(err).split())}"
+            ) from None
+        raise
+    # Recorded as the user gave it (the built-in name, not our cache path).
+    peft_model.peft_config[adapter_name].tokenizer_name_or_path = peft_config.tokenizer_name_or_path
+    return FastPromptModel._adopt(peft_model)
+
+
+def _check_config(model, config) -> None:
+    """Errors PEFT would raise late or unclearly, raised up front."""
+    if not isinstance(config, PromptTuningConfig):
+        raise TypeError(
+            f"expected a peft.PromptTuningConfig, got {type(config).__name__}; fastprompt implements prompt tuning "
+            "only (use peft.get_peft_model for other methods)"
         )
-        self._decoder = _decoder_for(base_model)
+    if config.task_type not in (TaskType.CAUSAL_LM, "CAUSAL_LM"):
+        raise ValueError(f"task_type must be CAUSAL_LM for fastprompt, got {config.task_type!r}")
+    if not isinstance(config.num_virtual_tokens, int) or config.num_virtual_tokens < 1:
+        raise ValueError(f"num_virtual_tokens must be an integer >= 1, got {config.num_virtual_tokens!r}")
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if not isinstance(embeddings, torch.nn.Embedding):
+        raise TypeError(
+            f"{type(model).__name__} has no input embedding layer (get_input_embeddings() returned "
+            f"{type(embeddings).__name__}); prompt tuning needs a token-embedding model"
+        )
+    if config.token_dim is not None and config.token_dim != embeddings.embedding_dim:
+        raise ValueError(
+            f"prompt token_dim {config.token_dim} does not match the model's hidden size {embeddings.embedding_dim}"
+        )
+    if config.prompt_tuning_init == PromptTuningInit.TEXT and not config.inference_mode:
+        if not config.prompt_tuning_init_text:
+            raise ValueError("prompt_tuning_init=TEXT needs prompt_tuning_init_text (the text was empty)")
+        if not config.tokenizer_name_or_path:
+            raise ValueError("prompt_tuning_init=TEXT needs tokenizer_name_or_path to tokenise the init text")
+
+
+def _with_local_tokenizer(config: PromptTuningConfig) -> PromptTuningConfig:
+    """PEFT loads the init-text tokenizer by name: map the built-in model name
+    to its directory, and fail fast on a hub id that cannot be had offline."""
+    from .loading import resolve_model_path
+
+    if config.prompt_tuning_init != PromptTuningInit.TEXT or config.inference_mode:
+        return config
+    path = resolve_model_path(config.tokenizer_name_or_path)
+    if not hub.is_local(path):
+        hub.from_pretrained_kwargs(path, "tokenizer_config.json", "init-text tokenizer")
+    resolved = copy.copy(config)
+    resolved.tokenizer_name_or_path = path
+    return resolved
+
+
+class FastPromptModel(PeftModelForCausalLM):
+    """A ``peft.PeftModelForCausalLM`` whose forward and generate take the
+    fast path where it is exact. Build it with ``fastprompt.get_peft_model``
+    or ``FastPromptModel.from_pretrained`` (or convert a PEFT model with
+    ``FastPromptModel.from_peft``)."""
+
+    # --------------------------------------------------------- construction
+    @classmethod
+    def _adopt(cls, peft_model):
+        """Make PEFT's freshly built causal-LM model one of ours. This class adds
+        no state of its own (everything is built lazily), so switching the class
+        of an instance PEFT constructed is a complete conversion, and PEFT keeps
+        building it exactly as it builds its own."""
+        if type(peft_model) is not PeftModelForCausalLM:
+            raise TypeError(f"expected a peft.PeftModelForCausalLM, got {type(peft_model).__name__}")
+        peft_model.__class__ = cls
+        if peft_model.fast_path is None:
+            log.warning("fastprompt: %s has no fast path; this model runs PEFT's own code (correct, not faster)",
+                        type(peft_model.get_base_model()).__name__)
+        return peft_model
+
+    @classmethod
+    def from_peft(cls, peft_model):
+        """Convert an existing ``peft.PeftModelForCausalLM`` (prompt tuning) in place."""
+        return cls._adopt(peft_model)
+
+    @classmethod
+    def from_pretrained(cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                        config=None, **kwargs):
+        """``peft.PeftModel.from_pretrained`` returning a FastPromptModel; takes
+        every argument PEFT's does. Loads adapters written by PEFT or by us."""
+        if config is None:
+            if hub.is_local(model_id):
+                adapter_check.check_adapter_directory(model_id, model, kwargs.get("subfolder"))
+            elif not kwargs.get("local_files_only"):
+                kwargs.update(hub.from_pretrained_kwargs(model_id, "adapter_config.json", "adapter"))
+        loaded = PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
+                                           config=config, **kwargs)
+        return cls._adopt(loaded)
 
     # ------------------------------------------------------------------ info
-    @property
-    def active_peft_config(self) -> PromptTuningConfig:
-        return self.peft_config[self.adapter_name]
+    def _drivers(self):
+        drivers = self.__dict__.get("_fastprompt_drivers")
+        if drivers is None:
+            drivers = self.__dict__["_fastprompt_drivers"] = make_drivers(self.get_base_model(), self.word_embeddings)
+        return drivers
 
     @property
-    def num_virtual_tokens(self) -> int:
-        return self.active_peft_config.num_virtual_tokens
+    def fast_path(self) -> str | None:
+        """The path a plain forward takes: "bloom" (BLOOM's own decoder),
+        "generic:<model_type>" (the model's body with a shared prefix), or None
+        (no fast path: PEFT's code)."""
+        bloom, generic = self._drivers()
+        if bloom is not None:
+            return "bloom"
+        return None if generic is None else f"generic:{generic.family}"
 
-    @property
-    def config(self):
-        return self.base_model.config
+    def _note_peft_path(self, reason: str) -> None:
+        said = self.__dict__.setdefault("_fastprompt_said", set())
+        if reason not in said:
+            said.add(reason)
+            log.warning("fastprompt: this call runs PEFT's own code, not the fast path: %s", reason)
 
-    @property
-    def device(self) -> torch.device:
-        return self.prompt_embeddings.device
+    def _driver_for_call(self):
+        """BLOOM's own decoder unless the body has hooks or draws dropout (both
+        must happen exactly as in PEFT's call, which only the body itself does)."""
+        bloom, generic = self._drivers()
+        body = generic.body
+        if bloom is not None and not has_hooks(body) and not dropout_active(body):
+            return bloom
+        return generic
 
-    def get_base_model(self):
-        return self.base_model
+    def _prompt(self, adapter: str) -> torch.Tensor:
+        return self.prompt_encoder[adapter].embedding.weight
 
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
+    def _row_adapters(self, adapter_names, batch: int) -> tuple[tuple[str, ...], torch.Tensor | None]:
+        """(adapters, rows): the distinct adapters of this batch and, when there
+        is more than one, each row's index into them."""
+        if adapter_names is None:
+            return (self.active_adapter,), None
+        if isinstance(adapter_names, str) or len(adapter_names) != batch:
+            raise ValueError(f"adapter_names must list one adapter per row ({batch} rows), got {adapter_names!r}")
+        adapters = tuple(dict.fromkeys(adapter_names))
+        for name in adapters:
+            if name not in self.peft_config:
+                raise ValueError(f"adapter_names: unknown adapter {name!r} (this model has {sorted(self.peft_config)})")
+            if self.peft_config[name].peft_type != PeftType.PROMPT_TUNING:
+                raise ValueError(f"adapter_names: {name!r} is a {self.peft_config[name].peft_type} adapter")
+        lengths = {self.peft_config[name].num_virtual_tokens for name in adapters}
+        if len(lengths) > 1:
+            raise ValueError(f"adapter_names: rows' adapters have different num_virtual_tokens {sorted(lengths)}; "
+                             "a mixed batch needs prompts of one length")
+        if len(adapters) == 1:
+            return adapters, None
+        index = {name: i for i, name in enumerate(adapters)}
+        rows = torch.tensor([index[name] for name in adapter_names], dtype=torch.long, device=self.device)
+        return adapters, rows
 
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f}"
-        )
-
-    # The base model is frozen and loaded separately; checkpoints (e.g. the
-    # Trainer's) need only the prompt, and a full state dict of a tied-weight
-    # model cannot even be written as safetensors.
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        tensor = self.prompt_embeddings if keep_vars else self.prompt_embeddings.detach()
-        state = {} if destination is None else destination
-        state[prefix + "prompt_embeddings"] = tensor
-        return state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        keys = set(state_dict)
-        if strict and keys != {"prompt_embeddings"}:
-            raise ValueError(f"expected only 'prompt_embeddings' in the state dict, got {sorted(keys)}")
-        if "prompt_embeddings" in state_dict:
-            with torch.no_grad():
-                self.prompt_embeddings.copy_(state_dict["prompt_embeddings"])
-        return torch.nn.modules.module._IncompatibleKeys([], [])
-
-    # Trainer calls these names; transformers 5 renamed them on the base model.
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-    def gradient_checkpointing_disable(self):
-        disable = getattr(self.base_model, "activation_checkpointing_disable", None)
-        (disable or self.base_model.gradient_checkpointing_disable)()
+    def _prefix(self, driver, adapters: tuple[str, ...], prompts: torch.Tensor):
+        """The prompts' pass through the body: recomputed under autograd (the
+        gradient flows through it), cached otherwise."""
+        if torch.is_grad_enabled() and prompts.requires_grad:
+            return driver.prefix(prompts)
+        return prefix_cache_of(self).get(self.get_base_model(), driver.name, adapters, prompts,
+                                          lambda: driver.prefix(prompts))
 
     # --------------------------------------------------------------- forward
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        task_ids=None,
-        return_logits: bool | None = None,
-        num_items_in_batch=None,
-        **kwargs,
-    ) -> CausalLMOutput:
-        """PEFT's forward. With ``labels`` only the loss is computed unless
-        ``return_logits=True``; without labels ``logits`` is ``[B, P+T, V]``."""
-        _check_inputs(input_ids, inputs_embeds, attention_mask, labels)
-        want_logits = labels is None if return_logits is None else return_logits
-        # Attentions, hidden states or extra base-model arguments exist only on the base model's own path.
-        wants_base_outputs = output_attentions or output_hidden_states or kwargs
-        if self._decoder is None or inputs_embeds is not None or wants_base_outputs:
-            return self._peft_forward(
-                input_ids, attention_mask, inputs_embeds, labels, num_items_in_batch,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs,
+    def _refusal(self, input_ids, inputs_embeds, output_attentions, output_hidden_states, task_ids, kwargs):
+        """Why this call cannot take the fast path, or None."""
+        if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
+            return f"the active adapter is {self.active_peft_config.peft_type}, not PROMPT_TUNING"
+        if self.fast_path is None:
+            return f"{self.get_base_model().config.model_type} has no fast path"
+        if inputs_embeds is not None:
+            return "inputs_embeds was passed"
+        if input_ids is None:
+            return "no input_ids"
+        if output_attentions:
+            return "output_attentions=True"
+        if output_hidden_states:
+            return "output_hidden_states=True"
+        if task_ids is not None:
+            return "task_ids was passed"
+        extra = sorted(set(kwargs) - FAST_FORWARD_KWARGS)
+        if extra:
+            return f"extra arguments {extra}"
+        return None
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        return_logits = kwargs.pop("return_logits", False)
+        reason = self._refusal(input_ids, inputs_embeds, output_attentions, output_hidden_states, task_ids, kwargs)
+        if reason is not None:
+            if adapter_names is not None:
+                raise ValueError(f"adapter_names needs fastprompt's fast path, which this call cannot take: {reason}")
+            self._note_peft_path(reason)
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                return_dict=return_dict, task_ids=task_ids, **kwargs,
             )
-        return self._bloom_forward(input_ids, attention_mask, labels, want_logits, num_items_in_batch)
+        _check_inputs(input_ids, attention_mask, labels)
+        want_logits = labels is None or return_logits or not torch.is_grad_enabled()
+        out = self._fast_forward(input_ids, attention_mask, labels, want_logits, adapter_names,
+                                 kwargs.get("num_items_in_batch"))
+        return out if return_dict is not False else out.to_tuple()
 
-    def _peft_forward(self, input_ids, attention_mask, inputs_embeds, labels, num_items_in_batch, **kwargs):
-        """The reference semantics, for architectures without a fast decoder."""
-        if inputs_embeds is None:
-            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
-        batch = inputs_embeds.shape[0]
-        count = self.num_virtual_tokens
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask.new_ones(batch, count), attention_mask], dim=1)
-        if labels is not None:
-            labels = torch.cat([labels.new_full((batch, count), IGNORE_INDEX), labels], dim=1)
-        if num_items_in_batch is not None:
-            kwargs["num_items_in_batch"] = num_items_in_batch
-        prompts = self.prompt_embeddings.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        out = self.base_model(
-            inputs_embeds=torch.cat([prompts, inputs_embeds], dim=1),
-            attention_mask=attention_mask,
-            labels=labels,
-            **{k: v for k, v in kwargs.items() if v is not None},
-        )
-        return CausalLMOutput(loss=out.loss, logits=out.logits)
-
-    def _embed(self, input_ids, prompt) -> torch.Tensor:
-        """BLOOM's embedding + ``word_embeddings_layernorm`` of ``cat(prompt,
-        weight[ids])`` in one fused op (Triton on CUDA, native or torch on CPU)."""
-        norm = self._decoder.embedding_layernorm
-        return embed_concat(
-            input_ids, self._decoder.word_embeddings.weight, prompt, norm.weight, norm.bias, norm.eps
-        )
-
-    def _embed_prompt(self) -> torch.Tensor:
-        """Post-LayerNorm hidden states of the virtual tokens, [1, P, H]."""
-        no_tokens = torch.empty(1, 0, dtype=torch.long, device=self.device)
-        return self._embed(no_tokens, self.prompt_embeddings)
-
-    def _embed_tokens(self, input_ids) -> torch.Tensor:
-        """Post-LayerNorm hidden states of the real tokens, [B, T, H]."""
-        return self._embed(input_ids, self.prompt_embeddings[:0])
-
-    def prefix_states(self):
-        """Run the virtual tokens once, at batch 1: final hidden [1, P, H] and,
-        per layer, the K/V segment every row attends to."""
-        key_mask = torch.ones(1, self.num_virtual_tokens, dtype=torch.long, device=self.device)
-        final, kv = self._decoder.forward(self._embed_prompt(), key_mask)
-        return final, [[KVSegment(key, value, shared=True)] for key, value in kv]
-
-    def _bloom_forward(self, input_ids, attention_mask, labels, want_logits, num_items_in_batch):
-        """BLOOM: the prefix once per batch (shared K/V), label-only loss."""
-        batch, length = input_ids.shape
+    def _fast_forward(self, input_ids, attention_mask, labels, want_logits, adapter_names, num_items_in_batch):
+        batch = input_ids.shape[0]
+        adapters, rows = self._row_adapters(adapter_names, batch)
+        count = self.peft_config[adapters[0]].num_virtual_tokens
+        prompts = torch.stack([self._prompt(name) for name in adapters])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        count = self.num_virtual_tokens
+        attention_mask = attention_mask.to(input_ids.device)
         key_mask = torch.cat([attention_mask.new_ones(batch, count), attention_mask], dim=1)
-        if batch == 1:
-            # Nothing to share with one row: one pass over cat(prompt, tokens)
-            # from the fused embed+concat op beats two passes of smaller GEMMs.
-            final, _ = self._decoder.forward(self._embed(input_ids, self.prompt_embeddings), key_mask)
+        driver = self._driver_for_call()
+        # One pass over cat(prompt, tokens), as PEFT does, when sharing the
+        # prefix would change numbers (dropout draws per row) or cannot help (one row).
+        whole = (batch == 1 or dropout_active(self.get_base_model())
+                 or not driver.can_share_prefix(count))
+        if whole:
+            if rows is not None and driver.name == "bloom":
+                driver = self._drivers()[1]
+            row_prompts = prompts if rows is None else prompts.index_select(0, rows)
+            final = driver.full(input_ids, row_prompts, key_mask)
             prefix_final, token_final = final[:, :count], final[:, count:]
         else:
-            prefix_final, prefix_kv = self.prefix_states()
-            token_final, _ = self._decoder.forward(self._embed_tokens(input_ids), key_mask, past=prefix_kv)
+            prefix = self._prefix(driver, adapters, prompts)
+            token_final = driver.tokens(input_ids, key_mask, prefix, rows)
+            prefix_final = prefix.final if rows is None else prefix.final.index_select(0, rows)
 
         loss = logits = None
         if labels is not None:
-            loss = prefix_causal_lm_loss(
-                prefix_final[0, -1], token_final, labels, self.base_model.get_output_embeddings(), num_items_in_batch
-            )
+            loss = prefix_causal_lm_loss(prefix_final[:, -1], token_final, labels.to(token_final.device),
+                                         driver.lm_head, num_items_in_batch, driver.softcap)
         if want_logits:
-            hidden = torch.cat([prefix_final.expand(batch, -1, -1), token_final], dim=1)
-            logits = self.base_model.get_output_embeddings()(hidden)
-        return CausalLMOutput(loss=loss, logits=logits)
+            hidden = torch.cat([prefix_final.expand(batch, -1, -1).to(token_final.dtype), token_final], dim=1)
+            logits = driver.logits(hidden)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def generate(self, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
-        """HF-style generation behind the soft prompt (see ``generation.py``):
-        ``[B * num_return_sequences, T + new]`` ids, inputs left-padded."""
-        return generation.generate(self, input_ids, attention_mask, **kwargs)
+    # ------------------------------------------------------------ generation
+    def generate(self, *args, **kwargs):
+        """PEFT's ``generate`` (every option of transformers' ``generate``), with
+        the prompt's K/V taken from the prefix cache instead of recomputed per
+        row and request; ``adapter_names`` gives each row its own prompt."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self._adapters_disabled or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
+            return super().generate(*args, **kwargs)
+        with self._generation_rows(adapter_names, args, kwargs):
+            return super().generate(*args, **kwargs)
 
-    # ------------------------------------------------------------------- io
-    def save_pretrained(self, save_directory, **_trainer_kwargs) -> None:
-        """PEFT format; ``peft.PeftModel.from_pretrained`` loads it."""
-        prompt_io.save_adapter(save_directory, self.active_peft_config, self.prompt_embeddings)
+    @contextlib.contextmanager
+    def _generation_rows(self, adapter_names, args, kwargs):
+        """Tell ``prepare_inputs_for_generation`` which prompt each input row
+        has, for the duration of one ``generate`` call."""
+        batch = None
+        if adapter_names is not None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = kwargs.get("inputs_embeds")
+            batch = (ids if ids is not None else embeds).shape[0]
+        self.__dict__["_fastprompt_rows"] = self._row_adapters(adapter_names, batch) if adapter_names else None
+        try:
+            yield
+        finally:
+            self.__dict__["_fastprompt_rows"] = None
 
-    @classmethod
-    def from_pretrained(cls, base_model, adapter_directory, is_trainable: bool = False, adapter_name="default"):
-        """Load an adapter written by PEFT or by ``save_pretrained``. As in PEFT,
-        the prompt is frozen unless ``is_trainable``."""
-        config, prompt = prompt_io.load_adapter(adapter_directory)
-        config.inference_mode = not is_trainable
-        embeddings = prompt_io.input_embeddings(base_model)
-        if config.token_dim != embeddings.embedding_dim:
-            raise ValueError(
-                f"adapter in {str(adapter_directory)!r} has token_dim {config.token_dim}, but the model's "
-                f"hidden size is {embeddings.embedding_dim}"
-            )
-        return cls(base_model, config, prompt=prompt, adapter_name=adapter_name)
+    def prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
+        if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING or self.fast_path is None:
+            return super().prepare_inputs_for_generation(*args, task_ids=task_ids, **kwargs)
+        rows = self.__dict__.get("_fastprompt_rows") or ((self.active_adapter,), None)
+        return generation.prepare_step_inputs(self, rows, *args, **kwargs)
 
 
-def _check_inputs(input_ids, inputs_embeds, attention_mask, labels) -> None:
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids or inputs_embeds")
-    if input_ids is not None:
-        if not torch.is_tensor(input_ids):
-            raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"input_ids must be a 2-D integer tensor [batch, tokens], got {input_ids.dim()}-D {input_ids.dtype}"
-            )
-        shape = tuple(input_ids.shape)
-    else:
-        if not torch.is_tensor(inputs_embeds) or inputs_embeds.dim() != 3:
-            raise ValueError("inputs_embeds must be a 3-D tensor [batch, tokens, hidden]")
-        shape = tuple(inputs_embeds.shape[:2])
+def _check_inputs(input_ids, attention_mask, labels) -> None:
+    if not torch.is_tensor(input_ids):
+        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"input_ids must be a 2-D integer tensor [batch, tokens], got {input_ids.dim()}-D {input_ids.dtype}"
+        )
+    shape = tuple(input_ids.shape)
     for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
         if tensor is None:
             continue

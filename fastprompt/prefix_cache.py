@@ -1,37 +1,44 @@
-"""The soft prompt's per-layer K/V, computed once and reused by generation.
+"""The soft prompts' prefix (final hidden states and per-layer K/V), computed once and reused.
 
-The virtual tokens attend only to each other and BLOOM's ALiBi is derived from
-the mask cumsum, so their K/V depend on the prompt and the frozen base model
-alone: not on the request, the row or its padding. One batch-1 copy serves
-every row of every ``generate`` call as a shared ``KVSegment``.
+The virtual tokens attend only to each other and their positions are the same
+in every row (see ``arch/generic.py``), so their pass through the body depends
+on the prompt and the frozen base model alone: not on the request, the row or
+its padding. One batch-1 copy per adapter serves every row of every call made
+without gradients (``generate``, evaluation).
 
 Staleness is the whole difficulty. An entry is reused only when
 
-* the prompt has the same *contents*, dtype and device as when it was
-  computed. Contents, not ``prompt._version``: writes through ``.data`` do
-  not bump the version counter, and after a ``.to()`` round trip a fresh
-  tensor (version restarted) may land on the old address. Comparing P×H
-  numbers costs microseconds next to a forward pass;
+* each prompt has the same *contents*, dtype and device as when it was
+  computed. Contents, not ``weight._version``: writes through ``.data`` do not
+  bump the version counter, and after a ``.to()`` round trip a fresh tensor
+  (version restarted) may land on the old address. Comparing P×H numbers costs
+  microseconds next to a forward pass;
 * every base-model parameter is backed by the same storage (held by a weak
   reference, so the address cannot be recycled while the entry lives) at the
   same version: ``.to(dtype/device)`` swaps storages, ``load_state_dict`` and
   other in-place writes bump versions. The base model is frozen; an in-place
   write to one of its weights through ``.data`` is the one change this cannot
   see (call ``clear()`` after such surgery);
-* the train/eval mode is unchanged (dropout would make the prefix differ).
+* every base module's train/eval flag, the autocast state and the path that
+  computed it (BLOOM's own decoder or the model's body) are unchanged: each of
+  them changes the numbers.
 
-Only the latest entry is kept, so memory never grows with the number of
-prompts seen.
+A few entries are kept (one per adapter set and path), so memory stays bounded
+however many prompts are seen.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .arch.bloom import KVSegment
+from .arch import Prefix
+
+MAX_ENTRIES = 4
 
 
 def _parameter_identity(model: torch.nn.Module) -> list[tuple]:
@@ -41,47 +48,64 @@ def _parameter_identity(model: torch.nn.Module) -> list[tuple]:
     ]
 
 
+def _modes(model: torch.nn.Module) -> tuple[bool, ...]:
+    return tuple(module.training for module in model.modules())
+
+
+def _autocast_state(device: torch.device) -> tuple:
+    kind = device.type
+    return (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None)
+
+
 @dataclass
 class _Entry:
-    prompt: torch.Tensor  # a private copy of the prompt the K/V were computed from
+    prompts: torch.Tensor  # a private copy of the prompts the prefix was computed from
     base_identity: list[tuple]
-    training: bool
-    segments: list[KVSegment]
+    modes: tuple[bool, ...]
+    autocast: tuple
+    prefix: Prefix
 
-    def matches(self, model) -> bool:
-        prompt = model.prompt_embeddings.detach()
+    def matches(self, base_model, prompts: torch.Tensor) -> bool:
         return (
-            self.training == model.training
-            and self.prompt.dtype == prompt.dtype
-            and self.prompt.device == prompt.device
-            and torch.equal(self.prompt, prompt)
-            and self.base_identity == _parameter_identity(model.base_model)
+            self.prompts.dtype == prompts.dtype
+            and self.prompts.device == prompts.device
+            and self.prompts.shape == prompts.shape
+            and self.autocast == _autocast_state(prompts.device)
+            and torch.equal(self.prompts, prompts)
+            and self.modes == _modes(base_model)
+            and self.base_identity == _parameter_identity(base_model)
         )
 
 
 class PrefixCache:
-    """Per-model cache of the prefix K/V (one shared segment per layer)."""
+    """Per-model cache of prefixes, keyed by (path, adapters) and validated on use."""
 
     def __init__(self):
-        self._entry: _Entry | None = None
-        self.computations = 0  # how many times the prefix was actually run
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.computations = 0  # how many times a prefix was actually run
 
-    def segments(self, model) -> list[KVSegment]:
-        if self._entry is None or not self._entry.matches(model):
-            self._entry = None  # free the stale K/V before computing new ones
-            with torch.no_grad():
-                _, past = model.prefix_states()
-            self.computations += 1
-            self._entry = _Entry(
-                prompt=model.prompt_embeddings.detach().clone(),
-                base_identity=_parameter_identity(model.base_model),
-                training=model.training,
-                segments=[layer[0] for layer in past],
-            )
-        return self._entry.segments
+    def get(self, base_model, path: str, adapters: tuple[str, ...], prompts: torch.Tensor,
+            compute: Callable[[], Prefix]) -> Prefix:
+        """The prefix of ``prompts`` [A, P, H] (the adapters' current prompts)
+        through ``path``; ``compute`` runs it when no valid entry exists."""
+        key = (path, adapters)
+        entry = self._entries.get(key)
+        prompts = prompts.detach()
+        if entry is not None and entry.matches(base_model, prompts):
+            self._entries.move_to_end(key)
+            return entry.prefix
+        self._entries.pop(key, None)  # free the stale K/V before computing new ones
+        with torch.no_grad():
+            prefix = compute()
+        self.computations += 1
+        self._entries[key] = _Entry(prompts.clone(), _parameter_identity(base_model), _modes(base_model),
+                                    _autocast_state(prompts.device), prefix)
+        while len(self._entries) > MAX_ENTRIES:
+            self._entries.popitem(last=False)
+        return prefix
 
     def clear(self) -> None:
-        self._entry = None
+        self._entries.clear()
 
     # Copying or pickling a model starts its copy with an empty cache: the
     # weak references must not be duplicated (each one is freed on deletion).
@@ -92,7 +116,7 @@ class PrefixCache:
 def prefix_cache_of(model) -> PrefixCache:
     """The model's cache, attached on first use (it is not part of the
     module's state: never saved, never moved by ``.to()``)."""
-    cache = model.__dict__.get("prefix_cache")
+    cache = model.__dict__.get("_fastprompt_prefix_cache")
     if cache is None:
-        cache = model.__dict__["prefix_cache"] = PrefixCache()
+        cache = model.__dict__["_fastprompt_prefix_cache"] = PrefixCache()
     return cache

@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import prompt as prompt_io
 from .data import PadCollator, TokenizedData, length_grouped_steps, token_budget_batches
 from .distributed import Ranks
 from .loss import IGNORE_INDEX
@@ -64,6 +63,11 @@ class TrainingInterrupted(Exception):
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient stopped being finite; the prompt was not updated."""
+
+
+def trainable_prompt(model) -> torch.nn.Parameter:
+    """The active adapter's soft prompt, where PEFT keeps it."""
+    return model.prompt_encoder[model.active_adapter].embedding.weight
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -147,14 +151,16 @@ def load_checkpoint(path: Path, model, optimizer, plan: dict) -> int:
     ]
     if differences:
         raise ValueError(f"checkpoint {str(path)!r} belongs to a different run: " + "; ".join(differences))
-    _, prompt = prompt_io.load_adapter(path)
-    if prompt.shape != model.prompt_embeddings.shape:
+    from peft.utils import load_peft_weights
+
+    prompt = load_peft_weights(str(path), device="cpu")["prompt_embeddings"]
+    target = trainable_prompt(model)
+    if prompt.shape != target.shape:
         raise ValueError(
-            f"checkpoint {str(path)!r} holds a prompt of shape {tuple(prompt.shape)}, "
-            f"the model's is {tuple(model.prompt_embeddings.shape)}"
+            f"checkpoint {str(path)!r} holds a prompt of shape {tuple(prompt.shape)}, the model's is {tuple(target.shape)}"
         )
     with torch.no_grad():
-        model.prompt_embeddings.copy_(prompt)
+        target.copy_(prompt)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -254,7 +260,7 @@ def _accumulate_gradients(model, data: TokenizedData, indices: list[int], step_i
     """Forward and backward this rank's share of a step, in micro-batches under
     the token budget; gradients add up in ``.grad``. Returns the summed loss
     and the number of real tokens."""
-    device = model.prompt_embeddings.device
+    device = trainable_prompt(model).device
     loss_sum = torch.zeros((), device=device)
     tokens = 0
     for micro in token_budget_batches(indices, data.lengths, config.max_tokens):
@@ -282,10 +288,10 @@ def _sum_over_ranks(prompt, loss_sum: torch.Tensor, tokens: int, signum: int | N
 
 def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
           eval_data: TokenizedData | None = None, ranks: Ranks = Ranks()) -> TrainResult:
-    """Train ``model.prompt_embeddings`` on ``data``; the final adapter lands in
+    """Train the active adapter's prompt on ``data``; the final adapter lands in
     ``config.output``. Raises TrainingInterrupted (checkpoint written) on
     Ctrl-C/SIGTERM and TrainingDiverged on a non-finite loss."""
-    prompt = model.prompt_embeddings
+    prompt = trainable_prompt(model)
     if not prompt.requires_grad:
         raise ValueError("the prompt is frozen (loaded with is_trainable=False?); nothing to train")
     output = config.output

@@ -29,6 +29,43 @@ def random_bloom(hidden=256, layers=2, heads=2, vocab=512, seed=0, dtype=torch.f
     return model.requires_grad_(False).eval()
 
 
+# Tiny configs of every family with a fast path: 4 heads (2 KV heads where the
+# family has GQA), two layers, sliding windows short enough to be exercised.
+FAMILY_CONFIGS = {
+    "bloom": ("BloomConfig", dict(hidden_size=256, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0)),
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, sliding_window=40)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                bos_token_id=1, eos_token_id=2)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0)),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+
+
+def tiny_causal_lm(family: str, vocab: int = 512, seed: int = 0, dtype=torch.float32, **overrides):
+    """A frozen, seeded model of ``family`` built from a config (no hub)."""
+    import transformers
+
+    config_class, settings = FAMILY_CONFIGS[family]
+    config = getattr(transformers, config_class)(vocab_size=vocab, **{**settings, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # non-trivial norm parameters so parity also covers their use
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.requires_grad_(False).eval()
+
+
 def prompt_config(num_virtual_tokens=8, init=PromptTuningInit.RANDOM, tokenizer=None, **kwargs):
     if init == PromptTuningInit.TEXT:
         kwargs.setdefault("prompt_tuning_init_text", INIT_TEXT)

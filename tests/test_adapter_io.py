@@ -14,7 +14,7 @@ from fastprompt import FastPromptModel
 def test_save_writes_peft_format_that_peft_loads(tmp_path):
     ours, _ = pair(lambda: random_bloom(vocab=512), prompt_config(6))
     with torch.no_grad():
-        ours.prompt_embeddings.add_(0.5)  # a trained-looking prompt, not the init
+        peft_prompt(ours).add_(0.5)  # a trained-looking prompt, not the init
     ours.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     state = load_file(tmp_path / "adapter_model.safetensors")
@@ -22,7 +22,7 @@ def test_save_writes_peft_format_that_peft_loads(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
 
     ref = PeftModel.from_pretrained(random_bloom(vocab=512), tmp_path)
-    assert torch.equal(peft_prompt(ref).detach(), ours.prompt_embeddings.detach())
+    assert torch.equal(peft_prompt(ref).detach(), peft_prompt(ours).detach())
     ids, mask, _ = padded_batch(2, 7, 512, side="left")
     got = ours(input_ids=ids, attention_mask=mask).logits
     want = ref(input_ids=ids, attention_mask=mask).logits
@@ -35,10 +35,10 @@ def test_loads_adapter_written_by_peft(tmp_path):
         peft_prompt(ref).mul_(3.0)
     ref.save_pretrained(tmp_path)
     ours = FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
-    assert torch.equal(ours.prompt_embeddings.detach(), peft_prompt(ref).detach())
-    assert not ours.prompt_embeddings.requires_grad  # PEFT default: inference
+    assert torch.equal(peft_prompt(ours).detach(), peft_prompt(ref).detach())
+    assert not peft_prompt(ours).requires_grad  # PEFT default: inference
     trainable = FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path, is_trainable=True)
-    assert trainable.prompt_embeddings.requires_grad
+    assert peft_prompt(trainable).requires_grad
     ids, mask, _ = padded_batch(2, 7, 512)
     assert torch.allclose(ours(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
 
@@ -52,9 +52,9 @@ def test_loads_the_shared_real_peft_adapter_unchanged(shared_dir):
 
     ours = FastPromptModel.from_pretrained(base(), adapter)
     ref = PeftModel.from_pretrained(base(), adapter)
-    assert ours.prompt_embeddings.shape == (8, 1024)
+    assert peft_prompt(ours).shape == (8, 1024)
     assert ours.active_peft_config.prompt_tuning_init_text == "下面是一段人与机器人的对话。"
-    assert torch.equal(ours.prompt_embeddings.detach(), peft_prompt(ref).detach())
+    assert torch.equal(peft_prompt(ours).detach(), peft_prompt(ref).detach())
     ids, mask, _ = padded_batch(2, 6, 512, side="left")
     got = ours(input_ids=ids, attention_mask=mask).logits
     want = ref(input_ids=ids, attention_mask=mask).logits
@@ -66,7 +66,7 @@ def test_round_trip_keeps_training_state(tmp_path):
     ours, _ = pair(lambda: random_bloom(vocab=512), prompt_config(3))
     ours.save_pretrained(tmp_path)
     again = FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path, is_trainable=True)
-    assert torch.equal(again.prompt_embeddings.detach(), ours.prompt_embeddings.detach())
+    assert torch.equal(peft_prompt(again).detach(), peft_prompt(ours).detach())
     assert again.active_peft_config.num_virtual_tokens == 3
 
 
@@ -76,4 +76,4 @@ def test_state_dict_holds_only_the_prompt():
     assert list(state) == ["prompt_embeddings"]
     other = fastprompt.get_peft_model(random_bloom(vocab=512), prompt_config(3))
     other.load_state_dict({"prompt_embeddings": state["prompt_embeddings"] + 1})
-    assert torch.equal(other.prompt_embeddings.detach(), state["prompt_embeddings"] + 1)
+    assert torch.equal(peft_prompt(other).detach(), state["prompt_embeddings"] + 1)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from models import peft_prompt
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from safetensors.torch import load_file
 
@@ -35,10 +36,10 @@ def test_two_processes_match_one(tmp_path):
 
     prompts = [load_file(str(tmp_path / run / "adapter_model.safetensors"))["prompt_embeddings"]
                for run in ("one", "two")]
-    initial = fastprompt.get_peft_model(fastprompt.load_model("tiny-bloom"), PromptTuningConfig(
+    initial = peft_prompt(fastprompt.get_peft_model(fastprompt.load_model("tiny-bloom"), PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8, prompt_tuning_init=PromptTuningInit.TEXT,
         prompt_tuning_init_text=TUTORIAL_INIT_TEXT, tokenizer_name_or_path="tiny-bloom",
-    )).prompt_embeddings.detach()
+    ))).detach()
     assert (prompts[0] - initial).abs().max() > 5e-5
     torch.testing.assert_close(prompts[1], prompts[0], rtol=0, atol=1e-6)
     losses = [[entry["loss"] for entry in map(json.loads, (tmp_path / run / "train_log.jsonl").read_text().splitlines())]

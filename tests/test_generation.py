@@ -122,7 +122,7 @@ def test_continuations_are_not_trivial():
     first = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)[:, 12:]
     assert all(len(set(row.tolist())) > 2 for row in first)
     with torch.no_grad():
-        ours.prompt_embeddings.mul_(-1.0)
+        peft_prompt(ours).mul_(-1.0)
     assert not torch.equal(first, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)[:, 12:])
 
 
@@ -346,7 +346,7 @@ def test_cache_invalidated_by_optimizer_step():
     ours.train()
     ids, mask = left_batch(3, 10)
     before = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
-    optimizer = torch.optim.Adam([ours.prompt_embeddings], lr=0.5)
+    optimizer = torch.optim.Adam([peft_prompt(ours)], lr=0.5)
     labels = ids.masked_fill(mask == 0, -100)
     ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     optimizer.step()
@@ -356,7 +356,7 @@ def test_cache_invalidated_by_optimizer_step():
     assert not torch.equal(before, after)
     assert torch.equal(after, fresh_generate(ours, ids, mask, max_new_tokens=8))
     with torch.no_grad():
-        peft_prompt(ref).copy_(ours.prompt_embeddings)
+        peft_prompt(ref).copy_(peft_prompt(ours))
     ref.train()
     assert torch.equal(after, peft_greedy(ref, ids, mask, 8))
 
@@ -373,7 +373,7 @@ def test_cache_invalidated_by_load_state_dict_and_data_writes():
     assert torch.equal(loaded, fresh_generate(ours, ids, mask, max_new_tokens=8))
 
     # Writes through .data do not bump the version counter; contents still count.
-    ours.prompt_embeddings.data.copy_(original)
+    peft_prompt(ours).data.copy_(original)
     assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8), first)
 
 

@@ -23,7 +23,7 @@ want = ref(input_ids=ids, attention_mask=mask, labels=labels)
 got.loss.backward(); want.loss.backward()
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
 print(rel(got.logits, want.logits), abs(got.loss.item() - want.loss.item()) / want.loss.item(),
-      rel(ours.prompt_embeddings.grad, peft_prompt(ref).grad))
+      rel(peft_prompt(ours).grad, peft_prompt(ref).grad))
 """
 
 

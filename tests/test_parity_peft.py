@@ -1,14 +1,52 @@
-"""Parity of FastPromptModel with the real peft package (fp32, int8)."""
+"""Parity of FastPromptModel with the real peft package, for every family with a fast path.
+
+fp32: logits, loss and prompt gradient within 1e-5 relative of PEFT's, with
+left and right padding, one row, holes in the mask and sparse labels. bf16 is
+judged by the design tolerance rule against PEFT in fp32; int8 against PEFT on
+the same 8-bit model in the same mode.
+"""
 
 import pytest
 import torch
-from models import padded_batch, pair, peft_prompt, prompt_config, random_bloom
+from models import FAMILIES, padded_batch, pair, peft_prompt, prompt_config, random_bloom, tiny_causal_lm
+from peft import get_peft_model as peft_get_peft_model
 
 import fastprompt
+
+VOCAB = 512
+# Relative loss tolerance of the bf16 and int8 comparisons: tight enough that a
+# per-row instead of per-token mean fails it (see the test right below).
+LOSS_REL = 1e-4
 
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def assert_loss_close(got, want, rel):
+    assert abs(got.item() - want.item()) <= rel * abs(want.item()), (got.item(), want.item())
+
+
+def low_precision_batch(side):
+    """The batch of the bf16/int8 comparisons: rows of very different label
+    counts, so that a per-row mean differs clearly from the per-token one."""
+    return padded_batch(3, 12, VOCAB, side=side, lengths=[12, 7, 3])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_loss_tolerance_detects_per_row_averaging(family, side):
+    """On that batch, averaging each row's mean instead of every label token
+    moves the loss by more than LOSS_REL."""
+    _, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(8))
+    ids, mask, labels = low_precision_batch(side)
+    with torch.no_grad():
+        logits = ref(input_ids=ids, attention_mask=mask).logits[:, 7:-1]  # each predicts the next label
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    labelled = labels != -100
+    per_token = losses[labelled].mean()
+    per_row = torch.stack([row_losses[row_labelled].mean() for row_losses, row_labelled in zip(losses, labelled)]).mean()
+    assert abs(per_row - per_token) > 2 * LOSS_REL * per_token
 
 
 CASES = [
@@ -20,41 +58,48 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch,virtual,length,side", CASES)
-def test_fp32_logits_loss_and_prompt_grad_match_peft(batch, virtual, length, side):
-    ours, ref = pair(lambda: random_bloom(vocab=512), prompt_config(virtual))
-    ids, mask, labels = padded_batch(batch, length, 512, side=side)
+def test_fp32_logits_loss_and_prompt_grad_match_peft(family, batch, virtual, length, side):
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(virtual))
+    assert ours.fast_path is not None
+    ids, mask, labels = padded_batch(batch, length, VOCAB, side=side)
 
     got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
     want = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    assert got.logits.shape == want.logits.shape == (batch, virtual + length, 512)
+    assert got.logits.shape == want.logits.shape == (batch, virtual + length, VOCAB)
     assert rel_err(got.logits, want.logits) < 1e-5
-    assert abs(got.loss.item() - want.loss.item()) <= 1e-5 * abs(want.loss.item())
+    assert_loss_close(got.loss, want.loss, 1e-5)
 
     got.loss.backward()
     want.loss.backward()
-    assert rel_err(ours.prompt_embeddings.grad, peft_prompt(ref).grad) < 1e-5
+    assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
 
 
-def test_logits_without_labels_and_without_mask():
-    ours, ref = pair(lambda: random_bloom(vocab=512), prompt_config(5))
-    ids, _, _ = padded_batch(2, 7, 512)
-    got = ours(input_ids=ids).logits
-    want = ref(input_ids=ids).logits
-    assert rel_err(got, want) < 1e-5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_without_labels_and_without_mask(family):
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(5))
+    ids, _, _ = padded_batch(2, 7, VOCAB)
+    assert rel_err(ours(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
 
 
-def test_labels_only_loss_by_default():
-    ours, _ = pair(lambda: random_bloom(vocab=512), prompt_config(4))
-    ids, mask, labels = padded_batch(2, 6, 512)
-    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
-    assert out.logits is None and out.loss is not None
+def test_training_call_computes_only_the_loss_evaluation_gets_logits():
+    ours, ref = pair(lambda: random_bloom(vocab=VOCAB), prompt_config(4))
+    ids, mask, labels = padded_batch(2, 6, VOCAB)
+    trained = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert trained.logits is None and trained.loss.requires_grad
+    with torch.no_grad():  # Trainer.evaluate / predict
+        evaluated = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    assert rel_err(evaluated.logits, want.logits) < 1e-5
+    assert_loss_close(evaluated.loss, want.loss, 1e-5)
 
 
+@pytest.mark.parametrize("family", ["bloom", "llama"])
 @pytest.mark.parametrize("label_positions", ["first_only", "last_only", "none"])
-def test_sparse_labels_match_peft(label_positions):
-    ours, ref = pair(lambda: random_bloom(vocab=512), prompt_config(6))
-    ids, mask, _ = padded_batch(3, 10, 512, side="left", lengths=[10, 10, 10])
+def test_sparse_labels_match_peft(family, label_positions):
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(6))
+    ids, mask, _ = padded_batch(3, 10, VOCAB, side="left", lengths=[10, 10, 10])
     labels = torch.full_like(ids, -100)
     if label_positions == "first_only":
         labels[1, 0] = ids[1, 0]  # predicted by the last virtual token
@@ -65,43 +110,55 @@ def test_sparse_labels_match_peft(label_positions):
     if label_positions == "none":
         assert torch.isnan(got) and torch.isnan(want)
         return
-    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    assert_loss_close(got, want, 1e-5)
     got.backward()
     want.backward()
-    assert rel_err(ours.prompt_embeddings.grad, peft_prompt(ref).grad) < 1e-5
+    assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
 
 
-def test_attention_mask_with_holes_matches_peft():
-    ours, ref = pair(lambda: random_bloom(vocab=512), prompt_config(4))
-    ids, mask, labels = padded_batch(2, 9, 512, lengths=[9, 9])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_mask_with_holes_matches_peft(family):
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(4))
+    ids, mask, labels = padded_batch(2, 9, VOCAB, lengths=[9, 9])
     mask[0, 3] = 0
     mask[1, 5:7] = 0
     got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
     want = ref(input_ids=ids, attention_mask=mask, labels=labels)
     assert rel_err(got.logits, want.logits) < 1e-5
-    assert abs(got.loss.item() - want.loss.item()) <= 1e-5 * abs(want.loss.item())
+    assert_loss_close(got.loss, want.loss, 1e-5)
 
 
-def test_gradient_checkpointing_gives_same_gradient():
-    ours, ref = pair(lambda: random_bloom(vocab=512), prompt_config(8))
-    ours.train()
-    ref.train()
-    ours.gradient_checkpointing_enable()
-    assert all(block.gradient_checkpointing for block in ours.base_model.transformer.h)
-    ids, mask, labels = padded_batch(3, 10, 512, side="left")
+@pytest.mark.parametrize("family", ["bloom", "llama", "gemma2"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_same_gradient(family, use_reentrant):
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(8))
+    for model in (ours, ref):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    ids, mask, labels = padded_batch(3, 10, VOCAB, side="left")
     ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    assert rel_err(ours.prompt_embeddings.grad, peft_prompt(ref).grad) < 1e-5
+    assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
+
+
+def test_prompt_longer_than_a_sliding_window_takes_the_full_pass_and_matches():
+    # mistral's window here is 40: a 48-token prompt cannot live in its cache.
+    ours, ref = pair(lambda: tiny_causal_lm("mistral", VOCAB), prompt_config(48))
+    ids, mask, labels = padded_batch(3, 10, VOCAB, side="left")
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    assert rel_err(got.logits, want.logits) < 1e-5
+    assert_loss_close(got.loss, want.loss, 1e-5)
 
 
 def test_only_the_prompt_is_trainable_and_base_untouched():
-    base = random_bloom(vocab=512)
+    base = random_bloom(vocab=VOCAB)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = fastprompt.get_peft_model(base, prompt_config(8))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["prompt_embeddings"]
+    assert trainable == ["prompt_encoder.default.embedding.weight"]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    ids, mask, labels = padded_batch(2, 6, 512)
+    ids, mask, labels = padded_batch(2, 6, VOCAB)
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     optimizer.step()
     for key, value in base.state_dict().items():
@@ -109,64 +166,62 @@ def test_only_the_prompt_is_trainable_and_base_untouched():
     assert model.get_nb_trainable_parameters()[0] == 8 * 256
 
 
-def test_print_trainable_parameters(capsys):
-    model = fastprompt.get_peft_model(random_bloom(vocab=512), prompt_config(8))
-    model.print_trainable_parameters()
-    assert "trainable params: 2,048 ||" in capsys.readouterr().out
-
-
 def test_train_eval_and_to_follow_nn_module():
-    model = fastprompt.get_peft_model(random_bloom(vocab=512), prompt_config(3))
+    model = fastprompt.get_peft_model(random_bloom(vocab=VOCAB), prompt_config(3))
     model.train()
     assert model.base_model.training
     model.eval()
     assert not model.base_model.training
     model.to(torch.float64)
-    assert model.prompt_embeddings.dtype == torch.float64
+    assert peft_prompt(model).dtype == torch.float64
     assert model.base_model.lm_head.weight.dtype == torch.float64
-    ids, mask, _ = padded_batch(1, 4, 512)
+    ids, mask, _ = padded_batch(1, 4, VOCAB)
     assert model(input_ids=ids, attention_mask=mask).logits.dtype == torch.float64
 
 
+def eight_bit(family, directory):
+    """``family`` saved and reloaded in 8-bit, as users load it."""
+    tiny_causal_lm(family, VOCAB).save_pretrained(directory)
+    return fastprompt.load_model(directory, load_in_8bit=True)
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama", "qwen2"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_int8_matches_peft_on_the_same_8bit_model(tiny_bloom_dir, mode):
-    pytest.importorskip("bitsandbytes")
+def test_int8_matches_peft_on_the_same_8bit_model(tmp_path, family, mode):
     from bitsandbytes.nn import Linear8bitLt
 
-    def make_base():
-        return fastprompt.load_model(tiny_bloom_dir, load_in_8bit=True)
-
-    ours, ref = pair(make_base, prompt_config(8))
-    assert isinstance(ours.base_model.transformer.h[0].mlp.dense_h_to_4h, Linear8bitLt)
+    ours, ref = pair(lambda: eight_bit(family, tmp_path / family), prompt_config(8))
+    assert any(isinstance(m, Linear8bitLt) for m in ours.modules())
     getattr(ours, mode)()
     getattr(ref, mode)()
-    ids, mask, labels = padded_batch(3, 12, 2048, side="left")
+    ids, mask, labels = low_precision_batch("left")
     got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
     want = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    # fp16 activations: both sides round differently at ~1e-3 relative.
+    # fp16 activations: both sides round differently at ~1e-3 relative in the
+    # logits; their mean over ~30 label tokens agrees far better.
     assert rel_err(got.logits, want.logits) < 2e-3
-    assert abs(got.loss.item() - want.loss.item()) <= 1e-3 * abs(want.loss.item())
+    assert_loss_close(got.loss, want.loss, LOSS_REL)
     got.loss.backward()
     want.loss.backward()
-    assert rel_err(ours.prompt_embeddings.grad, peft_prompt(ref).grad) < 1e-2
+    assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_bf16_within_tolerance_rule_of_peft(side):
+def test_bf16_within_tolerance_rule_of_peft(family, side):
     """bf16 is judged against PEFT in fp32 on the same weights, allowed twice
     PEFT-in-bf16's own error (design.md's rule)."""
-    from peft import get_peft_model as peft_get_peft_model
     from tolerance import assert_within_reference_error
 
     config = prompt_config(8)
     torch.manual_seed(0)
-    exact = peft_get_peft_model(random_bloom(vocab=512), config)
-    ours = fastprompt.get_peft_model(random_bloom(vocab=512).to(torch.bfloat16), config)
-    ref = peft_get_peft_model(random_bloom(vocab=512).to(torch.bfloat16), config)
+    exact = peft_get_peft_model(tiny_causal_lm(family, VOCAB), config)
+    ours = fastprompt.get_peft_model(tiny_causal_lm(family, VOCAB, dtype=torch.bfloat16), config)
+    ref = peft_get_peft_model(tiny_causal_lm(family, VOCAB, dtype=torch.bfloat16), config)
     with torch.no_grad():
-        ours.prompt_embeddings.copy_(peft_prompt(exact))
+        peft_prompt(ours).copy_(peft_prompt(exact))
         peft_prompt(ref).copy_(peft_prompt(exact))
-    ids, mask, labels = padded_batch(3, 12, 512, side=side)
+    ids, mask, labels = low_precision_batch(side)
 
     outs = [m(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True) for m in (ours, ref)]
     want = exact(input_ids=ids, attention_mask=mask, labels=labels)
@@ -174,7 +229,15 @@ def test_bf16_within_tolerance_rule_of_peft(side):
         out.loss.backward()
     scale = want.logits.abs().max().item()
     assert_within_reference_error(outs[0].logits, outs[1].logits, want.logits, atol=1e-2 * scale, name="logits")
-    assert_within_reference_error(outs[0].loss, outs[1].loss, want.loss, atol=1e-2, name="loss")
-    grads = [ours.prompt_embeddings.grad, peft_prompt(ref).grad, peft_prompt(exact).grad]
+    # The loss is a mean over ~30 tokens: bf16 rounding mostly averages out, so
+    # the floor is far below one bf16 ulp, and same-dtype PEFT is the sharper
+    # reference (LOSS_REL is below what a per-row mean would move it).
+    assert_within_reference_error(outs[0].loss, outs[1].loss, want.loss, atol=LOSS_REL * want.loss.item(), name="loss")
+    assert_loss_close(outs[0].loss, outs[1].loss, LOSS_REL)
+    # The prompt gradient sums B·T rows' bf16-rounded terms in an order that
+    # differs from PEFT's, so the floor is two bf16 ulps at its scale; as a
+    # whole it may be at most twice as far from fp32 as PEFT-in-bf16's.
+    grads = [peft_prompt(ours).grad, peft_prompt(ref).grad, peft_prompt(exact).grad]
     gscale = grads[2].abs().max().item()
-    assert_within_reference_error(grads[0], grads[1], grads[2], atol=1e-2 * gscale, name="prompt grad")
+    assert_within_reference_error(grads[0], grads[1], grads[2], atol=2e-2 * gscale, name="prompt grad")
+    assert rel_err(grads[0], grads[2]) <= 2 * rel_err(grads[1], grads[2])

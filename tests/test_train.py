@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from models import peft_prompt
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
 import fastprompt
@@ -73,16 +74,16 @@ def test_a_step_is_the_token_mean_over_its_examples_however_it_is_cut(base, data
     indices = length_grouped_steps(data.lengths, 4, seed=42 * 100_003)[0]
     batch = PadCollator(PAD)([data[i] for i in indices])
     reference(**batch).loss.backward()
-    torch.nn.utils.clip_grad_norm_([reference.prompt_embeddings], 0.05)
-    optimizer = torch.optim.AdamW([reference.prompt_embeddings], lr=1e-2, weight_decay=0.0)
+    torch.nn.utils.clip_grad_norm_([peft_prompt(reference)], 0.05)
+    optimizer = torch.optim.AdamW([peft_prompt(reference)], lr=1e-2, weight_decay=0.0)
     optimizer.step()
 
-    torch.testing.assert_close(one_batch.prompt_embeddings, reference.prompt_embeddings, rtol=0, atol=1e-6)
+    torch.testing.assert_close(peft_prompt(one_batch), peft_prompt(reference), rtol=0, atol=1e-6)
     # Micro-batches of one row take the model's single-pass path, batches the
     # shared-prefix path: gradients agree to float rounding (~1e-7 relative),
     # which Adam can magnify on near-zero gradient elements to ~1e-6 of this
     # 1e-2 step. 1e-5 is still a thousandth of the step size.
-    torch.testing.assert_close(accumulated.prompt_embeddings, reference.prompt_embeddings, rtol=0, atol=1e-5)
+    torch.testing.assert_close(peft_prompt(accumulated), peft_prompt(reference), rtol=0, atol=1e-5)
 
 
 def test_resume_reaches_the_same_prompt_bit_for_bit(base, data, tmp_path):
@@ -96,8 +97,8 @@ def test_resume_reaches_the_same_prompt_bit_for_bit(base, data, tmp_path):
     result = train(resumed, data, config(tmp_path, "resumed", resume="latest", **settings), pad_token_id=PAD)
 
     assert result.steps == 8
-    assert torch.equal(resumed.prompt_embeddings, whole.prompt_embeddings)
-    final = [fastprompt.FastPromptModel.from_pretrained(base, tmp_path / name).prompt_embeddings
+    assert torch.equal(peft_prompt(resumed), peft_prompt(whole))
+    final = [peft_prompt(fastprompt.FastPromptModel.from_pretrained(base, tmp_path / name))
              for name in ("whole", "resumed")]
     assert torch.equal(final[0], final[1])
     logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / LOG_FILE).read_text().splitlines()]
@@ -114,7 +115,7 @@ def test_checkpoints_are_peft_adapters_written_atomically_and_pruned(base, data,
     assert not [p.name for p in run.output.iterdir() if p.name.startswith(".")]  # no staging left behind
     for loadable in (run.output, run.output / "checkpoint-4"):
         peft_model = PeftModel.from_pretrained(fastprompt.load_model("tiny-bloom"), str(loadable))
-        assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, model.prompt_embeddings)
+        assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, peft_prompt(model))
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(base, data, tmp_path):
@@ -135,7 +136,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(base, 
         train(model, data, run, pad_token_id=PAD)
     assert [step for step, _ in list_checkpoints(run.output)] == [2]
     assert not (run.output / "adapter_model.safetensors").exists()
-    assert torch.isfinite(model.prompt_embeddings).all()
+    assert torch.isfinite(peft_prompt(model)).all()
 
 
 def test_sigterm_writes_a_checkpoint_at_the_step_boundary(base, data, tmp_path):
@@ -189,7 +190,7 @@ def test_hf_trainer_with_fastprompt_model_saves_only_the_prompt(base, data, tmp_
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     model = fresh_model(base)
-    start = model.prompt_embeddings.detach().clone()
+    start = peft_prompt(model).detach().clone()
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=1, gradient_accumulation_steps=4,
         max_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True,
@@ -200,5 +201,5 @@ def test_hf_trainer_with_fastprompt_model_saves_only_the_prompt(base, data, tmp_
     assert all("loss" in entry for entry in trainer.state.log_history[:2])
     saved = load_file(str(tmp_path / "trainer" / "checkpoint-2" / "model.safetensors"))
     assert list(saved) == ["prompt_embeddings"]
-    assert torch.equal(saved["prompt_embeddings"], model.prompt_embeddings.detach())
-    assert not torch.equal(start, model.prompt_embeddings.detach())
+    assert torch.equal(saved["prompt_embeddings"], peft_prompt(model).detach())
+    assert not torch.equal(start, peft_prompt(model).detach())

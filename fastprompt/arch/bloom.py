@@ -18,7 +18,14 @@ concatenation copies the prefix K/V per row inside each layer (B·P·H values,
 the size of one layer's K for P tokens); what is never repeated per row is the
 prefix's own pass through the model, which is the cost that scales with P.
 
-K/V segments are laid out ``[heads, batch, seq, head_dim]``.
+K/V segments are laid out ``[heads, batch, seq, head_dim]``; a ``Prefix``
+holds them the way transformers' cache does, ``[batch, heads, seq, head_dim]``,
+so the generic path and ``generate`` can use a prefix computed here.
+
+``BloomDriver`` has the interface of ``generic.GenericDriver``; ``model.py``
+takes it when nothing needs BLOOM's own module calls (hooks on the blocks,
+dropout that must draw like PEFT's), since it is faster than running
+transformers' eager BLOOM attention.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
+from ..ops import embed_concat
+from .generic import Prefix
 
 
 @dataclass
@@ -144,3 +153,60 @@ class BloomDecoder:
             scale=attn.inv_norm_factor,
         )
         return context.transpose(1, 2).reshape(batch, query_len, hidden_size), key, value
+
+
+class BloomDriver:
+    """Shared-prefix passes through ``BloomDecoder``, embeddings through the
+    fused gather + concat + ``word_embeddings_layernorm`` op."""
+
+    name = "bloom"
+    softcap = None
+
+    def __init__(self, model):
+        self.model = model
+        self.decoder = BloomDecoder(model)
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    def can_share_prefix(self, prompt_length: int) -> bool:
+        return True
+
+    def _embed(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(cat(prompt, weight[ids])) per row: [B, P+T, H]."""
+        norm = self.decoder.embedding_layernorm
+        return embed_concat(input_ids, self.decoder.word_embeddings.weight, prompt, norm.weight, norm.bias, norm.eps)
+
+    def full(self, input_ids: torch.Tensor, prompts: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """One pass over cat(prompt, tokens); prompts: [1, P, H] shared by all rows."""
+        if prompts.shape[0] != 1:
+            raise ValueError("BloomDriver.full takes one prompt for all rows")
+        final, _ = self.decoder.forward(self._embed(input_ids, prompts[0]), key_mask)
+        return final
+
+    def prefix(self, prompts: torch.Tensor) -> Prefix:
+        no_tokens = torch.empty(prompts.shape[0], 0, dtype=torch.long, device=prompts.device)
+        if prompts.shape[0] == 1:
+            embeds = self._embed(no_tokens[:1], prompts[0])
+        else:  # one prompt per adapter: the fused op takes a single prompt
+            embeds = torch.cat([self._embed(no_tokens[:1], prompt) for prompt in prompts])
+        ones = torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device)
+        final, kv = self.decoder.forward(embeds, ones)
+        return Prefix(final, [(key.transpose(0, 1), value.transpose(0, 1)) for key, value in kv])
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        no_prompt = self.decoder.word_embeddings.weight.new_empty(0, self.decoder.word_embeddings.embedding_dim)
+        return self._embed(input_ids, no_prompt)
+
+    def tokens(self, input_ids, key_mask, prefix: Prefix, rows: torch.Tensor | None) -> torch.Tensor:
+        segments = []
+        for key, value in prefix.kv:
+            if rows is not None:
+                key, value = key.index_select(0, rows), value.index_select(0, rows)
+            segments.append([KVSegment(key.transpose(0, 1), value.transpose(0, 1), shared=rows is None)])
+        final, _ = self.decoder.forward(self.embed_tokens(input_ids), key_mask, past=segments)
+        return final
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

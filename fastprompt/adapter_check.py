@@ -1,0 +1,69 @@
+"""Clear errors for a local adapter directory that cannot be loaded, before PEFT tries.
+
+PEFT reads and loads adapters itself (``FastPromptModel.from_pretrained`` is
+its ``from_pretrained``); its errors for a damaged directory are a
+``KeyError`` deep in a state-dict load or a prompt of the wrong width that
+fails only at the first forward. These checks name the file at fault instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+PROMPT_KEY = "prompt_embeddings"
+
+
+def check_adapter_directory(directory, model, subfolder: str | None = None) -> None:
+    """Raise ValueError naming the problem if ``directory`` (a local path) is
+    not a prompt-tuning adapter that fits ``model``'s hidden size."""
+    directory = Path(directory).expanduser() / (subfolder or "")
+    if not directory.is_dir():
+        raise ValueError(f"adapter directory {str(directory)!r} does not exist")
+    config_file = directory / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise ValueError(f"adapter directory {str(directory)!r} has no {ADAPTER_CONFIG}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    if config.get("peft_type") != "PROMPT_TUNING":
+        raise ValueError(f"{config_file} describes a {config.get('peft_type')!r} adapter, not PROMPT_TUNING")
+    hidden = model.get_input_embeddings().embedding_dim
+    if config.get("token_dim") != hidden:
+        raise ValueError(
+            f"adapter in {str(directory)!r} has token_dim {config.get('token_dim')}, but the model's hidden size is {hidden}"
+        )
+    expected = (config["num_virtual_tokens"] * (config.get("num_transformer_submodules") or 1), config["token_dim"])
+    shape = _prompt_shape(directory)
+    if shape != expected:
+        raise ValueError(f"{PROMPT_KEY} in {str(directory)!r} has shape {shape}, but its config says {expected}")
+
+
+def _prompt_shape(directory: Path) -> tuple[int, ...]:
+    safetensors_file = directory / ADAPTER_WEIGHTS
+    bin_file = directory / ADAPTER_WEIGHTS_BIN
+    if safetensors_file.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(safetensors_file), framework="pt") as handle:
+                if PROMPT_KEY not in handle.keys():
+                    raise ValueError(f"{safetensors_file} has no {PROMPT_KEY!r} tensor (keys: {sorted(handle.keys())})")
+                return tuple(handle.get_slice(PROMPT_KEY).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{safetensors_file} is corrupt or unreadable: {err}") from None
+    if bin_file.is_file():
+        import torch
+
+        try:
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a damaged pickle/zip
+            raise ValueError(f"{bin_file} is corrupt or unreadable: {err}") from None
+        if PROMPT_KEY not in state:
+            raise ValueError(f"{bin_file} has no {PROMPT_KEY!r} tensor (keys: {sorted(state)})")
+        return tuple(state[PROMPT_KEY].shape)
+    raise ValueError(f"adapter directory {str(directory)!r} has no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN}")

@@ -1,0 +1,157 @@
+"""The shared soft-prompt prefix for any supported causal LM, through the model's own body.
+
+Nothing here re-implements a decoder. The prompt's P positions run once, at
+batch 1, through the base model's own body (its blocks, masks, positions,
+hooks) with a ``DynamicCache``; that cache's per-layer K/V are then handed to
+the body again, expanded to the batch, as the "past" of the T real tokens.
+Gradients reach the prompt through the cached tensors.
+
+Why this is exact for the families listed in ``FAMILIES``: in a causal LM the
+virtual tokens attend only to each other, and their positions are the same in
+every row — RoPE and learned positions count from ``arange`` (Llama, Mistral,
+Qwen, Gemma, GPT-2: the body numbers the T tokens from the cache length P, as
+PEFT's full pass does), while OPT and BLOOM derive positions from the
+attention-mask cumsum, which over the all-ones prompt prefix is ``0..P-1`` in
+every row. So the prefix's hidden states and K/V are identical for all rows,
+left padding included.
+
+What it cannot do: share a prefix through a layer that throws its cache away
+(transformers drops caches inside gradient-checkpointed blocks), or one longer
+than a sliding attention window (the layer keeps only the window). Those calls
+take the full pass instead; ``model.py`` decides.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+# model_type -> the hidden-to-logits facts a label-only loss must reproduce.
+FAMILIES = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gpt2": {}, "opt": {}, "bloom": {},
+    "gemma": {}, "gemma2": {"softcap": "final_logit_softcapping"},
+    "gemma3_text": {"softcap": "final_logit_softcapping"},
+}
+
+
+@dataclass
+class Prefix:
+    """The prompt after the body at batch 1 (or one row per adapter):
+    ``final`` [A, P, H] is the body's last hidden state (after its final norm),
+    ``kv`` the per-layer (key, value) [A, kv_heads, P, head_dim]."""
+
+    final: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def length(self) -> int:
+        return self.final.shape[1]
+
+
+def cache_argument(body: torch.nn.Module) -> str:
+    """transformers 5.2x renamed the forward argument (and output field)
+    ``past_key_values`` to ``cache``; accept either."""
+    parameters = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def sliding_windows(config) -> list[int]:
+    windows = [getattr(config, name, None) for name in ("sliding_window", "attention_window_size")]
+    return [w for w in windows if isinstance(w, int) and w > 0]
+
+
+def _to_rows(states: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """The prefix states of each of ``batch`` rows: the single row expanded,
+    or row ``rows[i]`` for row i. Under autograd the expand's backward sums
+    the rows' gradients; for bf16/fp16 states that sum runs in fp32, as PEFT's
+    (which sums per-row gradients into the fp32 prompt) does."""
+    if rows is not None:
+        return states.index_select(0, rows)
+    if states.requires_grad and states.dtype in (torch.bfloat16, torch.float16):
+        return states.float().expand(batch, -1, -1, -1).to(states.dtype)
+    return states.expand(batch, -1, -1, -1)
+
+
+class GenericDriver:
+    """Runs the body of ``model`` (a ``*ForCausalLM``) on embeddings, with or
+    without the prompt's K/V as a pre-filled cache."""
+
+    name = "generic"
+
+    def __init__(self, model, word_embeddings: torch.nn.Module):
+        self.model = model
+        self.body = getattr(model, model.base_model_prefix)
+        self.word_embeddings = word_embeddings
+        self.cache_arg = cache_argument(self.body)
+        self.family = model.config.model_type
+        softcap_field = FAMILIES[self.family].get("softcap")
+        self.softcap = getattr(model.config, softcap_field, None) if softcap_field else None
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    def can_share_prefix(self, prompt_length: int) -> bool:
+        """Shared-prefix passes need every layer to keep the whole prefix and a
+        body that honours a cache (not dropped by gradient checkpointing)."""
+        if any(prompt_length >= window for window in sliding_windows(self.model.config.get_text_config())):
+            return False
+        checkpointing = self.body.training and torch.is_grad_enabled() and any(
+            getattr(module, "gradient_checkpointing", False) for module in self.body.modules()
+        )
+        return not checkpointing
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # PEFT's own embedding call, so hooks on it (and scaled embeddings) behave as in PEFT.
+        return self.word_embeddings(input_ids)
+
+    def _run(self, embeds, key_mask, cache):
+        out = self.body(
+            inputs_embeds=embeds, attention_mask=key_mask, use_cache=cache is not None,
+            return_dict=True, **{self.cache_arg: cache},
+        )
+        return out.last_hidden_state
+
+    def full(self, input_ids: torch.Tensor, prompts: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """PEFT's pass: ``cat(prompts, embed(ids))`` through the body, no cache.
+        prompts: [B or 1, P, H]. Returns the final hidden states [B, P+T, H]."""
+        embeds = self.embed_tokens(input_ids)
+        prompts = prompts.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+        return self._run(torch.cat([prompts, embeds], dim=1), key_mask, None)
+
+    def prefix(self, prompts: torch.Tensor) -> Prefix:
+        """prompts: [A, P, H] (one row per adapter) run once, no padding."""
+        from transformers import DynamicCache
+
+        dtype = self.word_embeddings.weight.dtype
+        cache = DynamicCache(config=self.model.config)
+        ones = torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device)
+        final = self._run(prompts.to(dtype), ones, cache)
+        return Prefix(final, [(layer.keys, layer.values) for layer in cache.layers])
+
+    def cache_for(self, prefix: Prefix, rows: torch.Tensor | None, batch: int):
+        """A fresh ``DynamicCache`` holding the prefix for ``batch`` rows: the
+        single prefix expanded, or ``prefix`` row ``rows[i]`` for row i."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.fill(cache, prefix, rows, batch)
+        return cache
+
+    @staticmethod
+    def fill(cache, prefix: Prefix, rows: torch.Tensor | None, batch: int) -> None:
+        for index, (key, value) in enumerate(prefix.kv):
+            cache.update(_to_rows(key, rows, batch), _to_rows(value, rows, batch), index)
+
+    def tokens(self, input_ids, key_mask, prefix: Prefix, rows: torch.Tensor | None) -> torch.Tensor:
+        """The T real tokens against the prefix K/V; key_mask [B, P+T]. Returns [B, T, H]."""
+        cache = self.cache_for(prefix, rows, input_ids.shape[0])
+        return self._run(self.embed_tokens(input_ids), key_mask, cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
