@@ -209,6 +209,13 @@ def _launch_settings(hidden: int) -> tuple[int, int]:
     return block, num_warps
 
 
+# The token-gradient kernel keeps two fp32 LayerNorm-gradient accumulators
+# beside the row. At 16 warps ptxas gives each thread 64 registers for them
+# and spills on sm_80-sm_89 from BLOCK_H 4096 (tests/test_triton_aot_compile.py);
+# 8 warps leave it room (about 128 registers, no spill).
+TOKEN_GRAD_MAX_WARPS = 8
+
+
 def _token_programs(n_token_rows: int, device: torch.device) -> int:
     # A few programs per SM keeps the machine busy while bounding the number of LN partial rows.
     if device.type == "cuda":
@@ -298,7 +305,7 @@ def embed_concat_backward(
             n_prompt, n_tokens, hidden, weight.stride(0), n_token_rows,
             triton.cdiv(n_token_rows, token_programs),
             HAS_LN=has_ln, COMPUTE_DWEIGHT=need_weight_grad, COMPUTE_DLN=need_ln_grad,
-            BLOCK_H=block, num_warps=num_warps,
+            BLOCK_H=block, num_warps=min(num_warps, TOKEN_GRAD_MAX_WARPS),
         )
 
     grad_weight = None if grad_weight_fp32 is None else grad_weight_fp32.to(weight.dtype)

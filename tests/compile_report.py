@@ -1,0 +1,35 @@
+"""Where the GPU compile checks publish their register and spill tables.
+
+Each table goes to a file under build/compile-reports/ and into pytest's terminal summary, so a
+plain `pytest` run shows the numbers without -s or -rP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPORT_DIR = Path(__file__).resolve().parents[1] / "build" / "compile-reports"
+_PLUGIN_NAME = "fastprompt-compile-report"
+
+
+class _TerminalSummary:
+    def __init__(self):
+        self.sections: list[tuple[str, str]] = []
+
+    def pytest_terminal_summary(self, terminalreporter):
+        for title, text in self.sections:
+            terminalreporter.write_sep("-", title)
+            terminalreporter.write_line(text)
+
+
+def publish(config, name: str, title: str, summary: str, details: str) -> Path:
+    """Show `summary` under `title` at the end of the run; write it and `details` to <name>.txt."""
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    path = REPORT_DIR / f"{name}.txt"
+    path.write_text(f"{title}\n\n{summary}\n\n{details}\n")
+    plugin = config.pluginmanager.get_plugin(_PLUGIN_NAME)
+    if plugin is None:
+        plugin = _TerminalSummary()
+        config.pluginmanager.register(plugin, _PLUGIN_NAME)
+    plugin.sections.append((title, f"{summary}\n(per-configuration table: {path})"))
+    return path
