@@ -194,7 +194,7 @@ def _model_location(name: str) -> str:
 
     if name == TINY_BLOOM:
         return name
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    looks_local = hub.looks_like_path(name)
     path = str(Path(name).expanduser()) if looks_local else name
     if looks_local and not Path(path).is_dir():
         raise ValueError(f"model directory {name!r} does not exist")

@@ -21,6 +21,8 @@ tokens.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .arch import GenericDriver
@@ -80,3 +82,30 @@ def prepare_step_inputs(model, row_adapters, input_ids, *args, **kwargs) -> dict
         virtual = torch.arange(count, device=embeds.device).expand(batch, -1)
         inputs["position_ids"] = torch.cat([virtual, inputs["position_ids"]], dim=1)
     return inputs
+
+
+def with_room_for_prompt(model, args, kwargs) -> dict:
+    """A static cache sized for the virtual tokens too. transformers sizes the
+    cache it creates for ``cache_implementation="static"`` by the real tokens
+    only; a cache passed in (empty: the prefix goes in on the first step)
+    leaves room for the P prompt positions as well."""
+    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+    if config.cache_implementation != "static":
+        return kwargs
+    from transformers import StaticCache
+
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    length = (input_ids if input_ids is not None else embeds).shape[1]
+    if config.max_new_tokens is not None:
+        new = config.max_new_tokens
+    else:
+        new = (config.max_length or config._get_default_generation_params()["max_length"]) - length
+    count = model.active_peft_config.num_virtual_tokens
+    config.cache_implementation = None
+    kwargs = dict(kwargs, generation_config=config)
+    kwargs.pop("cache_implementation", None)
+    base_config = model.get_base_model().config
+    kwargs[model._drivers()[1].cache_arg] = StaticCache(config=base_config, max_cache_len=count + length + max(new, 1))
+    return kwargs

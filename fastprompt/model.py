@@ -32,7 +32,7 @@ import torch
 from peft import PeftModel, PeftModelForCausalLM, PeftType, PromptTuningConfig, PromptTuningInit, TaskType
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import adapter_check, generation, hub
+from . import adapter_check, decode, generation, hub
 from .arch import dropout_active, has_hooks, make_drivers
 from .loss import prefix_causal_lm_loss
 from .prefix_cache import prefix_cache_of
@@ -103,8 +103,10 @@ def _with_local_tokenizer(config: PromptTuningConfig) -> PromptTuningConfig:
     if config.prompt_tuning_init != PromptTuningInit.TEXT or config.inference_mode:
         return config
     path = resolve_model_path(config.tokenizer_name_or_path)
+    if hub.looks_like_path(path) and not hub.is_local(path):
+        raise ValueError(f"cannot load the init-text tokenizer {str(path)!r}: no such directory")
     if not hub.is_local(path):
-        hub.from_pretrained_kwargs(path, "tokenizer_config.json", "init-text tokenizer")
+        hub.from_pretrained_kwargs(path, "tokenizer_config.json", "the init-text tokenizer")
     resolved = copy.copy(config)
     resolved.tokenizer_name_or_path = path
     return resolved
@@ -142,7 +144,7 @@ class FastPromptModel(PeftModelForCausalLM):
         """``peft.PeftModel.from_pretrained`` returning a FastPromptModel; takes
         every argument PEFT's does. Loads adapters written by PEFT or by us."""
         if config is None:
-            if hub.is_local(model_id):
+            if hub.looks_like_path(model_id):
                 adapter_check.check_adapter_directory(model_id, model, kwargs.get("subfolder"))
             elif not kwargs.get("local_files_only"):
                 kwargs.update(hub.from_pretrained_kwargs(model_id, "adapter_config.json", "adapter"))
@@ -178,7 +180,7 @@ class FastPromptModel(PeftModelForCausalLM):
         must happen exactly as in PEFT's call, which only the body itself does)."""
         bloom, generic = self._drivers()
         body = generic.body
-        if bloom is not None and not has_hooks(body) and not dropout_active(body):
+        if bloom is not None and not has_hooks(body, bloom.decoder.transformer.h) and not dropout_active(body):
             return bloom
         return generic
 
@@ -298,8 +300,17 @@ class FastPromptModel(PeftModelForCausalLM):
         the prompt's K/V taken from the prefix cache instead of recomputed per
         row and request; ``adapter_names`` gives each row its own prompt."""
         adapter_names = kwargs.pop("adapter_names", None)
-        if self._adapters_disabled or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
+        if (self._adapters_disabled or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING
+                or self.fast_path is None):
             return super().generate(*args, **kwargs)
+        driver = self._driver_for_call()
+        if driver.name == "bloom":
+            plan = decode.plan(self, args, kwargs)
+            if isinstance(plan, decode.Plan):
+                rows = self._row_adapters(adapter_names, kwargs["input_ids"].shape[0])
+                return decode.generate(self, driver, rows, plan, kwargs)
+            log.info("fastprompt: generate runs transformers' loop (with the cached prefix) for %s", plan)
+        kwargs = generation.with_room_for_prompt(self, args, kwargs)
         with self._generation_rows(adapter_names, args, kwargs):
             return super().generate(*args, **kwargs)
 

@@ -51,18 +51,28 @@ FAMILY_CONFIGS = {
 FAMILIES = list(FAMILY_CONFIGS)
 
 
-def tiny_causal_lm(family: str, vocab: int = 512, seed: int = 0, dtype=torch.float32, **overrides):
-    """A frozen, seeded model of ``family`` built from a config (no hub)."""
+def tiny_causal_lm(family: str, vocab: int = 512, seed: int = 0, dtype=torch.float32, lively: bool = False,
+                   **overrides):
+    """A frozen, seeded model of ``family`` built from a config (no hub).
+
+    ``lively``: untied output embeddings and weights four times larger. A tiny
+    random model with tied embeddings greedily repeats its last input token
+    whatever the prompt, which would make generation tests vacuous; a lively
+    one continues in varied, prompt-dependent ways."""
     import transformers
 
     config_class, settings = FAMILY_CONFIGS[family]
+    if lively:
+        overrides = {"tie_word_embeddings": False, "eos_token_id": None, "pad_token_id": None, **overrides}
     config = getattr(transformers, config_class)(vocab_size=vocab, **{**settings, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
-    with torch.no_grad():  # non-trivial norm parameters so parity also covers their use
+    with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or "ln" in name:
+            if "norm" in name or "ln" in name:  # non-trivial norm parameters so parity also covers their use
                 param.add_(torch.randn_like(param) * 0.1)
+            elif lively and param.dim() == 2:
+                param.mul_(4.0)
     return model.requires_grad_(False).eval()
 
 

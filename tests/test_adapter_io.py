@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from models import padded_batch, pair, peft_prompt, prompt_config, random_bloom
 from peft import PeftModel
@@ -16,7 +17,8 @@ def test_save_writes_peft_format_that_peft_loads(tmp_path):
     with torch.no_grad():
         peft_prompt(ours).add_(0.5)  # a trained-looking prompt, not the init
     ours.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # PEFT's files, model card included.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     state = load_file(tmp_path / "adapter_model.safetensors")
     assert list(state) == ["prompt_embeddings"]
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
@@ -36,9 +38,12 @@ def test_loads_adapter_written_by_peft(tmp_path):
     ref.save_pretrained(tmp_path)
     ours = FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
     assert torch.equal(peft_prompt(ours).detach(), peft_prompt(ref).detach())
-    assert not peft_prompt(ours).requires_grad  # PEFT default: inference
-    trainable = FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path, is_trainable=True)
-    assert peft_prompt(trainable).requires_grad
+    # PEFT's state after loading: eval mode, inference config.
+    assert not ours.training and ours.active_peft_config.inference_mode
+    assert peft_prompt(ours).requires_grad == peft_prompt(PeftModel.from_pretrained(random_bloom(vocab=512), tmp_path)).requires_grad
+    # PEFT refuses a trainable prompt-learning adapter from files; so do we.
+    with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path, is_trainable=True)
     ids, mask, _ = padded_batch(2, 7, 512)
     assert torch.allclose(ours(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
 
@@ -62,18 +67,20 @@ def test_loads_the_shared_real_peft_adapter_unchanged(shared_dir):
     assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
 
 
-def test_round_trip_keeps_training_state(tmp_path):
+def test_round_trip_keeps_the_prompt_and_config(tmp_path):
     ours, _ = pair(lambda: random_bloom(vocab=512), prompt_config(3))
     ours.save_pretrained(tmp_path)
-    again = FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path, is_trainable=True)
+    again = FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
     assert torch.equal(peft_prompt(again).detach(), peft_prompt(ours).detach())
     assert again.active_peft_config.num_virtual_tokens == 3
 
 
-def test_state_dict_holds_only_the_prompt():
-    model = fastprompt.get_peft_model(random_bloom(vocab=512), prompt_config(3))
-    state = model.state_dict()
-    assert list(state) == ["prompt_embeddings"]
+def test_adapter_state_dict_is_pefts():
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    ours, ref = pair(lambda: random_bloom(vocab=512), prompt_config(3))
+    state = get_peft_model_state_dict(ours)
+    assert list(state) == ["prompt_embeddings"] == list(get_peft_model_state_dict(ref))
     other = fastprompt.get_peft_model(random_bloom(vocab=512), prompt_config(3))
-    other.load_state_dict({"prompt_embeddings": state["prompt_embeddings"] + 1})
+    set_peft_model_state_dict(other, {"prompt_embeddings": state["prompt_embeddings"] + 1})
     assert torch.equal(peft_prompt(other).detach(), state["prompt_embeddings"] + 1)

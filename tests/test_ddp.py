@@ -49,4 +49,4 @@ def test_two_processes_match_one(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "checkpoint-2", "train_log.jsonl"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint-2", "train_log.jsonl"]

@@ -1,13 +1,9 @@
-"""Generation with the cached prefix, against PEFT's forward recomputed in full.
+"""Generation with the cached prefix, against PEFT's references.
 
 PEFT 0.21.2's own ``generate`` is broken for prompt tuning on transformers 5
-(wrong tokens at batch 1, crash with left padding), so the reference is a loop
-that re-runs ``peft_model(ids_so_far).logits[:, -1].argmax()`` every step.
-
-The default random BLOOM (tied embeddings, std 0.02) greedily repeats its last
-input token whatever the prompt, which would make parity and invalidation tests
-vacuous; ``lively_bloom`` (untied, std 0.2) produces varied, prompt-dependent
-continuations.
+(it re-inserts the prompt on every step), so the references are the path PEFT
+intends, ``base.generate(inputs_embeds=cat(prompt, embed(ids)), ...)``, and a
+loop that re-runs PEFT's forward over everything so far for every token.
 """
 
 import copy
@@ -16,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import padded_batch, pair, peft_prompt, prompt_config
-from transformers import BloomConfig, BloomForCausalLM
+from models import FAMILIES, padded_batch, pair, peft_prompt, prompt_config, tiny_causal_lm
 from transformers.generation.streamers import BaseStreamer
 
 import fastprompt
@@ -27,17 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512
 
 
-def lively_bloom(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    config = BloomConfig(
-        vocab_size=VOCAB, hidden_size=256, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0,
-        initializer_range=0.05, tie_word_embeddings=False, eos_token_id=None, pad_token_id=None,
-    )
-    return BloomForCausalLM(config).to(dtype).requires_grad_(False).eval()
+def lively(family="bloom", dtype=torch.float32):
+    return tiny_causal_lm(family, VOCAB, dtype=dtype, lively=True)
 
 
 def peft_greedy(ref, ids, mask, steps):
-    """The reference: PEFT's full forward over everything so far, every step."""
+    """PEFT's full forward over everything so far, every step."""
     with torch.no_grad():
         for _ in range(steps):
             next_ids = ref(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
@@ -46,10 +36,30 @@ def peft_greedy(ref, ids, mask, steps):
     return ids
 
 
+def peft_intended(ref, ids, mask, **kwargs):
+    """What PEFT's generate means: the base model's generate on the prompt's
+    embeddings in front of the tokens'. Returns what generate returns (new
+    tokens only, or the dict)."""
+    embeds = ref.word_embeddings(ids)
+    prompt = peft_prompt(ref).detach().to(embeds.dtype).expand(ids.shape[0], -1, -1)
+    ones = mask.new_ones(ids.shape[0], prompt.shape[1])
+    with torch.no_grad():
+        return ref.get_base_model().generate(
+            inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=torch.cat([ones, mask], dim=1), **kwargs
+        )
+
+
 def left_batch(batch, length, vocab=VOCAB, seed=0):
     """Rows of different real lengths, left-padded."""
     ids, mask, _ = padded_batch(batch, length, vocab, side="left", seed=seed)
     return ids, mask
+
+
+def force_transformers_loop(model):
+    """A do-nothing hook on a block: the fast paths that bypass the model's own
+    module calls step aside, so generate runs transformers' loop."""
+    model.get_base_model().base_model.h[0].register_forward_hook(lambda *_: None)
+    return model
 
 
 # batch, virtual tokens, length
@@ -57,14 +67,207 @@ SHAPES = [(1, 1, 5), (1, 20, 7), (3, 8, 12), (4, 20, 9), (2, 1, 6)]
 
 
 @pytest.mark.parametrize("batch,virtual,length", SHAPES)
-def test_greedy_fp32_equals_peft_full_recompute(batch, virtual, length):
-    ours, ref = pair(lively_bloom, prompt_config(virtual))
+def test_bloom_greedy_fp32_equals_peft_full_recompute(batch, virtual, length):
+    ours, ref = pair(lively, prompt_config(virtual))
     ids, mask = left_batch(batch, length)
     got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12)
     assert got.shape == (batch, length + 12)
     assert torch.equal(got, peft_greedy(ref, ids, mask, 12))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_and_beam_search_equal_the_peft_intended_path(family):
+    ours, ref = pair(lambda: lively(family), prompt_config(8))
+    ids, mask = left_batch(3, 10)
+    greedy = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(greedy[:, :10], ids)
+    assert torch.equal(greedy[:, 10:], peft_intended(ref, ids, mask, max_new_tokens=8))
+    beams = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    want = peft_intended(ref, ids, mask, max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    assert torch.equal(beams[:, 10:], want)
+
+
+def test_continuations_are_not_trivial():
+    """Guards the fixture: outputs vary over steps and depend on the prompt."""
+    ours, _ = pair(lively, prompt_config(8))
+    ids, mask = left_batch(3, 12)
+    first = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)[:, 12:]
+    assert sum(len(set(row.tolist())) > 2 for row in first) >= 2
+    with torch.no_grad():
+        peft_prompt(ours).mul_(-1.0)
+    assert not torch.equal(first, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)[:, 12:])
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_scores_logits_and_dict_output_equal_the_peft_intended_path(family):
+    ours, ref = pair(lambda: lively(family), prompt_config(6))
+    ids, mask = left_batch(2, 9)
+    options = dict(max_new_tokens=5, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    got = ours.generate(input_ids=ids, attention_mask=mask, **options)
+    want = peft_intended(ref, ids, mask, **options)
+    assert torch.equal(got.sequences[:, 9:], want.sequences)
+    for ours_step, want_step in zip(got.scores + got.logits, want.scores + want.logits, strict=True):
+        torch.testing.assert_close(ours_step, want_step, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bloom", "qwen2"])
+@pytest.mark.parametrize("options", [
+    {"no_repeat_ngram_size": 2, "max_new_tokens": 10},
+    {"bad_words_ids": [[17], [42, 43]], "max_new_tokens": 8},
+    {"repetition_penalty": 5.0, "max_new_tokens": 8},
+    {"num_beams": 4, "length_penalty": 0.5, "max_new_tokens": 5, "early_stopping": True},
+])
+def test_processor_options_equal_the_peft_intended_path(family, options):
+    ours, ref = pair(lambda: lively(family), prompt_config(6))
+    ids, mask = left_batch(3, 8)
+    if "repetition_penalty" in options:
+        # Whether left padding counts as "seen" tokens changed between
+        # transformers 5 releases; rows without padding mean the same in all.
+        mask = torch.ones_like(mask)
+    got = ours.generate(input_ids=ids, attention_mask=mask, **options)
+    want = peft_intended(ref, ids, mask, **options)
+    if "repetition_penalty" in options:
+        # PEFT's generate penalises the real prompt ids (they are its input_ids);
+        # on the inputs_embeds path the processor must be shown them.
+        from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+        penalty = RepetitionPenaltyLogitsProcessor(options["repetition_penalty"])
+        shown_prompt = LogitsProcessorList([lambda new_ids, scores: penalty(torch.cat([ids, new_ids], 1), scores)])
+        want = peft_intended(ref, ids, mask, max_new_tokens=options["max_new_tokens"], logits_processor=shown_prompt)
+    assert torch.equal(got[:, 8:], want)
+
+
+@pytest.mark.parametrize("options", [
+    {"max_new_tokens": 10},
+    {"do_sample": True, "max_new_tokens": 10, "temperature": 1.5, "top_k": 20, "top_p": 0.9},
+    {"do_sample": True, "max_new_tokens": 6, "num_return_sequences": 3},
+    {"max_length": 15, "eos_token_id": 7, "pad_token_id": 0},
+])
+def test_bloom_own_loop_equals_transformers_loop(options):
+    """The hand-written BLOOM loop and transformers' loop (taken when a hook
+    sits on a block) give the same ids, sampling included (same seed)."""
+    ours, _ = pair(lively, prompt_config(8))
+    theirs = force_transformers_loop(copy.deepcopy(ours))
+    ids, mask = left_batch(3, 9)
+    results = []
+    for model in (ours, theirs):
+        torch.manual_seed(11)
+        results.append(model.generate(input_ids=ids, attention_mask=mask, **options))
+    assert torch.equal(results[0], results[1])
+
+
+def test_sampling_is_seeded_and_warpers_restrict_choices():
+    ours, _ = pair(lively, prompt_config(8))
+    ids, mask = left_batch(3, 10)
+
+    def sample(seed, **kwargs):
+        torch.manual_seed(seed)
+        return ours.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=12, **kwargs)
+
+    assert torch.equal(sample(1, temperature=1.5, top_k=0), sample(1, temperature=1.5, top_k=0))
+    assert not torch.equal(sample(1, temperature=1.5, top_k=0), sample(2, temperature=1.5, top_k=0))
+    greedy = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12)
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}, {"temperature": 1e-4}):
+        assert torch.equal(sample(0, **kwargs), greedy), kwargs
+
+
+def test_eos_stops_rows_and_pads_them():
+    ours, _ = pair(lively, prompt_config(8))
+    ids, mask = left_batch(3, 10)
+    free = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12)[:, 10:]
+    eos, pad = int(free[0, 3]), 0
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[999, eos],
+                        pad_token_id=pad)
+    expected, finish = [], []
+    for row in free.tolist():
+        stop = row.index(eos) + 1 if eos in row else len(row)
+        expected.append(row[:stop] + [pad] * (len(row) - stop))
+        finish.append(stop)
+    width = max(finish)  # generation ends when every row has finished
+    assert got.shape == (3, 10 + width)
+    assert got[:, 10:].tolist() == [row[:width] for row in expected]
+
+
+def test_min_new_tokens_suppresses_eos_and_max_length_counts_real_tokens():
+    ours, _ = pair(lively, prompt_config(20))
+    ids, mask = left_batch(2, 9)
+    eos = int(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1)[0, -1])
+    assert ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos).shape[1] < 15
+    full = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, eos_token_id=eos)
+    assert full.shape[1] == 15 and eos not in full[:, 9:].flatten().tolist()
+    by_length = ours.generate(input_ids=ids, attention_mask=mask, max_length=14)
+    assert by_length.shape == (2, 14)
+    assert torch.equal(by_length, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5))
+    assert ours.generate(input_ids=ids, attention_mask=mask).shape == (2, 29)  # transformers' default: 20 new
+
+
+class RecordingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_streamer_receives_prompt_then_each_token(family):
+    ours, _ = pair(lambda: lively(family), prompt_config(8))
+    ids, mask = left_batch(1, 7)
+    streamer = RecordingStreamer()
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, streamer=streamer)
+    assert streamer.ended
+    assert torch.equal(streamer.chunks[0].reshape(ids.shape), ids)
+    assert torch.cat([c.reshape(-1) for c in streamer.chunks[1:]]).tolist() == got[0, 7:].tolist()
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_static_cache_decode_gives_the_eager_tokens(family):
+    """cache_implementation="static": BLOOM's loop compiles its fixed-shape
+    step (torch.compile; CUDA graphs on a GPU), other families get
+    transformers' static cache sized for the virtual tokens too."""
+    ours, _ = pair(lambda: lively(family), prompt_config(8))
+    ids, mask = left_batch(3, 9)
+    eager = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    static = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, cache_implementation="static")
+    assert torch.equal(static, eager)
+
+
+# ------------------------------------------------------------------ adapters
+def two_adapter_model(family):
+    model, _ = pair(lambda: lively(family), prompt_config(6))
+    model.add_adapter("other", prompt_config(6))
+    with torch.no_grad():
+        model.prompt_encoder["other"].embedding.weight.normal_(0, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama", "opt"])
+def test_mixed_adapter_batch_equals_each_adapter_alone(family):
+    model = two_adapter_model(family)
+    ids, mask = left_batch(4, 8)
+    names = ["default", "other", "other", "default"]
+    mixed = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, adapter_names=names)
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        rows = [i for i, n in enumerate(names) if n == name]
+        alone = model.generate(input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=6)
+        assert torch.equal(mixed[rows], alone), name
+    model.set_adapter("default")
+    assert not torch.equal(mixed[1], model.generate(input_ids=ids[1:2], attention_mask=mask[1:2], max_new_tokens=6)[0])
+
+
+def test_disabled_adapter_generates_like_the_base_model():
+    ours, _ = pair(lively, prompt_config(8))
+    ids, mask = left_batch(2, 7)
+    with ours.disable_adapter():
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(got, ours.get_base_model().generate(input_ids=ids, attention_mask=mask, max_new_tokens=6))
+
+
+# ------------------------------------------------------------------ low precision
 def step_logits(model, seq, mask, steps):
     """Logits that chose each of the last ``steps`` tokens of ``seq``, [B, steps, V]."""
     full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=1)
@@ -77,8 +280,8 @@ def clear_decisions(reference_logits, noise):
     """[B, steps] bool: the reference separates its best two tokens by more
     than 4x the logit noise of the compared arithmetic (the gap of two
     independently perturbed logits has ~1.4x that noise). At a near tie two
-    correct low-precision implementations, or one run with differently aligned
-    buffers, may legitimately pick different tokens and then diverge."""
+    correct low-precision implementations may legitimately pick different
+    tokens and then diverge."""
     best_two = reference_logits.topk(2, dim=-1).values
     return (best_two[..., 0] - best_two[..., 1]) > 4 * noise
 
@@ -104,7 +307,7 @@ def assert_same_tokens_where_decided(ours, got, want, mask, clear):
 
 @pytest.mark.parametrize("batch,virtual,length", SHAPES)
 def test_greedy_bf16_first_tokens_equal_peft(batch, virtual, length):
-    ours, ref = pair(lambda: lively_bloom(torch.bfloat16), prompt_config(virtual))
+    ours, ref = pair(lambda: lively(dtype=torch.bfloat16), prompt_config(virtual))
     ids, mask = left_batch(batch, length)
     got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
     want = peft_greedy(ref, ids, mask, 8)
@@ -115,204 +318,14 @@ def test_greedy_bf16_first_tokens_equal_peft(batch, virtual, length):
     assert_same_tokens_where_decided(ours, got, want, mask, clear)
 
 
-def test_continuations_are_not_trivial():
-    """Guards the fixture: outputs vary over steps and depend on the prompt."""
-    ours, _ = pair(lively_bloom, prompt_config(8))
-    ids, mask = left_batch(3, 12)
-    first = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)[:, 12:]
-    assert all(len(set(row.tolist())) > 2 for row in first)
-    with torch.no_grad():
-        peft_prompt(ours).mul_(-1.0)
-    assert not torch.equal(first, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)[:, 12:])
-
-
-def test_sampling_is_seeded():
-    ours, _ = pair(lively_bloom, prompt_config(8))
-    ids, mask = left_batch(3, 10)
-
-    def sample(seed):
-        torch.manual_seed(seed)
-        return ours.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=16, temperature=1.5, top_k=0
-        )
-
-    assert torch.equal(sample(1), sample(1))
-    assert not torch.equal(sample(1), sample(2))
-
-
-def test_sampling_warpers_restrict_choices():
-    ours, _ = pair(lively_bloom, prompt_config(8))
-    ids, mask = left_batch(2, 10)
-    greedy = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10)
-    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}, {"temperature": 1e-4}):
-        torch.manual_seed(0)
-        sampled = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, **kwargs)
-        assert torch.equal(sampled, greedy), kwargs
-
-
-def test_repetition_penalty_changes_greedy_output_and_spares_padding():
-    ours, _ = pair(lively_bloom, prompt_config(8))
-    ids, mask = left_batch(3, 12)
-    plain = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16)
-    penalised = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, repetition_penalty=50.0)
-    assert not torch.equal(plain, penalised)
-    for row in range(3):
-        real = ids[row][mask[row].bool()].tolist()
-        new = penalised[row, 12:].tolist()
-        # A strong penalty forbids every token already seen among the real
-        # input and earlier outputs, never the padding id unless it was real.
-        assert not set(new) & set(real)
-        assert len(set(new)) == len(new)
-
-
-def test_eos_stops_rows_and_pads_them():
-    ours, _ = pair(lively_bloom, prompt_config(8))
-    ids, mask = left_batch(3, 10)
-    free = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12)[:, 10:]
-    eos, pad = int(free[0, 3]), 0
-    got = ours.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[999, eos], pad_token_id=pad
-    )
-
-    expected, finish = [], []
-    for row in free.tolist():
-        stop = row.index(eos) + 1 if eos in row else len(row)
-        expected.append(row[:stop] + [pad] * (len(row) - stop))
-        finish.append(stop)
-    width = max(finish)  # the loop ends when every row has finished
-    assert got.shape == (3, 10 + width)
-    assert got[:, 10:].tolist() == [row[:width] for row in expected]
-    assert torch.equal(got[:, :10], ids)
-
-
-def test_eos_without_pad_token_pads_with_eos():
-    ours, _ = pair(lively_bloom, prompt_config(4))
-    ids, mask = left_batch(2, 8)
-    free = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)[:, 8:]
-    eos = int(free[0, 1])
-    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos)
-    row = got[0, 8:].tolist()
-    assert row[: row.index(eos) + 1] == free[0, : row.index(eos) + 1].tolist()
-    assert set(row[row.index(eos) :]) == {eos}
-
-
-def test_min_new_tokens_suppresses_eos():
-    ours, _ = pair(lively_bloom, prompt_config(4))
-    ids, mask = left_batch(1, 8)
-    eos = int(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1)[0, -1])
-    assert ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos).shape[1] == 9
-    full = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, eos_token_id=eos)
-    assert full.shape[1] == 14 and eos not in full[0, 8:].tolist()
-
-
-def test_max_length_counts_real_tokens_only():
-    ours, _ = pair(lively_bloom, prompt_config(20))
-    ids, mask = left_batch(2, 9)
-    by_length = ours.generate(input_ids=ids, attention_mask=mask, max_length=14)
-    by_new = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5)
-    assert by_length.shape == (2, 14)
-    assert torch.equal(by_length, by_new)
-    # max_new_tokens takes precedence, as in transformers.
-    assert ours.generate(input_ids=ids, attention_mask=mask, max_length=14, max_new_tokens=3).shape == (2, 12)
-    # Neither given: transformers' default of 20 new tokens.
-    assert ours.generate(input_ids=ids, attention_mask=mask).shape == (2, 29)
-    with pytest.raises(ValueError, match="max_length"):
-        ours.generate(input_ids=ids, attention_mask=mask, max_length=9)
-
-
-def test_num_return_sequences_expands_after_one_prefill():
-    ours, _ = pair(lively_bloom, prompt_config(8))
-    ids, mask = left_batch(2, 10)
-    batches = []
-    real_forward = ours._decoder.forward
-
-    def spy(hidden, key_mask, past=None):
-        batches.append(tuple(hidden.shape[:2]))
-        return real_forward(hidden, key_mask, past)
-
-    ours._decoder.forward = spy
-    torch.manual_seed(0)
-    got = ours.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=3, max_new_tokens=6)
-    assert got.shape == (6, 16)
-    assert torch.equal(got[:, :10], ids.repeat_interleave(3, dim=0))
-    assert batches[:2] == [(1, 8), (2, 10)]  # prefix once, prefill once per distinct row
-    assert set(batches[2:]) == {(6, 1)}
-    assert len({tuple(row) for row in got[:, 10:].tolist()}) > 2
-    with pytest.raises(ValueError, match="num_return_sequences"):
-        ours.generate(input_ids=ids, attention_mask=mask, num_return_sequences=2)
-
-
-class RecordingStreamer(BaseStreamer):
-    def __init__(self):
-        self.chunks, self.ended = [], False
-
-    def put(self, value):
-        self.chunks.append(value.clone())
-
-    def end(self):
-        self.ended = True
-
-
-def test_streamer_receives_prompt_then_each_token():
-    ours, _ = pair(lively_bloom, prompt_config(8))
-    ids, mask = left_batch(1, 7)
-    streamer = RecordingStreamer()
-    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, streamer=streamer)
-    assert streamer.ended
-    assert torch.equal(streamer.chunks[0], ids)
-    assert torch.cat([c.reshape(-1) for c in streamer.chunks[1:]]).tolist() == got[0, 7:].tolist()
-
-
-def test_text_streamer_prints_the_continuation(tiny_bloom_dir, capsys):
-    from transformers import TextStreamer
-
-    base = fastprompt.load_model(tiny_bloom_dir)
-    model = fastprompt.get_peft_model(base, prompt_config(4))
-    ipt = base.tokenizer("Human: 你好\n\nAssistant: ", return_tensors="pt")
-    out = model.generate(**ipt, max_new_tokens=6, streamer=TextStreamer(base.tokenizer, skip_prompt=True))
-    text = base.tokenizer.decode(out[0, ipt["input_ids"].shape[1] :])
-    assert capsys.readouterr().out.strip() == text.strip()
-
-
-@pytest.mark.parametrize("kwargs,name", [
-    ({"num_beams": 2}, "num_beams"),
-    ({"penalty_alpha": 0.6, "top_k": 4}, "penalty_alpha"),
-    ({"output_scores": True, "return_dict_in_generate": True}, "output_scores"),
-    ({"inputs_embeds": torch.zeros(1, 3, 256)}, "inputs_embeds"),
-    ({"frobnicate": 1}, "frobnicate"),
-])
-def test_unsupported_arguments_are_named(kwargs, name):
-    ours, _ = pair(lively_bloom, prompt_config(2))
-    ids, mask = left_batch(1, 4)
-    with pytest.raises(ValueError, match=name):
-        ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
-
-
-def test_right_padding_is_refused_and_token_type_ids_ignored():
-    ours, _ = pair(lively_bloom, prompt_config(2))
-    ids, mask, _ = padded_batch(2, 6, VOCAB, side="right")
-    with pytest.raises(ValueError, match="left"):
-        ours.generate(input_ids=ids, attention_mask=mask)
-    ids, mask = left_batch(2, 6)
-    plain = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
-    typed = ours.generate(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), max_new_tokens=3)
-    assert torch.equal(plain, typed)
-
-
-# ------------------------------------------------------------------ 8-bit
-@pytest.mark.parametrize("which", ["tiny-bloom", "lively"])
-def test_int8_greedy_matches_peft_on_the_same_8bit_model(which, tiny_bloom_dir, tmp_path):
-    pytest.importorskip("bitsandbytes")
-    if which == "lively":
-        lively_bloom().save_pretrained(tmp_path)
-        path, vocab = str(tmp_path), VOCAB
-    else:
-        path, vocab = tiny_bloom_dir, 2048
-
-    ours, ref = pair(lambda: fastprompt.load_model(path, load_in_8bit=True), prompt_config(8))
-    ours.eval()
-    ref.eval()
-    ids, mask = left_batch(3, 10, vocab)
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_int8_greedy_matches_peft_on_the_same_8bit_model(family, tmp_path):
+    lively(family).save_pretrained(tmp_path)
+    ours, ref = pair(lambda: fastprompt.load_model(str(tmp_path), load_in_8bit=True), prompt_config(8))
+    # BLOOM's positions come from the mask, so padding is exact there; with RoPE
+    # it only shifts every position of a row, which moves fp16 rounding, and
+    # PEFT's forward (the reference) numbers positions differently from generate.
+    ids, mask = left_batch(3, 10) if family == "bloom" else (left_batch(3, 10)[0], torch.ones(3, 10, dtype=torch.long))
     got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
     want = peft_greedy(ref, ids, mask, 8)
     # No fp32 version of an int8 model exists; near ties are judged against
@@ -330,20 +343,18 @@ def fresh_generate(model, ids, mask, **kwargs):
     return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
 
 
-def test_prefix_is_computed_once_across_calls_and_batches():
-    ours, _ = pair(lively_bloom, prompt_config(8))
-    cache = prefix_cache_of(ours)
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_prefix_is_computed_once_across_calls_and_batches(family):
+    ours, _ = pair(lambda: lively(family), prompt_config(8))
     for batch, length in [(1, 5), (3, 9), (2, 7)]:
         ids, mask = left_batch(batch, length)
         ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
-    assert cache.computations == 1
-    shared = cache.segments(ours)
-    assert all(seg.shared and seg.key.shape[1] == 1 for seg in shared)
+        ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2)
+    assert prefix_cache_of(ours).computations == 1
 
 
 def test_cache_invalidated_by_optimizer_step():
-    ours, ref = pair(lively_bloom, prompt_config(8))
-    ours.train()
+    ours, ref = pair(lively, prompt_config(8))
     ids, mask = left_batch(3, 10)
     before = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
     optimizer = torch.optim.Adam([peft_prompt(ours)], lr=0.5)
@@ -357,17 +368,18 @@ def test_cache_invalidated_by_optimizer_step():
     assert torch.equal(after, fresh_generate(ours, ids, mask, max_new_tokens=8))
     with torch.no_grad():
         peft_prompt(ref).copy_(peft_prompt(ours))
-    ref.train()
     assert torch.equal(after, peft_greedy(ref, ids, mask, 8))
 
 
-def test_cache_invalidated_by_load_state_dict_and_data_writes():
-    ours, _ = pair(lively_bloom, prompt_config(8))
+def test_cache_invalidated_by_load_state_dict_data_writes_and_mode():
+    from peft import set_peft_model_state_dict
+
+    ours, _ = pair(lively, prompt_config(8))
     ids, mask = left_batch(2, 9)
     first = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
-    original = ours.state_dict()["prompt_embeddings"].clone()
+    original = peft_prompt(ours).detach().clone()
 
-    ours.load_state_dict({"prompt_embeddings": -original})
+    set_peft_model_state_dict(ours, {"prompt_embeddings": -original})
     loaded = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
     assert not torch.equal(first, loaded)
     assert torch.equal(loaded, fresh_generate(ours, ids, mask, max_new_tokens=8))
@@ -375,17 +387,18 @@ def test_cache_invalidated_by_load_state_dict_and_data_writes():
     # Writes through .data do not bump the version counter; contents still count.
     peft_prompt(ours).data.copy_(original)
     assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8), first)
+    computed = prefix_cache_of(ours).computations
+    ours.train()  # a module's mode is part of the key, even without dropout
+    ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    assert prefix_cache_of(ours).computations == computed + 1
 
 
-def test_cache_invalidated_by_dtype_round_trip():
-    ours, ref = pair(lively_bloom, prompt_config(8))
+def test_cache_invalidated_by_dtype_round_trip_and_autocast():
+    ours, ref = pair(lively, prompt_config(8))
     ids, mask = left_batch(2, 9)
     ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)  # fills the cache in fp32
-    cache = prefix_cache_of(ours)
-
     ours.to(torch.bfloat16)
     bf16 = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
-    assert cache.segments(ours)[0].key.dtype == torch.bfloat16
     assert torch.equal(bf16, fresh_generate(ours, ids, mask, max_new_tokens=8))
 
     # Back to fp32: the weights are now bf16-rounded, so the old fp32 prefix
@@ -395,11 +408,14 @@ def test_cache_invalidated_by_dtype_round_trip():
     again = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
     assert torch.equal(again, fresh_generate(ours, ids, mask, max_new_tokens=8))
     assert torch.equal(again, peft_greedy(ref, ids, mask, 8))
-    assert cache.computations >= 4
+    computed = prefix_cache_of(ours).computations
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    assert prefix_cache_of(ours).computations == computed + 1
 
 
 def test_copied_model_starts_with_its_own_cache():
-    ours, _ = pair(lively_bloom, prompt_config(4))
+    ours, _ = pair(lively, prompt_config(4))
     ids, mask = left_batch(1, 5)
     out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
     twin = copy.deepcopy(ours)
@@ -407,27 +423,14 @@ def test_copied_model_starts_with_its_own_cache():
     assert torch.equal(twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4), out)
 
 
-# ------------------------------------------------------------------ other architectures
-def test_non_bloom_falls_back_to_the_base_models_generate():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    def make_base():
-        torch.manual_seed(0)
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=128,
-                            initializer_range=0.05, eos_token_id=None, bos_token_id=None)
-        return GPT2LMHeadModel(config).requires_grad_(False).eval()
-
-    ours, ref = pair(make_base, prompt_config(6))
-    assert ours._decoder is None
-    ids, mask = left_batch(2, 8)
-    got = ours.generate(input_ids=ids, attention_mask=mask, max_length=14)
-    assert got.shape == (2, 14)
-    # GPT-2's learned positions make left padding inexact in PEFT's own
-    # forward as well; compare on a batch without padding.
-    ids = ids[:, -5:]
-    mask = torch.ones_like(ids)
-    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
-    assert torch.equal(got, peft_greedy(ref, ids, mask, 6))
+def test_switching_adapters_switches_the_prompt():
+    model = two_adapter_model("bloom")
+    ids, mask = left_batch(2, 7)
+    first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    model.set_adapter("other")
+    other = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    assert not torch.equal(first, other)
+    assert torch.equal(other, fresh_generate(model, ids, mask, max_new_tokens=6))
 
 
 # ------------------------------------------------------------------ tutorial

@@ -761,12 +761,21 @@ def test_generate_options_match_base_generate_on_prompt_embeds(impl, model_id, o
 
 def test_prompt_tuning_prepare_inputs_for_generation_4d_attention_mask(impl, model_id):
     # ported from peft tests/test_decoder_models.py::test_prompt_tuning_prepare_inputs_for_generation_4d_attention_mask
-    # (Gemma3 there). The fake base prepare_inputs_for_generation returns the empty cache generate() would create;
-    # unlike PEFT's DynamicCache() it carries the model config, which BLOOM's mask builder needs (get_max_length).
+    # (Gemma3 there): a base whose prepare_inputs_for_generation returns a 4-D mask must still get one mask over the
+    # virtual and the real positions. PEFT puts the prompt in front of the embeddings inside that method, which the
+    # PEFT leg checks with PEFT's fake base as in the original. fastprompt puts the prompt's K/V into the cache instead
+    # and prefixes the 2-D mask before the base builds its 4-D one, so its leg checks the observable result: a
+    # compileable (static) cache, for which transformers builds 4-D masks, generates what the dynamic cache does.
     from transformers import DynamicCache
 
     model = make(impl, model_id, num_virtual_tokens=4)
     input_ids = torch.tensor([[1, 2, 3]])
+    if impl.name == "fastprompt":
+        batch = inputs()
+        dynamic = model.generate(**batch, max_new_tokens=4)
+        static = model.generate(**batch, max_new_tokens=4, cache_implementation="static")
+        assert torch.equal(static, dynamic)
+        return
     mask_4d = torch.ones((1, 1, input_ids.shape[1], input_ids.shape[1]))
     cache_position = torch.arange(input_ids.shape[1])
     config = model.get_base_model().config

@@ -185,21 +185,50 @@ def test_eval_loss_is_logged_and_is_the_token_mean(base, data, tmp_path):
     assert [entry["step"] for entry in result.history if "eval_loss" in entry] == [2, 4]
 
 
-def test_hf_trainer_with_fastprompt_model_saves_only_the_prompt(base, data, tmp_path):
-    from safetensors.torch import load_file
+def test_hf_trainer_writes_peft_checkpoints_and_matches_peft(data, tmp_path):
+    """The tutorial's workflow under transformers.Trainer: the same losses as
+    PEFT's model, checkpoint-N/ and save_model() written as PEFT adapters, and
+    evaluate/predict with compute_metrics seeing PEFT's predictions."""
+    from peft import PeftModel, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    model = fresh_model(base)
-    start = peft_prompt(model).detach().clone()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=1, gradient_accumulation_steps=4,
-        max_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=data,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer=base.tokenizer, padding=True))
-    trainer.train()
-    assert all("loss" in entry for entry in trainer.state.log_history[:2])
-    saved = load_file(str(tmp_path / "trainer" / "checkpoint-2" / "model.safetensors"))
-    assert list(saved) == ["prompt_embeddings"]
-    assert torch.equal(saved["prompt_embeddings"], peft_prompt(model).detach())
-    assert not torch.equal(start, peft_prompt(model).detach())
+    def accuracy(prediction):
+        logits, labels = prediction
+        guesses = logits[:, -labels.shape[1] - 1 : -1].argmax(-1)  # each position predicts the next label
+        labelled = labels != -100
+        return {"accuracy": float((guesses == labels)[labelled].mean())}
+
+    runs = {}
+    for kind, make in (("fastprompt", fastprompt.get_peft_model), ("peft", get_peft_model)):
+        base = fastprompt.load_model("tiny-bloom")
+        torch.manual_seed(0)
+        model = make(base, PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text="下面是一段人与机器人的对话。", tokenizer_name_or_path=fastprompt.loading.resolve_model_path("tiny-bloom"),
+        ))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / kind), per_device_train_batch_size=2, per_device_eval_batch_size=4,
+            gradient_accumulation_steps=2, max_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-2,
+            report_to=[], use_cpu=True, seed=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data.subset(range(8)),
+                          data_collator=DataCollatorForSeq2Seq(tokenizer=base.tokenizer, padding=True),
+                          compute_metrics=accuracy)
+        trainer.train()
+        trainer.save_model(str(tmp_path / kind / "final"))
+        runs[kind] = {
+            "model": model,
+            "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "eval": trainer.evaluate(),
+            "predict": trainer.predict(data.subset(range(8))),
+        }
+    ours, theirs = runs["fastprompt"], runs["peft"]
+    assert len(ours["losses"]) == 2
+    assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-4)
+    assert ours["eval"]["eval_loss"] == pytest.approx(theirs["eval"]["eval_loss"], rel=1e-4)
+    assert ours["eval"]["eval_accuracy"] == theirs["eval"]["eval_accuracy"]
+    assert ours["predict"].predictions.shape == theirs["predict"].predictions.shape
+    assert abs(ours["predict"].predictions - theirs["predict"].predictions).max() < 1e-3
+    for saved in (tmp_path / "fastprompt" / "checkpoint-2", tmp_path / "fastprompt" / "final"):
+        reloaded = PeftModel.from_pretrained(fastprompt.load_model("tiny-bloom"), str(saved))
+        assert torch.equal(peft_prompt(reloaded), peft_prompt(ours["model"]).detach())

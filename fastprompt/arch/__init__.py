@@ -29,18 +29,22 @@ def make_drivers(base_model, word_embeddings) -> tuple[BloomDriver | None, Gener
     return (BloomDriver(base_model) if own_bloom_ok else None), generic
 
 
-def has_hooks(module: torch.nn.Module) -> bool:
-    """Would calling ``module``'s pieces ourselves skip something PEFT's call
-    runs? Forward (pre-)hooks anywhere below it (user hooks, FSDP2's unshard),
-    accelerate's device/offload hooks (which replace ``forward``), or global
-    module hooks."""
+def has_hooks(body: torch.nn.Module, blocks: torch.nn.Module) -> bool:
+    """Would calling the blocks' pieces ourselves skip something PEFT's call
+    runs? Forward (pre-)hooks on the blocks or anything inside them (user
+    hooks, FSDP2's unshard), accelerate's device/offload hooks anywhere in the
+    body (they replace ``forward`` and bring weights in only during the call),
+    or global module hooks. A hook on the input-embedding module alone does
+    not count: BLOOM's fused op reads the table directly, and the hook PEFT
+    puts there for gradient checkpointing (making the embeddings require grad)
+    has nothing to add when the prompt already does."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in module.modules()
-    )
+    if any(hasattr(m, "_hf_hook") for m in body.modules()):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in blocks.modules())
 
 
 def dropout_active(module: torch.nn.Module) -> bool:

@@ -70,6 +70,16 @@ def attention_bias(key_mask: torch.Tensor, query_len: int, num_heads: int, dtype
     return alibi.masked_fill(~visible, torch.finfo(dtype).min)
 
 
+def attention_bias_for_slots(slot_mask: torch.Tensor, num_heads: int, dtype: torch.dtype):
+    """For decoding into preallocated slots: ALiBi [R, heads, S] of every slot
+    (from the mask cumsum, as BLOOM computes it) and which slots hold a real
+    key [R, S]. A step masks the slots past its own."""
+    slopes = _get_alibi_slopes(num_heads, slot_mask.device)
+    positions = (slot_mask.cumsum(dim=-1) - 1) * slot_mask
+    alibi = (slopes[None, :, None] * positions[:, None, :].float()).to(dtype)
+    return alibi, slot_mask.bool()
+
+
 class BloomDecoder:
     """Runs ``model.transformer``'s blocks from post-embedding hidden states."""
 
@@ -108,18 +118,37 @@ class BloomDecoder:
             # transformers marks each block (it may skip some: every_n_layers).
             if may_checkpoint and getattr(block, "gradient_checkpointing", False):
                 hidden, key, value = checkpoint(
-                    self._block, block, hidden, bias, segments, use_reentrant=False
+                    self._segments_block, block, hidden, bias, segments, use_reentrant=False
                 )
             else:
-                hidden, key, value = self._block(block, hidden, bias, segments)
+                hidden, key, value = self._segments_block(block, hidden, bias, segments)
             new_kv.append((key, value))
         return self.transformer.ln_f(hidden), new_kv
 
-    def _block(self, block, hidden, bias, segments):
+    def decode(self, hidden, bias, buffers, slot: torch.Tensor, length: int) -> torch.Tensor:
+        """One new position per row against K/V kept in preallocated buffers
+        (the gpt-fast layout): hidden [R, 1, H] after the embedding LayerNorm;
+        buffers per layer [2, R, heads, capacity, head_dim]. Each layer writes
+        its new K/V at ``slot`` (a 1-element tensor) in place, and the query
+        attends to the first ``length`` slots — a view, never a concatenation —
+        with ``bias`` [R, heads, 1, length] (ALiBi, and min over slots it must
+        not see). Returns ``ln_f`` output [R, 1, H]."""
+        for block, buffer in zip(self.transformer.h, buffers):
+            hidden, _, _ = self._block(
+                block, hidden, lambda attn, normed, buffer=buffer: self._attention_in_buffer(
+                    attn, normed, bias, buffer, slot, length
+                ),
+            )
+        return self.transformer.ln_f(hidden)
+
+    def _segments_block(self, block, hidden, bias, segments):
+        return self._block(block, hidden, lambda attn, normed: self._attention(attn, normed, bias, segments))
+
+    def _block(self, block, hidden, attention):
         normed = block.input_layernorm(hidden)
         residual = normed if block.apply_residual_connection_post_layernorm else hidden
         attn = block.self_attention
-        context, key, value = self._attention(attn, normed, bias, segments)
+        context, key, value = attention(attn, normed)
         attn_out = attn.dense(context)
         attn_out = residual + F.dropout(attn_out, attn.hidden_dropout, attn.training)
         normed = block.post_attention_layernorm(attn_out)
@@ -134,18 +163,24 @@ class BloomDecoder:
         inner = F.gelu(mlp.dense_h_to_4h(normed), approximate="tanh")
         return residual + F.dropout(mlp.dense_4h_to_h(inner), mlp.hidden_dropout, mlp.training)
 
+    def _qkv(self, attn, normed):
+        """query, key, value [B, heads, T, d] as views of one fused projection.
+        unbind, not three selects: its backward is one stack instead of three
+        zero-filled full-size gradients."""
+        batch, query_len, _ = normed.shape
+        fused = attn.query_key_value(normed).view(batch, query_len, self.num_heads, 3, self.head_dim)
+        return (part.transpose(1, 2) for part in fused.unbind(dim=3))
+
     def _attention(self, attn, normed, bias, segments):
         batch, query_len, hidden_size = normed.shape
         heads, dim = self.num_heads, self.head_dim
-        fused = attn.query_key_value(normed).view(batch, query_len, heads, 3, dim)
-        # -> [heads, B, T, d] each, the layout K/V segments are kept in.
-        # unbind, not three selects: its backward is one stack instead of three
-        # zero-filled full-size gradients.
-        query, key, value = (part.permute(2, 0, 1, 3) for part in fused.unbind(dim=3))
+        query, key, value = self._qkv(attn, normed)
+        # Segments are kept [heads, B, T, d]: expanding a shared prefix over B is then a stride-0 view.
+        key, value = key.transpose(0, 1), value.transpose(0, 1)
         keys = [seg.key.expand(heads, batch, -1, dim) for seg in segments] + [key]
         values = [seg.value.expand(heads, batch, -1, dim) for seg in segments] + [value]
         context = F.scaled_dot_product_attention(
-            query.transpose(0, 1),
+            query,
             torch.cat(keys, dim=2).transpose(0, 1),
             torch.cat(values, dim=2).transpose(0, 1),
             attn_mask=bias,
@@ -153,6 +188,16 @@ class BloomDecoder:
             scale=attn.inv_norm_factor,
         )
         return context.transpose(1, 2).reshape(batch, query_len, hidden_size), key, value
+
+    def _attention_in_buffer(self, attn, normed, bias, buffer, slot, length):
+        rows, _, hidden_size = normed.shape
+        query, key, value = self._qkv(attn, normed)
+        buffer[0].index_copy_(2, slot, key)
+        buffer[1].index_copy_(2, slot, value)
+        context = F.scaled_dot_product_attention(
+            query, buffer[0, :, :, :length], buffer[1, :, :, :length], attn_mask=bias, scale=attn.inv_norm_factor,
+        )
+        return context.transpose(1, 2).reshape(rows, 1, hidden_size), None, None
 
 
 class BloomDriver:
@@ -199,14 +244,19 @@ class BloomDriver:
         no_prompt = self.decoder.word_embeddings.weight.new_empty(0, self.decoder.word_embeddings.embedding_dim)
         return self._embed(input_ids, no_prompt)
 
-    def tokens(self, input_ids, key_mask, prefix: Prefix, rows: torch.Tensor | None) -> torch.Tensor:
+    def prefill(self, input_ids, key_mask, prefix: Prefix, rows: torch.Tensor | None):
+        """The T real tokens against the prefix: final hidden [B, T, H] and each
+        layer's new (key, value) [B, heads, T, d]."""
         segments = []
         for key, value in prefix.kv:
             if rows is not None:
                 key, value = key.index_select(0, rows), value.index_select(0, rows)
             segments.append([KVSegment(key.transpose(0, 1), value.transpose(0, 1), shared=rows is None)])
-        final, _ = self.decoder.forward(self.embed_tokens(input_ids), key_mask, past=segments)
-        return final
+        final, kv = self.decoder.forward(self.embed_tokens(input_ids), key_mask, past=segments)
+        return final, [(key.transpose(0, 1), value.transpose(0, 1)) for key, value in kv]
+
+    def tokens(self, input_ids, key_mask, prefix: Prefix, rows: torch.Tensor | None) -> torch.Tensor:
+        return self.prefill(input_ids, key_mask, prefix, rows)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
