@@ -62,15 +62,18 @@ def prepare_step_inputs(model, row_adapters, input_ids, *args, **kwargs) -> dict
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, count), mask], dim=1)
     prompts = torch.stack([model._prompt(name) for name in adapters])
 
-    if cache is not None:
+    driver, share = model._call_plan()
+    if cache is not None and share:
         if cache.get_seq_length() == 0:
-            driver = model._driver_for_call()
             prefix = model._prefix(driver, adapters, prompts)
             GenericDriver.fill(cache, prefix, row_index, batch)
         return model.base_model_prepare_inputs_for_generation(input_ids, *args, **kwargs)
+    if cache is not None and cache.get_seq_length() > 0:  # a later step of an unshared prefill
+        return model.base_model_prepare_inputs_for_generation(input_ids, *args, **kwargs)
 
-    # use_cache=False: every step recomputes the whole sequence, so the prompt
-    # goes in front of the embeddings every time, as in PEFT's forward.
+    # The prompt goes in front of the embeddings, as in PEFT: without a cache
+    # (use_cache=False) every step recomputes the whole sequence; with hooks or
+    # dropout that must see PEFT's calls, the first step runs cat(prompt, tokens).
     inputs = model.base_model_prepare_inputs_for_generation(input_ids, *args, **kwargs)
     embeds = inputs.pop("inputs_embeds", None)
     if embeds is None:

@@ -33,7 +33,7 @@ from peft import PeftModel, PeftModelForCausalLM, PeftType, PromptTuningConfig, 
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import adapter_check, decode, generation, hub
-from .arch import dropout_active, has_hooks, make_drivers
+from .arch import block_hooks, dropout_active, make_drivers, placement_hooks
 from .loss import prefix_causal_lm_loss
 from .prefix_cache import prefix_cache_of
 
@@ -175,14 +175,18 @@ class FastPromptModel(PeftModelForCausalLM):
             said.add(reason)
             log.warning("fastprompt: this call runs PEFT's own code, not the fast path: %s", reason)
 
-    def _driver_for_call(self):
-        """BLOOM's own decoder unless the body has hooks or draws dropout (both
-        must happen exactly as in PEFT's call, which only the body itself does)."""
+    def _call_plan(self) -> tuple:
+        """(driver, share): the driver a call runs, and whether the prompt's
+        pass may be shared by the rows (computed once, cached when no gradient
+        flows). BLOOM's own decoder unless the body has hooks or draws dropout;
+        no sharing when dropout must draw per row or hooks must see PEFT's
+        single pass over ``cat(prompt, tokens)``."""
         bloom, generic = self._drivers()
-        body = generic.body
-        if bloom is not None and not has_hooks(body, bloom.decoder.transformer.h) and not dropout_active(body):
-            return bloom
-        return generic
+        hooked = block_hooks(generic.blocks)
+        dropout = dropout_active(self.get_base_model())
+        if bloom is not None and not (hooked or dropout or placement_hooks(generic.body)):
+            return bloom, True
+        return generic, not (hooked or dropout)
 
     def _prompt(self, adapter: str) -> torch.Tensor:
         return self.prompt_encoder[adapter].embedding.weight
@@ -269,11 +273,10 @@ class FastPromptModel(PeftModelForCausalLM):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(input_ids.device)
         key_mask = torch.cat([attention_mask.new_ones(batch, count), attention_mask], dim=1)
-        driver = self._driver_for_call()
+        driver, share = self._call_plan()
         # One pass over cat(prompt, tokens), as PEFT does, when sharing the
-        # prefix would change numbers (dropout draws per row) or cannot help (one row).
-        whole = (batch == 1 or dropout_active(self.get_base_model())
-                 or not driver.can_share_prefix(count))
+        # prefix would change what happens (dropout, hooks) or cannot help (one row).
+        whole = batch == 1 or not share or not driver.can_share_prefix(count)
         if whole:
             if rows is not None and driver.name == "bloom":
                 driver = self._drivers()[1]
@@ -303,7 +306,7 @@ class FastPromptModel(PeftModelForCausalLM):
         if (self._adapters_disabled or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING
                 or self.fast_path is None):
             return super().generate(*args, **kwargs)
-        driver = self._driver_for_call()
+        driver, _ = self._call_plan()
         if driver.name == "bloom":
             plan = decode.plan(self, args, kwargs)
             if isinstance(plan, decode.Plan):

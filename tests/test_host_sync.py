@@ -51,7 +51,7 @@ def test_the_recorder_sees_a_host_read():
 def test_training_step_reads_nothing_back(batch):
     model, _ = pair(lambda: tiny_causal_lm("bloom"), prompt_config(8))
     model.train()
-    assert model._driver_for_call().name == "bloom"
+    assert model._call_plan()[0].name == "bloom"
     ids, mask, labels = padded_batch(batch, 12, 512, side="left")
     with recording_host_reads() as calls:
         loss = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(20)).loss
@@ -67,7 +67,7 @@ def test_training_step_reads_nothing_back(batch):
 ])
 def test_prefill_and_decode_steps_read_nothing_back(monkeypatch, options):
     model, _ = pair(lambda: tiny_causal_lm("bloom", lively=True), prompt_config(8))
-    driver = model._driver_for_call()
+    driver = model._call_plan()[0]
     calls, steps = [], []
 
     def watched(function, label):

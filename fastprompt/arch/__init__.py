@@ -16,7 +16,8 @@ import torch
 from .bloom import BloomDriver
 from .generic import FAMILIES, GenericDriver, Prefix
 
-__all__ = ["BloomDriver", "GenericDriver", "Prefix", "dropout_active", "has_hooks", "make_drivers"]
+__all__ = ["BloomDriver", "GenericDriver", "Prefix", "block_hooks", "dropout_active", "make_drivers",
+           "placement_hooks"]
 
 
 def make_drivers(base_model, word_embeddings) -> tuple[BloomDriver | None, GenericDriver | None]:
@@ -29,20 +30,24 @@ def make_drivers(base_model, word_embeddings) -> tuple[BloomDriver | None, Gener
     return (BloomDriver(base_model) if own_bloom_ok else None), generic
 
 
-def has_hooks(body: torch.nn.Module, blocks: torch.nn.Module) -> bool:
-    """Would calling the blocks' pieces ourselves skip something PEFT's call
-    runs? Forward (pre-)hooks on the blocks or anything inside them (user
-    hooks, FSDP2's unshard), accelerate's device/offload hooks anywhere in the
-    body (they replace ``forward`` and bring weights in only during the call),
-    or global module hooks. A hook on the input-embedding module alone does
-    not count: BLOOM's fused op reads the table directly, and the hook PEFT
-    puts there for gradient checkpointing (making the embeddings require grad)
-    has nothing to add when the prompt already does."""
+def placement_hooks(body: torch.nn.Module) -> bool:
+    """accelerate's device/offload hooks anywhere in the body: they replace
+    ``forward`` and bring weights in only during the module's own call, so
+    only the body itself may run its modules."""
+    return any(hasattr(m, "_hf_hook") for m in body.modules())
+
+
+def block_hooks(blocks: torch.nn.Module) -> bool:
+    """Forward (pre-)hooks on the blocks or anything inside them (user hooks,
+    FSDP2's unshard), or global module hooks: they must see the calls PEFT's
+    path makes, one pass over ``cat(prompt, tokens)``. A hook on the
+    input-embedding module alone does not count: BLOOM's fused op reads the
+    table directly, and the hook PEFT puts there for gradient checkpointing
+    (making the embeddings require grad) has nothing to add when the prompt
+    already does."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    if any(hasattr(m, "_hf_hook") for m in body.modules()):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in blocks.modules())
 

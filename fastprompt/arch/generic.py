@@ -74,6 +74,18 @@ def _to_rows(states: torch.Tensor, rows: torch.Tensor | None, batch: int) -> tor
     return states.expand(batch, -1, -1, -1)
 
 
+def _blocks_of(body: torch.nn.Module) -> torch.nn.ModuleList:
+    """The body's list of decoder blocks (``layers``, ``h``, or OPT's ``decoder.layers``)."""
+    for path in ("layers", "h", "decoder.layers"):
+        try:
+            blocks = body.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, torch.nn.ModuleList):
+            return blocks
+    raise TypeError(f"cannot find the decoder blocks of {type(body).__name__}")
+
+
 class GenericDriver:
     """Runs the body of ``model`` (a ``*ForCausalLM``) on embeddings, with or
     without the prompt's K/V as a pre-filled cache."""
@@ -83,6 +95,7 @@ class GenericDriver:
     def __init__(self, model, word_embeddings: torch.nn.Module):
         self.model = model
         self.body = getattr(model, model.base_model_prefix)
+        self.blocks = _blocks_of(self.body)
         self.word_embeddings = word_embeddings
         self.cache_arg = cache_argument(self.body)
         self.family = model.config.model_type
