@@ -8,10 +8,11 @@ environment switches to the real run, e.g.
 
     FASTPROMPT_MODEL=Langboat/bloom-1b4-zh FASTPROMPT_DATA=/alpaca_data_zh python examples/tutorial_trainer.py
 
-FASTPROMPT_MAX_STEPS, FASTPROMPT_LR and FASTPROMPT_LOGGING_STEPS shorten it for
-a quick check. Around ``trainer.train()`` the script measures the loss on the
-training data, so a short run shows whether it fell (tiny-bloom has random
-weights: a prompt can lower its loss only a little).
+FASTPROMPT_MAX_STEPS, FASTPROMPT_LR, FASTPROMPT_LOGGING_STEPS and
+FASTPROMPT_SAVE_STEPS shorten it for a quick check. Around ``trainer.train()``
+the script measures the loss on the training data, so a short run shows
+whether it fell. FASTPROMPT_TUTORIAL_BACKEND=peft runs the very same script
+with PEFT's ``get_peft_model``, to compare the two.
 """
 
 import dataclasses
@@ -25,6 +26,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from fastprompt import get_peft_model  # the tutorial: from peft import get_peft_model
 from fastprompt.loading import demo_data_path, resolve_model_path
 
+if os.environ.get("FASTPROMPT_TUTORIAL_BACKEND") == "peft":
+    from peft import get_peft_model
+
 MODEL = resolve_model_path(os.environ.get("FASTPROMPT_MODEL", "tiny-bloom"))
 DATA = os.environ.get("FASTPROMPT_DATA", str(demo_data_path()))
 OUTPUT = os.environ.get("FASTPROMPT_OUTPUT", os.path.join(tempfile.gettempdir(), "chatbot"))
@@ -34,6 +38,7 @@ QUICK = {
         ("max_steps", "FASTPROMPT_MAX_STEPS", int),
         ("learning_rate", "FASTPROMPT_LR", float),
         ("logging_steps", "FASTPROMPT_LOGGING_STEPS", int),
+        ("save_steps", "FASTPROMPT_SAVE_STEPS", int),
     ]
     if variable in os.environ
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from peft import get_peft_model as peft_get_peft_model
@@ -9,6 +11,8 @@ from peft import get_peft_model as peft_get_peft_model
 import fastprompt
 
 INIT_TEXT = "下面是一段人与机器人的对话。"
+# FASTPROMPT_TEST_DEVICE=cuda runs the model tests on a GPU (bench/gpu_check.sh); CPU otherwise.
+DEVICE = torch.device(os.environ.get("FASTPROMPT_TEST_DEVICE", "cpu"))
 
 
 def random_bloom(hidden=256, layers=2, heads=2, vocab=512, seed=0, dtype=torch.float32):
@@ -26,7 +30,7 @@ def random_bloom(hidden=256, layers=2, heads=2, vocab=512, seed=0, dtype=torch.f
         for name, param in model.named_parameters():
             if "layernorm" in name or "ln_f" in name:
                 param.add_(torch.randn_like(param) * 0.1)
-    return model.requires_grad_(False).eval()
+    return model.to(DEVICE).requires_grad_(False).eval()
 
 
 # Tiny configs of every family with a fast path: 4 heads (2 KV heads where the
@@ -73,7 +77,7 @@ def tiny_causal_lm(family: str, vocab: int = 512, seed: int = 0, dtype=torch.flo
                 param.add_(torch.randn_like(param) * 0.1)
             elif lively and param.dim() == 2:
                 param.mul_(4.0)
-    return model.requires_grad_(False).eval()
+    return model.to(DEVICE).requires_grad_(False).eval()
 
 
 def prompt_config(num_virtual_tokens=8, init=PromptTuningInit.RANDOM, tokenizer=None, **kwargs):
@@ -118,4 +122,4 @@ def padded_batch(batch, length, vocab, side="right", seed=0, lengths=None):
         start = int(mask[row].nonzero()[0])
         labels[row, start : start + max(1, lengths[row] // 3)] = -100
     ids[mask == 0] = 3
-    return ids, mask, labels
+    return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)

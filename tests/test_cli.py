@@ -22,9 +22,6 @@ from fastprompt.loading import demo_data_path
 from fastprompt.prompt import save_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_generate = pytest.mark.skipif(
-    not hasattr(fastprompt.FastPromptModel, "generate"), reason="FastPromptModel.generate has not landed yet"
-)
 
 
 def cli_command(*args) -> list[str]:
@@ -56,7 +53,6 @@ def test_every_command_has_standard_help(command, capsys):
     assert capsys.readouterr().out.startswith(f"usage: {' '.join(['fastprompt', *command])}")
 
 
-@needs_generate
 def test_generate_answers_with_an_adapter(tmp_path):
     torch.manual_seed(0)
     model = fastprompt.get_peft_model(fastprompt.load_model("tiny-bloom"),
@@ -153,7 +149,6 @@ def test_bench_runs_the_suites_and_prints_the_report(tmp_path):
     assert row.split() == ["step", "tiny", "0.5", "1", "2"]
 
 
-@needs_generate
 def test_demo_trains_reloads_with_peft_and_generates(tmp_path):
     started = time.perf_counter()
     done = run_cli("demo", "--output", tmp_path / "demo", cwd=tmp_path)

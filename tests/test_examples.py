@@ -10,24 +10,44 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_cli import cli_env, needs_generate, small_data
+import pytest
+from test_cli import cli_env, small_data
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@needs_generate
-def test_tutorial_trainer_script_trains_with_hf_trainer(tmp_path, monkeypatch, capsys):
-    for name, value in {"FASTPROMPT_MAX_STEPS": "2", "FASTPROMPT_LR": "3e-2", "FASTPROMPT_LOGGING_STEPS": "1",
-                        "FASTPROMPT_OUTPUT": str(tmp_path / "chatbot")}.items():
-        monkeypatch.setenv(name, value)
-    runpy.run_path(str(EXAMPLES / "tutorial_trainer.py"), run_name="__main__")  # asserts the loss fell
-    out = capsys.readouterr().out
-    before, after = map(float, re.search(r"loss on the training data: ([\d.]+) -> ([\d.]+)", out).groups())
-    assert after < before
-    assert "Assistant: " in out  # the tutorial's generated answer follows its prompt
+def test_tutorial_trainer_script_matches_peft_and_checkpoints_peft_adapters(tmp_path, monkeypatch, capsys):
+    """The tutorial under transformers.Trainer, once with fastprompt and once
+    with PEFT (same script, same seed): the same logged losses, and
+    checkpoint-N/ that peft.PeftModel.from_pretrained loads."""
+    import torch
+    from peft import PeftModel
+
+    import fastprompt
+
+    runs = {}
+    for backend in ("fastprompt", "peft"):
+        for name, value in {"FASTPROMPT_MAX_STEPS": "2", "FASTPROMPT_LR": "3e-2", "FASTPROMPT_LOGGING_STEPS": "1",
+                            "FASTPROMPT_SAVE_STEPS": "2", "FASTPROMPT_OUTPUT": str(tmp_path / backend),
+                            "FASTPROMPT_TUTORIAL_BACKEND": backend}.items():
+            monkeypatch.setenv(name, value)
+        script = runpy.run_path(str(EXAMPLES / "tutorial_trainer.py"), run_name="__main__")  # asserts the loss fell
+        out = capsys.readouterr().out
+        before, after = map(float, re.search(r"loss on the training data: ([\d.]+) -> ([\d.]+)", out).groups())
+        assert after < before
+        assert "Assistant: " in out  # the tutorial's generated answer follows its prompt
+        runs[backend] = script
+    assert isinstance(runs["fastprompt"]["model"], fastprompt.FastPromptModel)
+    losses = {backend: [entry["loss"] for entry in run["trainer"].state.log_history if "loss" in entry]
+              for backend, run in runs.items()}
+    assert len(losses["fastprompt"]) == 2
+    assert losses["fastprompt"] == pytest.approx(losses["peft"], rel=1e-4)
+    checkpoint = tmp_path / "fastprompt" / "checkpoint-2"
+    reloaded = PeftModel.from_pretrained(fastprompt.load_model("tiny-bloom"), str(checkpoint))
+    trained = runs["fastprompt"]["model"].prompt_encoder["default"].embedding.weight
+    assert torch.equal(reloaded.prompt_encoder["default"].embedding.weight, trained.detach())
 
 
-@needs_generate
 def test_tutorial_cli_script_trains_and_generates(tmp_path):
     out = tmp_path / "chatbot"
     env = dict(cli_env(), FASTPROMPT=shlex.join([sys.executable, "-m", "fastprompt.cli"]), FASTPROMPT_OUTPUT=str(out))

@@ -126,7 +126,7 @@ def test_hooks_on_blocks_see_the_peft_intended_generation():
     embeds = ref.word_embeddings(ids)
     prompt = peft_prompt(ref).detach().expand(2, -1, -1)
     want = ref.get_base_model().generate(inputs_embeds=torch.cat([prompt, embeds], 1), max_new_tokens=4,
-                                         attention_mask=torch.cat([torch.ones(2, 5, dtype=torch.long), mask], 1))
+                                         attention_mask=torch.cat([mask.new_ones(2, 5), mask], 1))
     assert torch.equal(got[:, 6:], want)
     assert seen["ours"] == seen["peft"] == [(2, 11, 64)] + [(2, 1, 64)] * 3
 

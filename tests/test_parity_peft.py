@@ -8,7 +8,7 @@ the same 8-bit model in the same mode.
 
 import pytest
 import torch
-from models import FAMILIES, padded_batch, pair, peft_prompt, prompt_config, random_bloom, tiny_causal_lm
+from models import DEVICE, FAMILIES, padded_batch, pair, peft_prompt, prompt_config, random_bloom, tiny_causal_lm
 from peft import get_peft_model as peft_get_peft_model
 
 import fastprompt
@@ -182,7 +182,7 @@ def test_train_eval_and_to_follow_nn_module():
 def eight_bit(family, directory):
     """``family`` saved and reloaded in 8-bit, as users load it."""
     tiny_causal_lm(family, VOCAB).save_pretrained(directory)
-    return fastprompt.load_model(directory, load_in_8bit=True)
+    return fastprompt.load_model(directory, load_in_8bit=True, device_map={"": DEVICE})
 
 
 @pytest.mark.parametrize("family", ["bloom", "llama", "qwen2"])
