@@ -162,3 +162,23 @@ def test_demo_trains_reloads_with_peft_and_generates(tmp_path):
     print(f"\nfastprompt demo: {wall:.1f}s wall including start-up; {done.stdout.strip().splitlines()[-1]}")
     # Generous: the demo shares 2 cores with the rest of CI.
     assert wall < 180
+
+
+def test_help_imports_nothing_heavy():
+    """--help builds the parser only: no torch, transformers or peft import (it answers in well under a second)."""
+    probe = ("import sys, fastprompt.cli as cli; cli.build_parser(); "
+             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_hub_model_id_without_network_fails_at_once_in_one_line(tmp_path):
+    env = dict(cli_env(), HF_ENDPOINT="http://127.0.0.1:9")  # a closed port: the hub cannot be reached
+    started = time.perf_counter()
+    done = subprocess.run(cli_command("train", "--model", "some-org/some-model", "--output", tmp_path / "out"),
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - started < 5
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "HF_HUB_OFFLINE=1" in lines[0] and "local directory" in lines[0], done.stderr

@@ -144,3 +144,18 @@ def test_adapter_tensor_shape_disagrees_with_config(tmp_path, model):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="cannot load model 'no-such-model-here'"):
         fastprompt.load_model("no-such-model-here")
+
+
+def test_hub_adapter_id_without_network_fails_at_once_in_one_line(monkeypatch):
+    import time
+
+    from fastprompt import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)  # this machine has no route to a hub either way
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as error:
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), "some-org/some-adapter")
+    assert time.perf_counter() - started < 5
+    message = str(error.value)
+    assert "\n" not in message
+    assert "cannot load adapter 'some-org/some-adapter'" in message and "HF_HUB_OFFLINE=1" in message
