@@ -1,14 +1,22 @@
-"""The built-in tiny-bloom and load_model."""
+"""The built-in tiny-bloom (shipped weights and the recipe that made them) and load_model."""
 
+import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import fastprompt
-from fastprompt.loading import weights_fingerprint
+from fastprompt import tiny_bloom
+from fastprompt.data import PadCollator, load_alpaca
+from fastprompt.loading import demo_data_path
+
+# What the task asks of a shipped model: small enough to live in the package.
+MAX_SHIPPED_BYTES = 8 * 2**20
 
 
 def test_tiny_bloom_is_a_normal_hf_model_directory(tiny_bloom_dir):
@@ -22,6 +30,47 @@ def test_tiny_bloom_is_a_normal_hf_model_directory(tiny_bloom_dir):
     assert len(tokenizer) <= model.config.vocab_size
 
 
+def test_weights_are_stored_in_fp16_and_load_as_fp32(tiny_bloom_dir):
+    from transformers import AutoModelForCausalLM
+
+    weights = Path(tiny_bloom_dir) / "model.safetensors"
+    assert sum(p.stat().st_size for p in Path(tiny_bloom_dir).iterdir()) <= MAX_SHIPPED_BYTES
+    model = AutoModelForCausalLM.from_pretrained(tiny_bloom_dir)  # no dtype: what any user would type
+    with safe_open(str(weights), "pt") as stored:
+        names = list(stored.keys())
+        for name in names:
+            tensor = stored.get_tensor(name)
+            assert tensor.dtype == tiny_bloom.STORAGE_DTYPE
+            assert torch.equal(model.get_parameter(name), tensor.float())
+    assert len(names) == len(dict(model.named_parameters()))  # lm_head is tied, stored once
+
+
+def test_shipped_model_loads_offline_with_transformers_and_peft(tiny_bloom_dir, tmp_path):
+    """In a process where the hub is off: transformers loads the directory, PEFT
+    builds a TEXT-initialised prompt with its tokenizer, saves it and loads it
+    back on a fresh base with the same logits."""
+    code = f"""
+import torch
+from peft import PeftModel, PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, adapter = {tiny_bloom_dir!r}, {str(tmp_path)!r}
+tokenizer = AutoTokenizer.from_pretrained(path)
+config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_tuning_init="TEXT",
+                            prompt_tuning_init_text="下面是一段人与机器人的对话。", tokenizer_name_or_path=path)
+model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), config).eval()
+model.save_pretrained(adapter)
+reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), adapter).eval()
+ids = tokenizer("Human: 中国的首都是哪里？\\n\\nAssistant: ", return_tensors="pt")
+with torch.no_grad():
+    assert torch.equal(model(**ids).logits, reloaded(**ids).logits)
+print("ok")
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok")
+
+
 def test_tokenizer_round_trips_chinese_and_english(tiny_bloom_dir):
     tokenizer = fastprompt.load_model(tiny_bloom_dir).tokenizer
     for text in ["下面是一段人与机器人的对话。", "Human: 考试有哪些技巧？\n\nAssistant: ", "naïve café ☕"]:
@@ -30,22 +79,48 @@ def test_tokenizer_round_trips_chinese_and_english(tiny_bloom_dir):
         assert tokenizer.decode(ids) == text
 
 
-def test_same_name_gives_same_weights_and_tokenizer_everywhere(tmp_path, tiny_bloom_dir):
-    """A second build in a fresh cache (another process) is identical."""
-    code = (
-        "import fastprompt, json;"
-        "from fastprompt.loading import weights_fingerprint;"
-        "m = fastprompt.load_model('tiny-bloom');"
-        "print(weights_fingerprint(m)); print(json.dumps(m.tokenizer.get_vocab(), sort_keys=True))"
-    )
-    env = dict(os.environ, FASTPROMPT_CACHE=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    fingerprint, vocab = out.stdout.strip().splitlines()[-2:]
-    local = fastprompt.load_model("tiny-bloom")
-    import json
+def test_shipped_tokenizer_and_config_are_the_recipes(tiny_bloom_dir):
+    from transformers import AutoConfig, AutoTokenizer
 
-    assert fingerprint == weights_fingerprint(local)
-    assert vocab == json.dumps(local.tokenizer.get_vocab(), sort_keys=True)
+    shipped = AutoTokenizer.from_pretrained(tiny_bloom_dir)
+    assert shipped.get_vocab() == tiny_bloom.train_tokenizer().get_vocab()
+    config = AutoConfig.from_pretrained(tiny_bloom_dir)
+    assert {key: getattr(config, key) for key in tiny_bloom.CONFIG} == tiny_bloom.CONFIG
+
+
+def test_recipe_is_deterministic():
+    """Two shortened runs give the same weights bit for bit, and they are not
+    the untrained start."""
+    first, _ = tiny_bloom.pretrain(steps=2)
+    second, _ = tiny_bloom.pretrain(steps=2)
+    start = tiny_bloom.initial_model().state_dict()
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+    assert any(not torch.equal(tensor, start[name]) for name, tensor in first.state_dict().items())
+
+
+def test_saved_run_is_a_loadable_model_directory(tmp_path):
+    assert tiny_bloom.main(["--output", str(tmp_path), "--steps", "1"]) == 0
+    model = fastprompt.load_model(tmp_path)
+    assert model.config.vocab_size == tiny_bloom.CONFIG["vocab_size"]
+    assert model.tokenizer.get_vocab() == tiny_bloom.train_tokenizer().get_vocab()
+
+
+def _loss_on_bundled_data(model, tokenizer) -> float:
+    batch = PadCollator(tokenizer.pad_token_id)(load_alpaca(demo_data_path(), tokenizer).examples)
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_pretrained_loss_on_bundled_data_is_far_below_a_random_models():
+    model = fastprompt.load_model("tiny-bloom")
+    trained = _loss_on_bundled_data(model, model.tokenizer)
+    untrained = _loss_on_bundled_data(tiny_bloom.initial_model().eval(), model.tokenizer)
+    uniform = math.log(model.config.vocab_size)
+    # A random model guesses about uniformly; the trained one must put most
+    # of its probability on the right answer token (loss under ln 2).
+    assert untrained > 0.9 * uniform
+    assert trained < math.log(2)
 
 
 def test_load_model_is_frozen_and_in_eval_mode():
