@@ -1,5 +1,6 @@
-"""`python -m fastprompt.demo` teaches tiny-bloom a task it does not do, on
-held-out data, and prints nothing else (no warnings)."""
+"""`fastprompt demo` (the README's main command, via `make demo`) teaches
+tiny-bloom a task it does not do, on held-out data, and prints nothing else
+(no warnings)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from fastprompt.loading import demo_data_path
 
 @pytest.fixture(scope="module")
 def demo_run():
-    return subprocess.run([sys.executable, "-m", "fastprompt.demo"], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "fastprompt.cli", "demo"], capture_output=True, text=True,
+                          timeout=600)
 
 
 def number(pattern: str, text: str) -> list[float]:
