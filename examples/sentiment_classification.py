@@ -6,11 +6,11 @@ ordinary prompt-tuning loop of ``fastprompt.train`` on examples built by hand,
 and prediction compares the logits of the label words (" positive" vs
 " negative") at the last position of a left-padded batch.
 
-The data is a small synthetic set of reviews. On the built-in tiny-bloom,
-whose weights are random, a prompt can learn little more than the label
-prior, so expect the loss to fall and the accuracy to stay near chance; point
---model at a pretrained causal LM (a BLOOM runs the fast path) for a real
-classifier.
+The data is a small synthetic set of English reviews. The built-in tiny-bloom
+was pre-trained on 40 bundled records and knows little English sentiment, so
+expect the loss to fall and the accuracy to move little; point --model at a
+pretrained causal LM for a real classifier (``fastprompt demo`` shows a task
+tiny-bloom does learn).
 
     python examples/sentiment_classification.py [--model DIR] [--epochs N]
 """
