@@ -19,13 +19,42 @@ demo: install
 test: install native
 	$(PYTHON) -m pytest tests
 
-# fastprompt vs PEFT, both in one run per suite; prints the table.
-bench: install native
-	mkdir -p $(BENCH_RESULTS)
-	$(PYTHON) -m pytest bench/bench_training.py -q --benchmark-json=$(BENCH_RESULTS)/training.json
-	$(PYTHON) -m pytest bench/bench_generation.py -q --benchmark-json=$(BENCH_RESULTS)/generation.json
-	$(PYTHON) -m pytest bench/bench_native.py bench/bench_ops.py -q --benchmark-json=$(BENCH_RESULTS)/ops.json
-	$(PYTHON) bench/report.py $(BENCH_RESULTS)/*.json
+# fastprompt vs PEFT, contenders alternated round by round (bench/harness.py). Results and the
+# scaling plot go to $(BENCH_RESULTS)/<model>/, then the tables are printed. The tutorial case
+# needs ../shared/data/alpaca_zh_demo.json; FASTPROMPT_BENCH_DEMO_DATA=1 runs it on the bundled
+# demo data instead (and says so in the results). FASTPROMPT_BENCH_ROUNDS=1: a smoke run.
+BENCH_PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
+BENCH_FULL_MODEL ?= bloom-1b4-zh
+
+# The quick run, on bloom-mini: every suite plus the scaling sweep, whose plot is also copied to
+# docs/scaling.png for the README.
+bench: native
+	$(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev,bench]"
+	mkdir -p $(BENCH_RESULTS)/bloom-mini
+	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_training.py \
+		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/training.json
+	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_generation.py \
+		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/generation.json
+	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_ops.py bench/bench_native_step.py \
+		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/ops.json
+	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_scaling.py \
+		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/scaling.json
+	$(PYTHON) bench/plot_scaling.py $(BENCH_RESULTS)/bloom-mini/scaling.json \
+		$(BENCH_RESULTS)/bloom-mini/scaling.png docs/scaling.png
+	$(PYTHON) bench/report.py $(BENCH_RESULTS)/bloom-mini/*.json
+
+# The README's headline numbers: training and generation at a real model's shape (random weights,
+# fp32 on CPU, a few alternated rounds). `make bench-full BENCH_FULL_MODEL=llama-3.2-1b` for
+# another model of bench/model_shapes.py.
+.PHONY: bench-full
+bench-full: native
+	$(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev,bench]"
+	mkdir -p $(BENCH_RESULTS)/$(BENCH_FULL_MODEL)
+	FASTPROMPT_BENCH_MODEL=$(BENCH_FULL_MODEL) $(BENCH_PYTEST) bench/bench_training.py \
+		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/training.json
+	FASTPROMPT_BENCH_MODEL=$(BENCH_FULL_MODEL) $(BENCH_PYTEST) bench/bench_generation.py \
+		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/generation.json
+	$(PYTHON) bench/report.py $(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/*.json
 
 # Native backend of the fused embed_concat op; see kernels/README.md.
 native: install
@@ -35,3 +64,34 @@ native: install
 
 clean-native:
 	rm -rf $(NATIVE_BUILD_DIR) fastprompt/_native/*.so
+
+# Device code of the CUDA backend (kernels/embed_concat_cuda.cu) for each GPU generation, on any
+# machine with nvcc: no GPU and no CUDA build of torch needed, as the CPU wheel ships the c10/ATen
+# CUDA headers. Fails on a compile error or a register spill (ptxas's spill warning is made an
+# error). Each architecture's ptxas report (registers, spills per kernel) is written to
+# $(CUDA_CHECK_DIR)/sm_<arch>.log and printed; `make -j` compiles the architectures in parallel.
+# tests/test_cuda_compile_check.py runs it.
+NVCC ?= nvcc
+CUDA_CHECK_ARCHS ?= 80 86 89 90 120
+CUDA_CHECK_DIR ?= build/cuda-compile-check
+# The CMake Release build's flags plus the two that torch's CUDA config adds to every CUDA build.
+# The CPU wheel lacks the generated c10/cuda/impl/cuda_cmake_macros.h, whose one macro only
+# selects Windows DLL exports, so leaving it out changes nothing on Linux.
+CUDA_CHECK_FLAGS = -std=c++20 -O3 -DNDEBUG --expt-relaxed-constexpr --expt-extended-lambda \
+	-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
+# Found without importing torch, which would cost seconds per architecture.
+CUDA_CHECK_TORCH_INCLUDE = $(shell $(PYTHON) -c 'import importlib.util, pathlib; \
+	print(pathlib.Path(importlib.util.find_spec("torch").origin).parent / "include")' 2>/dev/null)
+CUDA_CHECK_TARGETS = $(addprefix cuda-compile-check-sm_,$(CUDA_CHECK_ARCHS))
+
+.PHONY: cuda-compile-check $(CUDA_CHECK_TARGETS)
+
+cuda-compile-check: $(CUDA_CHECK_TARGETS)
+
+$(CUDA_CHECK_TARGETS): cuda-compile-check-sm_%:
+	@test -d "$(CUDA_CHECK_TORCH_INCLUDE)/ATen" || { echo "torch headers not found for $(PYTHON)"; exit 1; }
+	mkdir -p $(CUDA_CHECK_DIR)
+	$(NVCC) $(CUDA_CHECK_FLAGS) -I"$(CUDA_CHECK_TORCH_INCLUDE)" -arch=sm_$* -cubin --resource-usage \
+		-Xptxas --warn-on-spills,--warning-as-error kernels/embed_concat_cuda.cu \
+		-o $(CUDA_CHECK_DIR)/sm_$*.cubin > $(CUDA_CHECK_DIR)/sm_$*.log 2>&1; \
+	status=$$?; cat $(CUDA_CHECK_DIR)/sm_$*.log; exit $$status

@@ -1,107 +1,79 @@
-"""Training step: fastprompt vs PEFT on bloom-mini, both in the same run.
+"""Training step (forward + backward + AdamW): fastprompt vs PEFT, alternated
+round by round (``harness.py``), losses checked equal every round.
 
-Each benchmark round runs one step of each contender, alternating which goes
-first, so machine noise hits both alike; the per-contender median step times,
-the ratio of their total times over the same rounds, trained tokens/s and each
-contender's peak memory (own process, see
-peak_memory.py) land in ``extra_info`` for ``bench/report.py``.
+Per case, ``extra_info`` gets: the model's label, the data source, median step
+times, the speedup (total PEFT time over total fastprompt time, same rounds)
+beside the FLOP bound of those same batches (``flop_count.py``), trained
+tokens/s, and each contender's peak memory (``peak_memory.py``).
 
     python -m pytest bench/bench_training.py --benchmark-json=bench/results/training.json
 
-On a GPU (bench/gpu_check.sh) the environment picks the setting:
-FASTPROMPT_BENCH_DEVICE=cuda, FASTPROMPT_BENCH_DTYPE=bfloat16|int8,
-FASTPROMPT_BENCH_MODEL=bloom-1b4-zh.
+bloom-mini by default (the quick run); ``FASTPROMPT_BENCH_MODEL=bloom-1b4-zh``
+for the real shape (``make bench-full``), or any model of ``model_shapes.py``;
+``FASTPROMPT_BENCH_DEVICE`` / ``_DTYPE`` for GPU runs (``gpu_check.sh``).
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
+import gc
 
+import flop_count
+import harness
+import model_shapes
+import peak_memory
 import pytest
-import torch
-from models import build_base, setting_from_env
-from training_cases import SHAPES, make_batches, make_contender, train_step, trained_tokens
+from training_cases import (
+    CASES, CONTENDERS, data_source, loss_check, make_batches, make_contender, step_shape, train_step, trained_tokens,
+)
 
-ROUNDS = {"tutorial": 16, "chat-batch": 6, "classify": 6}
-SETTING = setting_from_env()
+SETTING = model_shapes.setting_from_env()
+SHAPE = model_shapes.SHAPES[SETTING["model"]]
+# Quick run: enough rounds for stable medians. Real shapes: a step takes
+# seconds to tens of seconds on a CPU, so a few alternated rounds.
+ROUNDS = {"tutorial": 16, "chat-batch": 6, "classify": 6} if SHAPE.quick else dict.fromkeys(CASES, 3)
 
 
-def peak_memory(shape: str, contender: str, model, optimizer, batch) -> int:
-    """CUDA: in this process (the allocator's peak is exact and resettable).
-    CPU: a process of its own, since RSS peaks cannot be reset."""
-    if SETTING["device"].startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        train_step(model, optimizer, batch)
-        return torch.cuda.max_memory_allocated() - before
-    script = Path(__file__).resolve().parent / "peak_memory.py"
-    out = subprocess.run(
-        [sys.executable, str(script), "--shape", shape, "--contender", contender]
-        + [f"--{key}={value}" for key, value in SETTING.items()],
-        capture_output=True, text=True, check=True,
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_step(benchmark, case):
+    virtual = CASES[case]["virtual"]
+    rounds = harness.rounds(ROUNDS[case])
+    bases = model_shapes.build_bases(len(CONTENDERS), **SETTING)
+    contenders = {name: make_contender(name, base, virtual) for name, base in zip(CONTENDERS, bases)}
+    del bases
+    batches = make_batches(case, rounds + 1, SHAPE.config.vocab_size, device=SETTING["device"])
+    on_cuda = SETTING["device"].startswith("cuda")
+
+    contest = harness.Alternation(
+        # Looked up at call time, so that clearing ``contenders`` frees the models.
+        {name: (lambda index, name=name: train_step(*contenders[name], batches[index])) for name in contenders},
+        reference="peft",
+        check=loss_check(SETTING["dtype"]),
+        sync=harness.device_sync(SETTING["device"]),
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    contest.run(benchmark, rounds)
+    timed = [batches[index] for index in contest.timed_rounds]
+    bound = flop_count.training_bound(
+        model_shapes.dims(SETTING["model"]), [step_shape(b, virtual) for b in timed], SHAPE.fast_path
+    )
+    tokens = sum(trained_tokens(b) for b in timed)
 
+    if on_cuda:
+        memory = {name: peak_memory.cuda_peak_bytes(*pair, batches[0]) for name, pair in contenders.items()}
+    else:
+        # Free this process's models first: the probes build their own.
+        contenders.clear()
+        gc.collect()
+        memory = {name: peak_memory.measure(case, name, SETTING, harness.THREADS) for name in CONTENDERS}
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_training_step(benchmark, shape):
-    torch.set_num_threads(2)
-    spec = SHAPES[shape]
-    contenders = {
-        name: make_contender(name, build_base(**SETTING), spec["virtual"]) for name in ("fastprompt", "peft")
-    }
-    rounds = ROUNDS[shape]
-    batches = make_batches(shape, rounds + 1, 46145, device=SETTING["device"])
-    times = {name: [] for name in contenders}
-    losses = {name: [] for name in contenders}
-    tokens = []
-    state = {"round": 0}
-
-    def one_round():
-        index = state["round"]
-        batch = batches[index]
-        order = list(contenders) if index % 2 == 0 else list(reversed(contenders))
-        for name in order:
-            model, optimizer = contenders[name]
-            start = time.perf_counter()
-            losses[name].append(train_step(model, optimizer, batch))
-            times[name].append(time.perf_counter() - start)
-        tokens.append(trained_tokens(batch))
-        state["round"] += 1
-
-    one_round()  # warm-up, not recorded
-    for name in times:
-        times[name].clear()
-        losses[name].clear()
-    tokens.clear()
-    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-
-    # Same data, same init: the two must be training the same thing.
-    tolerance = 1e-4 if SETTING["dtype"] == "float32" else 2e-2
-    for ours, theirs in zip(losses["fastprompt"], losses["peft"]):
-        assert abs(ours - theirs) <= tolerance * abs(theirs)
-    # Rounds differ in work (tutorial samples differ in length): compare the
-    # contenders on the total time of the same rounds.
-    total = {name: sum(t) for name, t in times.items()}
-    median = {name: statistics.median(t) for name, t in times.items()}
-    memory = {name: peak_memory(shape, name, *contenders[name], batches[0]) for name in contenders}
     benchmark.extra_info.update(
-        shape=shape,
-        setting=f"{SETTING['model']} {SETTING['dtype']} {SETTING['device']}",
-        **{f"{name}_step_s": median[name] for name in median},
-        speedup=total["peft"] / total["fastprompt"],
-        **{f"{name}_tokens_per_s": sum(tokens) / total[name] for name in total},
-        **{f"{name}_peak_mib": memory[name] / 2**20 for name in memory},
+        model=model_shapes.setting_label(SETTING),
+        data=data_source(case),
+        **contest.summary("step"),
+        flop_bound=bound,
+        tokens_per_step=tokens / len(timed),
+        **{f"{name}_tokens_per_s": tokens / contest.total(name) for name in CONTENDERS},
+        **{f"{name}_peak_mib": memory[name] / 2**20 for name in CONTENDERS},
         memory_ratio=memory["fastprompt"] / memory["peft"],
-        memory_method=(
-            "CUDA max_memory_allocated over pre-step, one process per contender"
-            if SETTING["device"].startswith("cuda")
-            else "CPU: peak sampled RSS over pre-step RSS after a warm-up step, one process per contender"
-        ),
+        memory_method=peak_memory.CUDA_METHOD if on_cuda else peak_memory.CPU_METHOD,
     )
+

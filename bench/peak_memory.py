@@ -1,90 +1,102 @@
-"""Peak memory of one contender's training steps, in a process of its own.
+"""Peak memory of one contender's training step: what the step allocates on
+top of the frozen model.
 
-CPU: the highest RSS seen (sampled every millisecond by a thread) during the
-measured steps, minus the RSS just before them. One unmeasured warm-up step
-runs first, so lazy imports and one-off library buffers are not counted, nor
-are the frozen weights: the contenders are compared on what a step allocates. CUDA: ``max_memory_allocated``
-minus the memory allocated before the first step.
+CPU: in a process of its own (``measure`` starts it), after one unmeasured
+warm-up step, so lazy imports, one-off library buffers and the optimizer's
+state are not counted, nor are the weights. Two things keep a warm heap from
+hiding the step's memory. The process runs with glibc's mmap threshold pinned
+at 128 KiB and heap trimming at 0 (``MALLOC_ENV``): every tensor larger than
+that is mapped when allocated and unmapped when freed, so the resident set
+follows live memory instead of reusing what the warm-up step freed (with the
+default, adaptive threshold, freed blocks stay in the heap and a second step
+shows little or no growth). And the peak is the kernel's resident high-water
+mark (VmHWM), reset through /proc/self/clear_refs just before the step, so it
+is exact rather than sampled. Timing runs keep the default allocator: that
+is what users run.
 
-    python bench/peak_memory.py --shape classify --contender peft
-prints one JSON line.
+CUDA: in the timing process, ``torch.cuda.max_memory_allocated`` over the
+memory allocated before the step (the caching allocator's peak is exact and
+resettable).
+
+    python bench/peak_memory.py --case classify --contender peft
+(with MALLOC_ENV set) prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import SHAPES_BY_NAME, build_base  # noqa: E402
-from training_cases import CONTENDERS, SHAPES, make_batches, make_contender, train_step  # noqa: E402
+from model_shapes import SHAPES, build_base  # noqa: E402
+from training_cases import CASES, CONTENDERS, make_batches, make_contender, train_step  # noqa: E402
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
+CPU_METHOD = ("CPU: peak resident set (VmHWM, reset before the step) minus resident set before it, one process "
+              "per contender after a warm-up step, glibc MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0")
+CUDA_METHOD = "CUDA: max_memory_allocated during the step minus memory allocated before it"
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
+def cuda_peak_bytes(model, optimizer, batch) -> int:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(model, optimizer, batch)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
-class RssPeak:
-    """Samples this process's RSS in the background while the block runs."""
+def measure(case: str, contender: str, setting: dict, threads: int) -> int:
+    """Peak bytes of a CPU step of ``contender`` on ``case``, from a process
+    of its own."""
+    command = [sys.executable, __file__, "--case", case, "--contender", contender, f"--threads={threads}"]
+    command += [f"--{key}={value}" for key, value in setting.items()]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
+    if done.returncode:
+        raise RuntimeError(f"peak-memory probe failed: {' '.join(command)}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
 
-    def __enter__(self):
-        self.peak = current_rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
 
-    def _sample(self):
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, current_rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, current_rss_bytes())
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--case", choices=sorted(CASES), required=True)
     parser.add_argument("--contender", choices=CONTENDERS, required=True)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="bloom-mini", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
-    parser.add_argument("--model", default="bloom-mini", choices=sorted(SHAPES_BY_NAME))
+    parser.add_argument("--device", default="cpu", choices=["cpu"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    unset = [f"{key}={value}" for key, value in MALLOC_ENV.items() if os.environ.get(key) != value]
+    if unset:
+        # glibc reads these at start-up only; without them the heap hides memory.
+        raise SystemExit(f"run with {' '.join(unset)} in the environment (bench/peak_memory.py's measure() sets them)")
     torch.set_num_threads(args.threads)
 
     base = build_base(args.model, args.dtype, args.device)
-    model, optimizer = make_contender(args.contender, base, SHAPES[args.shape]["virtual"])
-    batches = make_batches(args.shape, args.steps + 1, base.config.vocab_size, device=args.device)
-    train_step(model, optimizer, batches.pop())  # warm-up
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        for batch in batches:
-            train_step(model, optimizer, batch)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-        method = "cuda max_memory_allocated"
-    else:
-        before = current_rss_bytes()
-        with RssPeak() as sampled:
-            for batch in batches:
-                train_step(model, optimizer, batch)
-        peak = sampled.peak - before
-        method = "peak sampled RSS over pre-step RSS after a warm-up step, own process"
-    print(json.dumps({"shape": args.shape, "contender": args.contender, "peak_bytes": peak, "method": method}))
+    model, optimizer = make_contender(args.contender, base, CASES[args.case]["virtual"])
+    warmup, measured = make_batches(args.case, 2, base.config.vocab_size)
+    train_step(model, optimizer, warmup)
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident set
+    train_step(model, optimizer, measured)
+    peak = (_status_kib("VmHWM") - before) * 1024
+    print(json.dumps({"case": args.case, "contender": args.contender, "peak_bytes": peak, "method": CPU_METHOD}))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """Print the fastprompt-vs-PEFT tables from pytest-benchmark JSON files.
 
-    python bench/report.py bench/results/*.json
+    python bench/report.py bench/results/bloom-mini/*.json
 
-Every benchmark that recorded ``extra_info`` becomes one row of the table of
-its module: its parameter id, then the ``extra_info`` keys in the order recorded.
+Each file's provenance comes first (machine, threads, versions, commit; from
+``machine_info`` and ``commit_info``, see ``bench/conftest.py``). Then every
+benchmark that recorded ``extra_info`` becomes one row of the table of its
+module: its case name, then the ``extra_info`` keys in the order recorded.
+The keys that describe a whole run (the model's label, the data source, how
+memory was measured) are printed above their table instead of as columns.
+Tables with more columns than fit a terminal are printed transposed: one
+column per case.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+CONTEXT_KEYS = ("model", "data", "device", "memory_method")
+MAX_COLUMNS = 10
+
 
 def _cell(value) -> str:
     if isinstance(value, float):
@@ -20,41 +29,83 @@ def _cell(value) -> str:
     return str(value)
 
 
-def tables(paths: list[Path]) -> str:
-    rows_by_module = defaultdict(list)
-    machine = None
+def _aligned(grid: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in grid]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def provenance(data: dict) -> list[str]:
+    machine = data.get("machine_info", {})
+    ours = machine.get("fastprompt_bench")
+    commit = data.get("commit_info", {})
+    commit_line = f"commit: {commit.get('id', '?')[:12]}{' + uncommitted changes' if commit.get('dirty') else ''}"
+    if not ours:
+        return [f"machine: {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))}, "
+                f"python {machine.get('python_version', '?')}", commit_line]
+    load = ours.get("load_average_1min_start_end") or ["?", "?"]
+    versions = ", ".join(f"{name} {v}" for name, v in ours["versions"].items())
+    return [
+        f"machine: {ours['cpu_model']}, {ours['logical_cpus']} logical CPUs ({ours['usable_cpus']} usable), "
+        f"{ours['torch_threads']} torch threads, GPU: {ours['gpu'] or 'none'}, "
+        f"1-min load average {load[0]} at start, {load[1]} at end",
+        f"versions: {versions}; embed_concat on CPU: {ours['embed_concat_backend'].get('cpu')}",
+        commit_line,
+    ]
+
+
+def _context(rows: list[dict]) -> list[str]:
+    out = []
+    for key in CONTEXT_KEYS:
+        cases_by_value = defaultdict(list)
+        for row in rows:
+            if key in row:
+                cases_by_value[row[key]].append(row["case"])
+        if len(cases_by_value) == 1:
+            out.append(f"{key}: {next(iter(cases_by_value))}")
+        elif cases_by_value:
+            out.append(f"{key}: " + "; ".join(f"{', '.join(cases)}: {value}" for value, cases in cases_by_value.items()))
+    return out
+
+
+def table(rows: list[dict]) -> list[str]:
+    columns = list(dict.fromkeys(key for row in rows for key in row if key not in CONTEXT_KEYS))
+    grid = [columns] + [[_cell(row.get(col, "")) for col in columns] for row in rows]
+    if len(columns) > MAX_COLUMNS:
+        grid = [list(line) for line in zip(*grid)]
+    return _aligned(grid)
+
+
+def report(paths: list[Path]) -> str:
+    out = []
+    shown = None
     for path in paths:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise SystemExit(f"{path}: not a pytest-benchmark JSON file ({err})") from None
-        machine = machine or data.get("machine_info", {})
+        rows_by_module = defaultdict(list)
         for bench in data.get("benchmarks", []):
             if bench.get("extra_info"):
                 module = bench["fullname"].split("::")[0]
                 rows_by_module[module].append({"case": bench["name"].removeprefix("test_"), **bench["extra_info"]})
-    out = []
-    if machine:
-        out.append(f"machine: {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))}, "
-                   f"python {machine.get('python_version', '?')}")
-    for module, rows in rows_by_module.items():
-        columns = list(dict.fromkeys(key for row in rows for key in row if not key.endswith("_method")))
-        cells = [[_cell(row.get(col, "")) for col in columns] for row in rows]
-        widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
-        out.append(f"\n{module}")
-        out.append("  ".join(col.ljust(w) for col, w in zip(columns, widths)))
-        out.append("  ".join("-" * w for w in widths))
-        out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells)
-        notes = {v for row in rows for k, v in row.items() if k.endswith("_method")}
-        out.extend(f"  ({note})" for note in sorted(notes))
-    return "\n".join(out) if rows_by_module else "no benchmark with extra_info found"
+        if not rows_by_module:
+            continue
+        lines = provenance(data)
+        if lines != shown:
+            out.extend(["", *lines])
+            shown = lines
+        for module, rows in rows_by_module.items():
+            out.extend(["", f"== {module}", *_context(rows), *table(rows)])
+    return "\n".join(out).strip("\n") if out else "no benchmark with extra_info found"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_files", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    print(tables(args.json_files))
+    print(report(args.json_files))
 
 
 if __name__ == "__main__":

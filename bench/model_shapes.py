@@ -1,0 +1,113 @@
+"""Benchmark models by name: published models' shapes with seeded random
+weights, built from a transformers config (no hub, no download).
+
+bloom-mini is the quick run (a CPU step in about a second, BLOOM's head size
+and BLOOM-zh's vocabulary); the others are real models' shapes, where a step
+takes seconds on a CPU. To benchmark another model, add an entry to SHAPES.
+``FASTPROMPT_BENCH_MODEL`` / ``_DTYPE`` / ``_DEVICE`` pick the setting of a run
+(``bench/gpu_check.sh`` and ``make bench-full`` set them).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from flop_count import Dims
+from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, Qwen2Config
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    config: object  # a transformers config
+    quick: bool = False  # the quick run: more rounds, seconds per suite
+    # Whether fastprompt has a fast path for the family today; without one it
+    # runs PEFT's code, so both the FLOP bound and the expected ratio are 1.
+    fast_path: bool = False
+
+
+# Dropout off: a benchmark step must compute the same thing for both contenders.
+SHAPES = {
+    "bloom-mini": ModelShape(
+        BloomConfig(vocab_size=46145, hidden_size=512, n_layer=6, n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
+        quick=True, fast_path=True,
+    ),
+    "bloom-1b4-zh": ModelShape(
+        BloomConfig(vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16, hidden_dropout=0.0, attention_dropout=0.0),
+        fast_path=True,
+    ),
+    "llama-3.2-1b": ModelShape(LlamaConfig(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+    )),
+    "qwen2.5-0.5b": ModelShape(Qwen2Config(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
+    )),
+}
+
+
+def dims(name: str) -> Dims:
+    return Dims.from_config(SHAPES[name].config)
+
+
+def label(name: str) -> str:
+    """What every table says about the model it measured."""
+    d = dims(name)
+    kind = "quick run" if SHAPES[name].quick else "real shape"
+    return (f"{name} ({kind}: {SHAPES[name].config.model_type}, hidden {d.hidden}, {d.layers} layers, "
+            f"{d.heads} heads of {d.head_dim} / {d.kv_heads} KV, MLP {d.intermediate}, vocab {d.vocab}; "
+            f"random weights)")
+
+
+def _from_config(name: str, dtype: torch.dtype, seed: int, device: str):
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise in place: a 1.4B model on GPU in seconds
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(SHAPES[name].config)).to(dtype=dtype)
+    return model.requires_grad_(False).eval()
+
+
+def build_base(model: str = "bloom-mini", dtype: str = "float32", device: str = "cpu", seed: int = 0):
+    """A frozen benchmark model by shape name; dtype "int8" quantises the
+    linear layers with bitsandbytes (via a temporary checkpoint, as users load
+    8-bit models) with fp16 activations."""
+    if dtype != "int8":
+        return _from_config(model, getattr(torch, dtype), seed, device)
+    import tempfile
+
+    import fastprompt
+
+    with tempfile.TemporaryDirectory() as directory:
+        _from_config(model, torch.float32, seed, "cpu").save_pretrained(directory)
+        return fastprompt.load_model(directory, load_in_8bit=True, device_map=device)
+
+
+def build_bases(count: int, **setting) -> list:
+    """``count`` identical frozen models, one per contender. Copies are made
+    rather than rebuilt: a random init of 1.4B weights takes half a minute on
+    a CPU, a copy a few seconds. 8-bit models are rebuilt (bitsandbytes'
+    quantised parameters are not made to be deep-copied)."""
+    first = build_base(**setting)
+    if setting.get("dtype") == "int8":
+        return [first] + [build_base(**setting) for _ in range(count - 1)]
+    return [first] + [copy.deepcopy(first) for _ in range(count - 1)]
+
+
+def setting_from_env() -> dict:
+    """Benchmark model, dtype and device: bloom-mini fp32 on CPU unless
+    FASTPROMPT_BENCH_MODEL (a key of SHAPES) / _DTYPE (float32|bfloat16|int8) /
+    _DEVICE say otherwise."""
+    setting = {
+        "model": os.environ.get("FASTPROMPT_BENCH_MODEL", "bloom-mini"),
+        "dtype": os.environ.get("FASTPROMPT_BENCH_DTYPE", "float32"),
+        "device": os.environ.get("FASTPROMPT_BENCH_DEVICE", "cpu"),
+    }
+    if setting["model"] not in SHAPES:
+        raise ValueError(f"FASTPROMPT_BENCH_MODEL={setting['model']!r}: choose one of {', '.join(SHAPES)}")
+    return setting
+
+
+def setting_label(setting: dict) -> str:
+    return f"{label(setting['model'])}, {setting['dtype']} on {setting['device']}"

@@ -1,0 +1,81 @@
+"""bench/harness.py: alternation, per-round output checks, ratios of totals."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from harness import Alternation  # noqa: E402
+
+
+class FakeBenchmark:
+    def pedantic(self, target, rounds, iterations):
+        assert iterations == 1
+        for _ in range(rounds):
+            target()
+
+
+def equal(reference, output):
+    assert reference == output
+
+
+def fake_contest(seconds_by_name, outputs=None, reference="theirs", **kwargs):
+    """An Alternation on a fake clock: contender ``name`` takes
+    ``seconds_by_name[name][round]`` and returns ``outputs[name]`` (0 by
+    default). Returns it and the list of (round, name) calls made."""
+    now, calls = [0.0], []
+
+    def contender(name):
+        def run(index):
+            calls.append((index, name))
+            now[0] += seconds_by_name[name][index]
+            return (outputs or {}).get(name, 0)
+
+        return run
+
+    kwargs.setdefault("check", equal)
+    contest = Alternation({name: contender(name) for name in seconds_by_name}, reference=reference,
+                          clock=lambda: now[0], **kwargs)
+    return contest, calls
+
+
+def test_order_alternates_and_warmup_is_not_recorded():
+    contest, calls = fake_contest({"ours": [1] * 4, "theirs": [2] * 4})
+    contest.run(FakeBenchmark(), rounds=3)
+    assert calls == [(0, "ours"), (0, "theirs"), (1, "theirs"), (1, "ours"),
+                     (2, "ours"), (2, "theirs"), (3, "theirs"), (3, "ours")]
+    assert contest.timed_rounds == [1, 2, 3]
+    assert [s["seconds"] for s in contest.samples["ours"]] == [1, 1, 1]
+
+
+def test_speedup_is_a_ratio_of_totals_and_medians_are_per_call():
+    contest, _ = fake_contest({"ours": [9, 1, 1, 4], "theirs": [9, 2, 3, 10]})
+    contest.run(FakeBenchmark(), rounds=3)
+    assert contest.speedup("ours") == pytest.approx((2 + 3 + 10) / (1 + 1 + 4))
+    summary = contest.summary("step")
+    assert summary == {"ours_step_s": 1, "theirs_step_s": 3, "speedup": pytest.approx(15 / 6), "rounds": 3}
+
+
+def test_more_contenders_get_a_speedup_each_and_measured_metrics():
+    seconds = {"a": 1, "b": 2, "ref": 4}
+    contest, _ = fake_contest({name: [s] * 3 for name, s in seconds.items()}, outputs=seconds, reference="ref",
+                              check=lambda ref, out: None, measure=lambda out: {"half": out / 2})
+    contest.run(FakeBenchmark(), rounds=2)
+    assert contest.summary("call") == {"a_call_s": 1, "b_call_s": 2, "ref_call_s": 4,
+                                       "a_speedup": 4.0, "b_speedup": 2.0, "rounds": 2}
+    assert contest.speedup("a", "half") == 4.0 and contest.median("b", "half") == 1.0
+
+
+def test_a_different_output_fails_the_round_by_name():
+    contest, _ = fake_contest({"ours": [1] * 3, "theirs": [1] * 3}, outputs={"ours": 1.0, "theirs": 2.0})
+    with pytest.raises(AssertionError, match="round 0: ours differs from theirs"):
+        contest.run(FakeBenchmark(), rounds=2)
+
+
+def test_needs_a_reference_among_two_or_more():
+    with pytest.raises(ValueError):
+        Alternation({"only": lambda i: 0}, reference="only", check=equal)
+    with pytest.raises(ValueError):
+        Alternation({"a": lambda i: 0, "b": lambda i: 0}, reference="c", check=equal)
