@@ -5,13 +5,21 @@ The PEFT-intended path is ``base.generate(inputs_embeds=cat(prompt,
 embed(ids)), attention_mask=cat(ones, mask))`` with the prompt of a real PEFT
 model initialised like fastprompt's: what PEFT's own ``generate`` would run if
 it worked (0.21.2's is broken for prompt tuning on transformers 5). Both
-decode greedily for exactly 64 tokens (``min_new_tokens`` holds eos back).
+decode greedily for exactly 64 tokens (no end-of-sequence token).
 
 A streamer timestamps the first generated token, so time to first token
 (TTFT: prefill + first token), decode per token ((end - first token) / 63)
 and end-to-end come from the same call. fastprompt's prefix cache is warm
 after the warm-up round, the serving steady state; a cold call (cache
 emptied, the prefix computed inside the call) is a contender of its own.
+
+In the quick run (and on a GPU) two more fastprompt contenders show where its
+decode time goes: ``fastprompt_static`` asks for ``cache_implementation=
+"static"`` (on BLOOM: the fixed-shape, ``torch.compile``d step of
+``fastprompt/decode.py``; elsewhere transformers' static cache), and on BLOOM
+``fastprompt_transformers_loop`` runs transformers' loop with the cached
+prefix instead of fastprompt's own loop — the comparison that justifies keeping
+the hand-written loop.
 Every speedup is a ratio of totals over the same rounds, with its FLOP bound
 beside it (``flop_count.py``).
 
@@ -42,10 +50,14 @@ CASES = {
     "P8-T64-B1": dict(virtual=8, length=64, batch=1),
 }
 NEW_TOKENS = 64
-GREEDY = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+# Exactly NEW_TOKENS: no end-of-sequence token stops a row.
+GREEDY = dict(max_new_tokens=NEW_TOKENS, eos_token_id=None, do_sample=False)
 SETTING = model_shapes.setting_from_env()
 SHAPE = model_shapes.SHAPES[SETTING["model"]]
 ROUNDS = 5 if SHAPE.quick else 2
+# The decode-variant contenders cost two more generations per round: worth it
+# where a round is quick (and on a GPU, where the compiled step matters most).
+DECODE_VARIANTS = SHAPE.quick or SETTING["device"].startswith("cuda")
 
 
 class FirstTokenClock(BaseStreamer):
@@ -149,12 +161,26 @@ def test_generation(benchmark, case):
         prefix_cache_of(fast_model).clear()
         return warm(streamer)
 
+    def static(streamer):
+        return fast_model.generate(input_ids=ids, attention_mask=mask, streamer=streamer,
+                                   cache_implementation="static", **GREEDY)
+
+    def transformers_loop(streamer):
+        # PEFT's generate method on our model: transformers' loop, our cached prefix.
+        return peft.PeftModelForCausalLM.generate(fast_model, input_ids=ids, attention_mask=mask,
+                                                  streamer=streamer, **GREEDY)
+
+    contenders = {
+        "fastprompt": lambda _: timed(warm),
+        "fastprompt_cold": lambda _: timed(cold),
+        "peft_intended": lambda _: timed(lambda streamer: peft_intended(peft_model, ids, mask, streamer)),
+    }
+    if DECODE_VARIANTS:
+        contenders["fastprompt_static"] = lambda _: timed(static)
+        if fast_model.fast_path == "bloom":
+            contenders["fastprompt_transformers_loop"] = lambda _: timed(transformers_loop)
     contest = harness.Alternation(
-        {
-            "fastprompt": lambda _: timed(warm),
-            "fastprompt_cold": lambda _: timed(cold),
-            "peft_intended": lambda _: timed(lambda streamer: peft_intended(peft_model, ids, mask, streamer)),
-        },
+        contenders,
         reference="peft_intended",
         check=same_ids,
         measure=lambda out: {"ttft_s": out.ttft_s, "decode_per_token_s": out.decode_per_token_s},
@@ -188,3 +214,17 @@ def test_generation(benchmark, case):
         cold_e2e_speedup=contest.speedup("fastprompt_cold"),
         cold_e2e_flop_bound=bounds["cold_e2e"],
     )
+    if "fastprompt_static" in contenders:
+        benchmark.extra_info.update(
+            fastprompt_static_decode_s=median("fastprompt_static", "decode_per_token_s"),
+            static_vs_eager_decode=contest.total("fastprompt", "decode_per_token_s")
+            / contest.total("fastprompt_static", "decode_per_token_s"),
+        )
+    if "fastprompt_transformers_loop" in contenders:
+        benchmark.extra_info.update(
+            transformers_loop_decode_s=median("fastprompt_transformers_loop", "decode_per_token_s"),
+            own_loop_vs_transformers_loop_decode=contest.total("fastprompt_transformers_loop", "decode_per_token_s")
+            / contest.total("fastprompt", "decode_per_token_s"),
+            own_loop_vs_transformers_loop_ttft=contest.total("fastprompt_transformers_loop", "ttft_s")
+            / contest.total("fastprompt", "ttft_s"),
+        )

@@ -41,11 +41,11 @@ SHAPES = {
     "llama-3.2-1b": ModelShape(LlamaConfig(
         hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
-    )),
+    ), fast_path=True),
     "qwen2.5-0.5b": ModelShape(Qwen2Config(
         hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
         intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-    )),
+    ), fast_path=True),
 }
 
 

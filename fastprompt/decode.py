@@ -40,6 +40,7 @@ from transformers.generation import (
 )
 
 from .arch.bloom import attention_bias_for_slots
+from .prefix_cache import prefix_cache_of
 
 # GenerationConfig fields this loop implements exactly as transformers does
 # (the same warpers in the same order); a request setting any other field to a
@@ -173,9 +174,17 @@ def generate(model, driver, row_adapters, plan: Plan, kwargs) -> torch.Tensor:
     capacity = count + length + plan.max_new
 
     prompts = torch.stack([model._prompt(name) for name in adapters])
-    prefix = model._prefix(driver, adapters, prompts)
     key_mask = torch.cat([mask.new_ones(batch, count), mask], dim=1)
-    final, token_kv = driver.prefill(input_ids, key_mask, prefix, rows)
+    cache = prefix_cache_of(model)
+    prefix = cache.lookup(model.get_base_model(), driver.name, adapters, prompts)
+    if prefix is None and batch == 1:
+        # Nothing to share within the call: one pass over cat(prompt, tokens)
+        # reads the weights once, and its first P positions are the prefix to keep.
+        prefix, final, token_kv = driver.prefill_with_prompt(input_ids, prompts[0], key_mask)
+        cache.store(model.get_base_model(), driver.name, adapters, prompts, prefix)
+    else:
+        prefix = model._prefix(driver, adapters, prompts)
+        final, token_kv = driver.prefill(input_ids, key_mask, prefix, rows)
     logits = next_token_logits(driver.lm_head, final[:, -1]).repeat_interleave(copies, dim=0)
 
     total_rows = batch * copies

@@ -88,21 +88,30 @@ class PrefixCache:
             compute: Callable[[], Prefix]) -> Prefix:
         """The prefix of ``prompts`` [A, P, H] (the adapters' current prompts)
         through ``path``; ``compute`` runs it when no valid entry exists."""
+        prefix = self.lookup(base_model, path, adapters, prompts)
+        if prefix is None:
+            with torch.no_grad():
+                prefix = compute()
+            self.store(base_model, path, adapters, prompts, prefix)
+        return prefix
+
+    def lookup(self, base_model, path: str, adapters: tuple[str, ...], prompts: torch.Tensor) -> Prefix | None:
+        """The valid entry's prefix, or None (a stale entry is freed at once)."""
         key = (path, adapters)
         entry = self._entries.get(key)
-        prompts = prompts.detach()
-        if entry is not None and entry.matches(base_model, prompts):
+        if entry is not None and entry.matches(base_model, prompts.detach()):
             self._entries.move_to_end(key)
             return entry.prefix
-        self._entries.pop(key, None)  # free the stale K/V before computing new ones
-        with torch.no_grad():
-            prefix = compute()
+        self._entries.pop(key, None)
+        return None
+
+    def store(self, base_model, path: str, adapters: tuple[str, ...], prompts: torch.Tensor, prefix: Prefix) -> None:
+        """Keep ``prefix``, computed (without gradients) from ``prompts`` now."""
         self.computations += 1
-        self._entries[key] = _Entry(prompts.clone(), _parameter_identity(base_model), _modes(base_model),
-                                    _autocast_state(prompts.device), prefix)
+        self._entries[(path, adapters)] = _Entry(prompts.detach().clone(), _parameter_identity(base_model),
+                                                 _modes(base_model), _autocast_state(prompts.device), prefix)
         while len(self._entries) > MAX_ENTRIES:
             self._entries.popitem(last=False)
-        return prefix
 
     def clear(self) -> None:
         self._entries.clear()

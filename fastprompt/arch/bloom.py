@@ -244,6 +244,17 @@ class BloomDriver:
         no_prompt = self.decoder.word_embeddings.weight.new_empty(0, self.decoder.word_embeddings.embedding_dim)
         return self._embed(input_ids, no_prompt)
 
+    def prefill_with_prompt(self, input_ids, prompt: torch.Tensor, key_mask):
+        """One pass over cat(prompt, tokens) for one row (nothing to share):
+        the prompt's Prefix, and the tokens' final hidden [1, T, H] and K/V as
+        ``prefill`` returns them."""
+        count = prompt.shape[0]
+        final, kv = self.decoder.forward(self._embed(input_ids, prompt), key_mask)
+        kv = [(key.transpose(0, 1), value.transpose(0, 1)) for key, value in kv]
+        # Copies, so the cached prefix does not keep the tokens' K/V alive.
+        prefix = Prefix(final[:, :count].clone(), [(k[:, :, :count].clone(), v[:, :, :count].clone()) for k, v in kv])
+        return prefix, final[:, count:], [(k[:, :, count:], v[:, :, count:]) for k, v in kv]
+
     def prefill(self, input_ids, key_mask, prefix: Prefix, rows: torch.Tensor | None):
         """The T real tokens against the prefix: final hidden [B, T, H] and each
         layer's new (key, value) [B, heads, T, d]."""
