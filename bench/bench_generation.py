@@ -30,6 +30,7 @@ Model, dtype and device come from the environment (``model_shapes.setting_from_e
 
 from __future__ import annotations
 
+import os
 import time
 from typing import NamedTuple
 
@@ -57,7 +58,9 @@ SHAPE = model_shapes.SHAPES[SETTING["model"]]
 ROUNDS = 5 if SHAPE.quick else 2
 # The decode-variant contenders cost two more generations per round: worth it
 # where a round is quick (and on a GPU, where the compiled step matters most).
-DECODE_VARIANTS = SHAPE.quick or SETTING["device"].startswith("cuda")
+# FASTPROMPT_BENCH_DECODE_VARIANTS=0/1 overrides (gpu_check.sh: not for 8-bit).
+DECODE_VARIANTS = os.environ.get("FASTPROMPT_BENCH_DECODE_VARIANTS",
+                                 "1" if SHAPE.quick or SETTING["device"].startswith("cuda") else "0") == "1"
 
 
 class FirstTokenClock(BaseStreamer):

@@ -1,65 +1,88 @@
 #!/usr/bin/env bash
-# GPU check: run on a CUDA machine from anywhere in the repo; logs and JSON land in $OUT.
-# Budget: under 8 minutes on one H100 (the step limits below add up to 8). Every step runs even if an earlier one failed (a failed
-# kernel test must not cost us the benchmark numbers); the script exits non-zero if any failed.
-# To add a check, append one `step NAME SECONDS COMMAND...` line at the end of the list below.
-set -euo pipefail
+# The one prepared GPU call: correctness first, then speed, then one summary.
+#
+#   bash bench/gpu_check.sh            on a CUDA machine: under 8 minutes on one H200 (the step
+#                                      limits below add up to 7.4 minutes)
+#   bash bench/gpu_check.sh --dry-run  the same steps on CPU with tiny shapes and one round each,
+#                                      so the plumbing is tested without a GPU (tests/test_gpu_check.py)
+#
+# Results land in $OUT (default ./gpu_out): a log, JUnit XML or benchmark JSON per step, env.json,
+# and summary.md + summary.json (bench/gpu_summary.py). Every step runs even if an earlier one
+# failed (a failed kernel test must not cost the benchmark numbers); the script exits non-zero if
+# any failed. The GPU image has no bitsandbytes (the 8-bit steps): carry its wheel in .whl/, made with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
-failed=()
+: > "$OUT/steps.tsv"
 
-# The GPU image lacks bitsandbytes (8-bit steps): install any wheels carried in .whl/, made with
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+if [[ "${1:-}" == "--dry-run" ]]; then
+    DEVICE=cpu MODEL=bloom-tiny
+    export FASTPROMPT_BENCH_ROUNDS=1 FASTPROMPT_BENCH_DEMO_DATA=1
+    KERNEL_TESTS=(tests/test_ops_embed_concat.py -k "bad_inputs")
+    PARITY_TESTS=(tests/test_parity_peft.py -k "fp32 and bloom and 3-8-12-left")
+    GENERATION_TESTS=(tests/test_generation.py -k "equal_the_peft_intended_path and bloom")
+else
+    DEVICE=cuda MODEL=bloom-1b4-zh
+    export FASTPROMPT_TEST_CUDA=1
+    KERNEL_TESTS=(tests/test_ops_embed_concat.py)
+    PARITY_TESTS=(tests/test_parity_peft.py -k "fp32 or bf16 or int8 or holes")
+    GENERATION_TESTS=(tests/test_generation.py -k "peft_intended or bf16 or int8 or own_loop or static")
+fi
+export FASTPROMPT_TEST_DEVICE=$DEVICE FASTPROMPT_BENCH_DEVICE=$DEVICE FASTPROMPT_BENCH_MODEL=$MODEL
+
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="${PWD}:${PYTHONPATH:-}"
+export PYTHONPATH="${PWD}:${PWD}/bench:${PYTHONPATH:-}"
 
+failed=()
 step() {
     local name=$1 seconds=$2
     shift 2
     echo "=== ${name} (limit ${seconds}s): $*"
-    local start=$SECONDS
-    if timeout "${seconds}" "$@" 2>&1 | tee "${OUT}/${name}.log"; then
-        echo "=== ${name}: ok in $((SECONDS - start))s"
-    else
-        echo "=== ${name}: FAILED (exit $?) after $((SECONDS - start))s"
+    local start=$SECONDS status=ok
+    if ! timeout "${seconds}" "$@" > "${OUT}/${name}.log" 2>&1; then
+        status=FAILED
         failed+=("${name}")
     fi
+    tail -n 5 "${OUT}/${name}.log"
+    echo "=== ${name}: ${status} in $((SECONDS - start))s"
+    printf '%s\t%s\t%s\t%s\n' "${name}" "${status}" "$((SECONDS - start))" "${seconds}" >> "${OUT}/steps.tsv"
+}
+tests() {  # tests NAME SECONDS PYTEST_ARGS...: JUnit XML for the summary
+    local name=$1 seconds=$2
+    shift 2
+    step "${name}" "${seconds}" python -m pytest -q -p no:cacheprovider --junitxml="${OUT}/${name}.xml" "$@"
+}
+bench() {  # bench NAME SECONDS DTYPE SUITE [EXTRA_ENV...]
+    local name=$1 seconds=$2 dtype=$3 suite=$4
+    shift 4
+    step "${name}" "${seconds}" env FASTPROMPT_BENCH_DTYPE="${dtype}" "$@" \
+        python -m pytest -q -p no:cacheprovider "bench/${suite}" --benchmark-json="${OUT}/${name}.json"
 }
 
-step env 30 bash -c 'nvidia-smi && python -c "
-import torch, triton
-from fastprompt.ops import backend_info
-print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)
-print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))
-print(backend_info())
-"'
-step test_ops_embed_concat 60 env FASTPROMPT_TEST_CUDA=1 python -m pytest tests/test_ops_embed_concat.py -q
-step bench_ops 60 python -m pytest bench/bench_ops.py -q --benchmark-json="${OUT}/bench_ops.json"
-# Training step vs PEFT on Langboat/bloom-1b4-zh's shape (random weights): bf16, then 8-bit.
-# bitsandbytes is not in the GPU image: carry its wheel in .whl (see bench/README.md).
-step bench_training_bf16 80 env FASTPROMPT_BENCH_DEVICE=cuda FASTPROMPT_BENCH_DTYPE=bfloat16 \
-    FASTPROMPT_BENCH_MODEL=bloom-1b4-zh python -m pytest bench/bench_training.py -q \
-    --benchmark-json="${OUT}/bench_training_bf16.json"
-step bench_training_int8 90 env FASTPROMPT_BENCH_DEVICE=cuda FASTPROMPT_BENCH_DTYPE=int8 \
-    FASTPROMPT_BENCH_MODEL=bloom-1b4-zh python -m pytest bench/bench_training.py -q \
-    --benchmark-json="${OUT}/bench_training_int8.json"
-# Generation vs the PEFT-intended path on the same shape; compare decode tok/s with the batch-1
-# bandwidth bound in design.md (<= 2,400 tok/s int8 on an H100).
-step bench_generation_bf16 60 env FASTPROMPT_BENCH_DEVICE=cuda FASTPROMPT_BENCH_DTYPE=bfloat16 \
-    FASTPROMPT_BENCH_MODEL=bloom-1b4-zh python -m pytest bench/bench_generation.py -q \
-    --benchmark-json="${OUT}/bench_generation_bf16.json"
-step bench_generation_int8 80 env FASTPROMPT_BENCH_DEVICE=cuda FASTPROMPT_BENCH_DTYPE=int8 \
-    FASTPROMPT_BENCH_MODEL=bloom-1b4-zh python -m pytest bench/bench_generation.py -q \
-    --benchmark-json="${OUT}/bench_generation_int8.json"
-step report 20 bash -c "python bench/report.py ${OUT}/*.json"
+# --- correctness: kernels on the device, then the model against real PEFT on the device
+step env 20 python bench/gpu_env.py "${OUT}/env.json" --device "${DEVICE}"
+tests kernels 50 "${KERNEL_TESTS[@]}"
+tests parity 50 "${PARITY_TESTS[@]}"
+tests generation 40 "${GENERATION_TESTS[@]}"
 
+# --- speed vs PEFT, on BLOOM-1b4-zh's shape (random weights)
+bench op_bandwidth 30 float32 bench_ops.py
+bench training_bf16 65 bfloat16 bench_training.py
+bench training_int8 65 int8 bench_training.py
+# Eager and compiled (static-cache, CUDA-graph) decode in bf16; 8-bit layers are not compiled.
+bench generation_bf16 70 bfloat16 bench_generation.py FASTPROMPT_BENCH_DECODE_VARIANTS=1
+bench generation_int8 45 int8 bench_generation.py FASTPROMPT_BENCH_DECODE_VARIANTS=0
+
+step summary 10 python bench/gpu_summary.py "${OUT}"
+cat "${OUT}/summary.md"
 if ((${#failed[@]})); then
     echo "failed steps: ${failed[*]}"
     exit 1
 fi
-echo "all steps passed; logs in ${OUT}"
+echo "all steps passed; results in ${OUT}"

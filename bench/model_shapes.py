@@ -34,6 +34,11 @@ SHAPES = {
         BloomConfig(vocab_size=46145, hidden_size=512, n_layer=6, n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
         quick=True, fast_path=True,
     ),
+    # The GPU check's dry run (bench/gpu_check.sh --dry-run): its plumbing, in seconds on a CPU.
+    "bloom-tiny": ModelShape(
+        BloomConfig(vocab_size=46145, hidden_size=256, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0),
+        quick=True, fast_path=True,
+    ),
     "bloom-1b4-zh": ModelShape(
         BloomConfig(vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16, hidden_dropout=0.0, attention_dropout=0.0),
         fast_path=True,
