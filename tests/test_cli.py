@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PromptTuningConfig, TaskType
+from safetensors.torch import save_file
 
 import fastprompt
 from fastprompt.cli import main
 from fastprompt.loading import demo_data_path
-from fastprompt.prompt import save_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,9 @@ def mismatched_adapter(directory: Path) -> Path:
     """A valid adapter for a model of hidden size 128 (tiny-bloom's is 256)."""
     config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, token_dim=128,
                                 num_transformer_submodules=1, num_attention_heads=2, num_layers=2)
-    save_adapter(directory / "other", config, torch.zeros(4, 128))
+    # PEFT's on-disk format for a prompt-tuning adapter: its config and one tensor.
+    config.save_pretrained(directory / "other")
+    save_file({"prompt_embeddings": torch.zeros(4, 128)}, directory / "other" / "adapter_model.safetensors")
     return directory / "other"
 
 
