@@ -22,10 +22,10 @@ import itertools
 import random
 import tempfile
 
+import fastprompt  # before peft: it silences bitsandbytes' optional-kernel warning
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
-import fastprompt
 from fastprompt.data import PadCollator, TokenizedData
 from fastprompt.train import TrainConfig, evaluate, train
 

@@ -11,10 +11,10 @@ anything else with fluent-looking nonsense.
 
 import sys
 
+import fastprompt  # before peft: it silences bitsandbytes' optional-kernel warning
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
-import fastprompt
 from fastprompt.loading import tiny_bloom_path
 
 INIT_TEXT = "下面是一段人与机器人的对话。"

@@ -19,12 +19,13 @@ import dataclasses
 import os
 import tempfile
 
+# First, so that importing peft finds bitsandbytes' optional-kernel warning silenced.
+from fastprompt import get_peft_model  # the tutorial: from peft import get_peft_model
+from fastprompt.loading import demo_data_path, resolve_model_path
+
 from datasets import Dataset, load_from_disk
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-from fastprompt import get_peft_model  # the tutorial: from peft import get_peft_model
-from fastprompt.loading import demo_data_path, resolve_model_path
 
 if os.environ.get("FASTPROMPT_TUTORIAL_BACKEND") == "peft":
     from peft import get_peft_model

@@ -71,3 +71,27 @@ def test_sentiment_classification_example(tmp_path, monkeypatch, capsys):
     assert after < before
     assert re.search(r"accuracy on 16 held-out reviews: [\d.]+ -> [\d.]+", out)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_example_imports_fastprompt_before_peft(script):
+    """Importing peft imports bitsandbytes, which logs a warning about optional
+    hub kernels unless fastprompt's filter is already installed; an example that
+    imports peft first prints that line on every run."""
+    import ast
+
+    tree = ast.parse((EXAMPLES / script).read_text())
+    order = [
+        (alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+        for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in (node.names if isinstance(node, ast.Import) else node.names[:1])
+    ]
+    assert "fastprompt" in order and "peft" in order
+    assert order.index("fastprompt") < order.index("peft"), order
+
+
+def test_importing_fastprompt_then_peft_is_silent_from_the_repo_root():
+    # The repo root puts our kernels/ folder on sys.path as a namespace package named like HF's `kernels`.
+    done = subprocess.run([sys.executable, "-c", "import fastprompt, peft, transformers"], cwd=EXAMPLES.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
