@@ -47,8 +47,9 @@ def _shift_positions(position_ids: torch.Tensor, mask: torch.Tensor | None, coun
     return torch.where(mask, position_ids + count, position_ids)
 
 
-def prepare_step_inputs(model, row_adapters, input_ids, *args, **kwargs) -> dict:
-    """``prepare_inputs_for_generation`` of a FastPromptModel (see module doc)."""
+def prepare_step_inputs(model, row_adapters, call_plan, input_ids, *args, **kwargs) -> dict:
+    """``prepare_inputs_for_generation`` of a FastPromptModel (see module doc);
+    ``call_plan`` is ``model._call_plan()`` for this ``generate`` call."""
     adapters, rows = row_adapters
     generic = model._drivers()[1]
     cache = kwargs.get(generic.cache_arg)
@@ -62,7 +63,7 @@ def prepare_step_inputs(model, row_adapters, input_ids, *args, **kwargs) -> dict
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, count), mask], dim=1)
     prompts = torch.stack([model._prompt(name) for name in adapters])
 
-    driver, share = model._call_plan()
+    driver, share = call_plan
     if cache is not None and share:
         if cache.get_seq_length() == 0:
             prefix = model._prefix(driver, adapters, prompts)

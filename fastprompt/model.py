@@ -314,29 +314,32 @@ class FastPromptModel(PeftModelForCausalLM):
                 return decode.generate(self, driver, rows, plan, kwargs)
             log.info("fastprompt: generate runs transformers' loop (with the cached prefix) for %s", plan)
         kwargs = generation.with_room_for_prompt(self, args, kwargs)
-        with self._generation_rows(adapter_names, args, kwargs):
+        with self._generation_call(adapter_names, args, kwargs):
             return super().generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _generation_rows(self, adapter_names, args, kwargs):
-        """Tell ``prepare_inputs_for_generation`` which prompt each input row
-        has, for the duration of one ``generate`` call."""
+    def _generation_call(self, adapter_names, args, kwargs):
+        """Tell ``prepare_inputs_for_generation``, for the duration of one
+        ``generate`` call, which prompt each input row has and the call plan:
+        decided once, not per step (walking the modules for hooks and dropout
+        costs about a millisecond, per token otherwise)."""
         batch = None
         if adapter_names is not None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             embeds = kwargs.get("inputs_embeds")
             batch = (ids if ids is not None else embeds).shape[0]
-        self.__dict__["_fastprompt_rows"] = self._row_adapters(adapter_names, batch) if adapter_names else None
+        rows = self._row_adapters(adapter_names, batch) if adapter_names else ((self.active_adapter,), None)
+        self.__dict__["_fastprompt_generation"] = (rows, self._call_plan())
         try:
             yield
         finally:
-            self.__dict__["_fastprompt_rows"] = None
+            self.__dict__["_fastprompt_generation"] = None
 
     def prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
         if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING or self.fast_path is None:
             return super().prepare_inputs_for_generation(*args, task_ids=task_ids, **kwargs)
-        rows = self.__dict__.get("_fastprompt_rows") or ((self.active_adapter,), None)
-        return generation.prepare_step_inputs(self, rows, *args, **kwargs)
+        rows, plan = self.__dict__.get("_fastprompt_generation") or (((self.active_adapter,), None), self._call_plan())
+        return generation.prepare_step_inputs(self, rows, plan, *args, **kwargs)
 
 
 def _check_inputs(input_ids, attention_mask, labels) -> None:
