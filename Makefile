@@ -1,6 +1,7 @@
 # Set-up is part of every user-facing target, so each works on a fresh machine.
 # torch==2.13.0 is named explicitly: on the project's CPU machines pip takes it
-# from local disk in seconds, where a bare `torch` would pull a multi-GB CUDA build.
+# from local disk in seconds, where a bare `torch` would pull a multi-GB CUDA build. -qq: pip's
+# warnings about the machine's own index configuration are not ours to print; errors still show.
 PYTHON ?= python
 NATIVE_BUILD_DIR ?= build/native
 NATIVE_CMAKE_ARGS ?=
@@ -9,7 +10,7 @@ BENCH_RESULTS ?= bench/results
 .PHONY: install demo test bench native clean-native
 
 install:
-	$(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev]"
+	$(PYTHON) -m pip install -qq "torch==2.13.0" -e ".[dev]"
 
 # The README's main command: trains, saves, reloads with PEFT, generates.
 demo: install
@@ -29,7 +30,7 @@ BENCH_FULL_MODEL ?= bloom-1b4-zh
 # The quick run, on bloom-mini: every suite plus the scaling sweep, whose plot is also copied to
 # docs/scaling.png for the README.
 bench: native
-	$(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev,bench]"
+	$(PYTHON) -m pip install -qq "torch==2.13.0" -e ".[dev,bench]"
 	mkdir -p $(BENCH_RESULTS)/bloom-mini
 	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_training.py \
 		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/training.json
@@ -48,7 +49,7 @@ bench: native
 # another model of bench/model_shapes.py.
 .PHONY: bench-full
 bench-full: native
-	$(PYTHON) -m pip install -q "torch==2.13.0" -e ".[dev,bench]"
+	$(PYTHON) -m pip install -qq "torch==2.13.0" -e ".[dev,bench]"
 	mkdir -p $(BENCH_RESULTS)/$(BENCH_FULL_MODEL)
 	FASTPROMPT_BENCH_MODEL=$(BENCH_FULL_MODEL) $(BENCH_PYTEST) bench/bench_training.py \
 		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/training.json
