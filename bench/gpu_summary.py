@@ -62,6 +62,11 @@ def read_tests(folder: Path) -> dict:
     return counts
 
 
+def _benchmark_files(folder: Path) -> list[Path]:
+    """The benchmark JSON files the steps wrote (not our own env/summary files)."""
+    return sorted(p for p in folder.glob("*.json") if p.name not in ("env.json", "summary.json"))
+
+
 def _benchmark_rows(path: Path) -> tuple[dict, list[dict]]:
     data = json.loads(path.read_text())
     setting = data.get("machine_info", {}).get("fastprompt_bench", {}).get("setting", {})
@@ -72,9 +77,7 @@ def _benchmark_rows(path: Path) -> tuple[dict, list[dict]]:
 
 def op_bandwidth(folder: Path, copy_gb_s: float) -> list[dict]:
     rows = []
-    for path in sorted(folder.glob("*.json")):
-        if path.name in ("env.json", "summary.json"):
-            continue
+    for path in _benchmark_files(folder):
         _, benchmarks = _benchmark_rows(path)
         for row in benchmarks:
             for key, value in row.items():
@@ -86,9 +89,7 @@ def op_bandwidth(folder: Path, copy_gb_s: float) -> list[dict]:
 
 def decode_bounds(folder: Path, copy_gb_s: float) -> list[dict]:
     rows = []
-    for path in sorted(folder.glob("*.json")):
-        if path.name in ("env.json", "summary.json"):
-            continue
+    for path in _benchmark_files(folder):
         setting, benchmarks = _benchmark_rows(path)
         if not setting or setting.get("model") not in model_shapes.SHAPES:
             continue
@@ -135,7 +136,7 @@ def summarise(folder: Path) -> tuple[dict, str]:
         "op_bandwidth": op_bandwidth(folder, copy_gb_s),
         "decode_vs_bandwidth_bound": decode_bounds(folder, copy_gb_s),
     }
-    benchmark_files = sorted(p for p in folder.glob("*.json") if p.name not in ("env.json", "summary.json"))
+    benchmark_files = _benchmark_files(folder)
     text = [
         "# GPU check",
         "",
