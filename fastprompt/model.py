@@ -306,7 +306,8 @@ class FastPromptModel(PeftModelForCausalLM):
         if (self._adapters_disabled or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING
                 or self.fast_path is None):
             return super().generate(*args, **kwargs)
-        driver, _ = self._call_plan()
+        call_plan = self._call_plan()
+        driver = call_plan[0]
         if driver.name == "bloom":
             plan = decode.plan(self, args, kwargs)
             if isinstance(plan, decode.Plan):
@@ -314,11 +315,11 @@ class FastPromptModel(PeftModelForCausalLM):
                 return decode.generate(self, driver, rows, plan, kwargs)
             log.info("fastprompt: generate runs transformers' loop (with the cached prefix) for %s", plan)
         kwargs = generation.with_room_for_prompt(self, args, kwargs)
-        with self._generation_call(adapter_names, args, kwargs):
+        with self._generation_call(adapter_names, call_plan, args, kwargs):
             return super().generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _generation_call(self, adapter_names, args, kwargs):
+    def _generation_call(self, adapter_names, call_plan, args, kwargs):
         """Tell ``prepare_inputs_for_generation``, for the duration of one
         ``generate`` call, which prompt each input row has and the call plan:
         decided once, not per step (walking the modules for hooks and dropout
@@ -328,8 +329,7 @@ class FastPromptModel(PeftModelForCausalLM):
             ids = kwargs.get("input_ids", args[0] if args else None)
             embeds = kwargs.get("inputs_embeds")
             batch = (ids if ids is not None else embeds).shape[0]
-        rows = self._row_adapters(adapter_names, batch) if adapter_names else ((self.active_adapter,), None)
-        self.__dict__["_fastprompt_generation"] = (rows, self._call_plan())
+        self.__dict__["_fastprompt_generation"] = (self._row_adapters(adapter_names or None, batch), call_plan)
         try:
             yield
         finally:
@@ -338,8 +338,8 @@ class FastPromptModel(PeftModelForCausalLM):
     def prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
         if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING or self.fast_path is None:
             return super().prepare_inputs_for_generation(*args, task_ids=task_ids, **kwargs)
-        rows, plan = self.__dict__.get("_fastprompt_generation") or (((self.active_adapter,), None), self._call_plan())
-        return generation.prepare_step_inputs(self, rows, plan, *args, **kwargs)
+        rows, call_plan = self.__dict__.get("_fastprompt_generation") or (self._row_adapters(None, 0), self._call_plan())
+        return generation.prepare_step_inputs(self, rows, call_plan, *args, **kwargs)
 
 
 def _check_inputs(input_ids, attention_mask, labels) -> None:
