@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .gated_mlp import gated_mlps, keeping_less
+
 # model_type -> the hidden-to-logits facts a label-only loss must reproduce.
 FAMILIES = {
     "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gpt2": {}, "opt": {}, "bloom": {},
@@ -96,6 +98,7 @@ class GenericDriver:
         self.model = model
         self.body = getattr(model, model.base_model_prefix)
         self.blocks = _blocks_of(self.body)
+        self.gated_mlps = gated_mlps(self.blocks)
         self.word_embeddings = word_embeddings
         self.cache_arg = cache_argument(self.body)
         self.family = model.config.model_type
@@ -108,23 +111,35 @@ class GenericDriver:
 
     def can_share_prefix(self, prompt_length: int) -> bool:
         """Shared-prefix passes need every layer to keep the whole prefix and a
-        body that honours a cache (not dropped by gradient checkpointing)."""
+        body that honours a cache (checkpointed blocks drop it, or update it
+        again when they re-run in backward)."""
         if any(prompt_length >= window for window in sliding_windows(self.model.config.get_text_config())):
             return False
-        checkpointing = self.body.training and torch.is_grad_enabled() and any(
-            getattr(module, "gradient_checkpointing", False) for module in self.body.modules()
+        return not self._recomputes_blocks()
+
+    def _recomputes_blocks(self) -> bool:
+        """Whether blocks re-run their forward in backward in this call:
+        transformers' gradient checkpointing (in training mode) or torch's
+        checkpoint wrapper around a block."""
+        return torch.is_grad_enabled() and any(
+            (module.training and getattr(module, "gradient_checkpointing", False))
+            or hasattr(module, "_checkpoint_wrapped_module")
+            for module in self.body.modules()
         )
-        return not checkpointing
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         # PEFT's own embedding call, so hooks on it (and scaled embeddings) behave as in PEFT.
         return self.word_embeddings(input_ids)
 
     def _run(self, embeds, key_mask, cache):
-        out = self.body(
-            inputs_embeds=embeds, attention_mask=key_mask, use_cache=cache is not None,
-            return_dict=True, **{self.cache_arg: cache},
-        )
+        # Under autograd the gated MLPs keep less for backward (same numbers, see gated_mlp.py),
+        # unless blocks re-run in backward: the rerun, outside this call, would save other tensors.
+        lean = torch.is_grad_enabled() and not self._recomputes_blocks()
+        with keeping_less(self.gated_mlps if lean else []):
+            out = self.body(
+                inputs_embeds=embeds, attention_mask=key_mask, use_cache=cache is not None,
+                return_dict=True, **{self.cache_arg: cache},
+            )
         return out.last_hidden_state
 
     def full(self, input_ids: torch.Tensor, prompts: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
