@@ -11,7 +11,6 @@ import torch
 from models import FAMILIES, padded_batch, prompt_config, tiny_causal_lm
 
 import fastprompt
-
 from fastprompt.arch import generic
 from fastprompt.arch.gated_mlp import activation_name, gated_mlps, keeping_less
 from fastprompt.ops import ACTIVATIONS, gated_activation

@@ -1,4 +1,5 @@
-"""``act(gate) * up``, the middle of a gated MLP (Llama, Mistral, Qwen, Gemma), keeping only ``gate`` and ``up`` for backward.
+"""``act(gate) * up``, the middle of a gated MLP (Llama, Mistral, Qwen, Gemma), keeping only ``gate``
+and ``up`` for backward.
 
 Autograd's own graph for ``act_fn(gate) * up`` keeps three ``[N, intermediate]``
 tensors per layer: ``gate`` for the activation's backward, ``act(gate)`` and
