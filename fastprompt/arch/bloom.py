@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from ..ops import embed_concat
 from .generic import Prefix
@@ -55,12 +55,20 @@ class KVSegment:
         return self.key.shape[2]
 
 
+def alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
+    """BLOOM's per-head ALiBi slopes [heads], as transformers computes them,
+    read off position 1 of ``build_alibi_tensor`` (slope x 1.0: exact). That
+    function exists in every transformers 5.x; ``_get_alibi_slopes`` only from
+    5.2x, not in the 5.17 of the GPU image."""
+    return build_alibi_tensor(torch.ones(1, 2, device=device), num_heads, torch.float32)[:, 0, 1]
+
+
 def attention_bias(key_mask: torch.Tensor, query_len: int, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias [B, heads, T, K]: BLOOM's ALiBi (from the mask
     cumsum) where a key is visible, dtype-min where it is padding or in the
     future of the query (the queries are the last ``query_len`` keys).
     Min-value rather than -inf keeps every row finite, as BLOOM's mask does."""
-    slopes = _get_alibi_slopes(num_heads, key_mask.device)
+    slopes = alibi_slopes(num_heads, key_mask.device)
     positions = (key_mask.cumsum(dim=-1) - 1) * key_mask
     alibi = (slopes[None, :, None, None] * positions[:, None, None, :].float()).to(dtype)
     key_len = key_mask.shape[1]
@@ -74,7 +82,7 @@ def attention_bias_for_slots(slot_mask: torch.Tensor, num_heads: int, dtype: tor
     """For decoding into preallocated slots: ALiBi [R, heads, S] of every slot
     (from the mask cumsum, as BLOOM computes it) and which slots hold a real
     key [R, S]. A step masks the slots past its own."""
-    slopes = _get_alibi_slopes(num_heads, slot_mask.device)
+    slopes = alibi_slopes(num_heads, slot_mask.device)
     positions = (slot_mask.cumsum(dim=-1) - 1) * slot_mask
     alibi = (slopes[None, :, None] * positions[:, None, :].float()).to(dtype)
     return alibi, slot_mask.bool()
