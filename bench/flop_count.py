@@ -18,7 +18,11 @@ Where the contenders differ (``README.md``, "Where the speed comes from"):
 PEFT runs the body on B·(P+T) positions and ``lm_head`` on all of them.
 fastprompt runs the P prompt positions once per batch and the B·T token
 positions against their shared K/V (at B = 1, one pass over P+T), and
-``lm_head`` only on labelled positions when training. Generation: the prefill
+``lm_head`` only on labelled positions when training. A trained prompt may
+run packed with the tokens in one sequence (``fastprompt/arch/generic.py``),
+whose attention scores all N^2 pairs; that extra is not counted, so the
+bound stays the one of the work needed, and packing has to earn its place
+against it. Generation: the prefill
 computes ``lm_head`` on each row's last position in both; fastprompt's cached
 prefix skips the prompt positions altogether, a cold cache runs them once.
 A family without a fast path in fastprompt (``fast_path=False``) runs PEFT's

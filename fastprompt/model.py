@@ -276,8 +276,16 @@ class FastPromptModel(PeftModelForCausalLM):
         driver, share = self._call_plan()
         # One pass over cat(prompt, tokens), as PEFT does, when sharing the
         # prefix would change what happens (dropout, hooks) or cannot help (one row).
-        whole = batch == 1 or not share or not driver.can_share_prefix(count)
-        if whole:
+        # A prompt in training is recomputed every step: the generic driver may
+        # then run it packed with the rows' tokens, in one body call.
+        trains_prompt = torch.is_grad_enabled() and prompts.requires_grad
+        packed = batch > 1 and share and trains_prompt and driver.packs(len(adapters), count, batch, input_ids.shape[1])
+        whole = not packed and (batch == 1 or not share or not driver.can_share_prefix(count))
+        if packed:
+            prefix_final, token_final = driver.packed(input_ids, prompts, key_mask, rows)
+            if rows is not None:
+                prefix_final = prefix_final.index_select(0, rows)
+        elif whole:
             if rows is not None and driver.name == "bloom":
                 driver = self._drivers()[1]
             row_prompts = prompts if rows is None else prompts.index_select(0, rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -78,6 +79,29 @@ def tiny_causal_lm(family: str, vocab: int = 512, seed: int = 0, dtype=torch.flo
             elif lively and param.dim() == 2:
                 param.mul_(4.0)
     return model.to(DEVICE).requires_grad_(False).eval()
+
+
+# (family, pass of a trained prompt) pairs: the generic families either packed
+# with the tokens in one body call or in two passes; BLOOM its own decoder.
+TRAINING_PASSES = [(family, plan) for family in FAMILIES
+                   for plan in (["own decoder"] if family == "bloom" else ["packed", "two passes"])]
+
+
+def force_training_pass(monkeypatch, model, plan: str) -> list[str]:
+    """Make ``model`` run a trained prompt's pass as ``plan`` says (see
+    TRAINING_PASSES) whatever the cost rule would choose; returns the list
+    that records which pass each call ran ("packed" or "tokens")."""
+    from fastprompt.arch import generic
+
+    ran = []
+    if plan == "own decoder":
+        return ran
+    monkeypatch.setattr(generic, "PACKING_OVERHEAD", math.inf if plan == "packed" else -math.inf)
+    driver = model._drivers()[1]
+    for name in ("packed", "tokens"):
+        method = getattr(driver, name)
+        monkeypatch.setattr(driver, name, lambda *args, _method=method, _name=name: ran.append(_name) or _method(*args))
+    return ran
 
 
 def prompt_config(num_virtual_tokens=8, init=PromptTuningInit.RANDOM, tokenizer=None, **kwargs):

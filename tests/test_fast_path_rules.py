@@ -5,10 +5,21 @@ with different soft prompts in one batch must equal each adapter run alone.
 """
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
-from models import FAMILIES, padded_batch, pair, peft_prompt, prompt_config, random_bloom, tiny_causal_lm
+from models import (
+    FAMILIES,
+    TRAINING_PASSES,
+    force_training_pass,
+    padded_batch,
+    pair,
+    peft_prompt,
+    prompt_config,
+    random_bloom,
+    tiny_causal_lm,
+)
 
 import fastprompt
 
@@ -158,11 +169,44 @@ def test_accelerate_device_map_with_disk_offload_matches_peft(tmp_path):
     assert generated.shape == (3, 12)
 
 
+# ------------------------------------------------------------------ packed training pass
+@pytest.mark.parametrize("shape", ["llama-3.2-1b", "qwen2.5-0.5b"])
+def test_packing_is_taken_where_its_extra_attention_is_cheap(shape):
+    """At the benchmarks' classify (P100 B8 T32) and chat-batch (P20 B4 T128)
+    shapes the packed pass's extra attention scores cost under 5% of the linear
+    layers' work; at B32 T256 its N^2 scores would cost more than the linear
+    layers themselves. A flash implementation takes no mask: never packed."""
+    import copy
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from fastprompt.arch.generic import GenericDriver
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from model_shapes import SHAPES
+
+    with torch.device("meta"):  # the real shape, without its weights
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(SHAPES[shape].config))
+    driver = GenericDriver(model, model.get_input_embeddings())
+    assert driver.packs(1, 100, 8, 32) and driver.packs(1, 20, 4, 128)
+    assert not driver.packs(1, 20, 32, 256)
+    model.config._attn_implementation = "flash_attention_2"
+    assert not driver.packs(1, 100, 8, 32)
+
+
+def test_bloom_is_never_packed():
+    model, _ = pair(lambda: random_bloom(vocab=512), prompt_config(6))
+    own, generic = model._drivers()
+    assert not own.packs(1, 6, 4, 8) and not generic.packs(1, 6, 4, 8)
+
+
 # ------------------------------------------------------------------ mixed adapters
-@pytest.mark.parametrize("family", ["bloom", "llama", "gpt2"])
+@pytest.mark.parametrize("family,plan", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "gpt2")])
 @pytest.mark.parametrize("train", [False, True])
-def test_rows_with_different_prompts_equal_each_adapter_alone(family, train):
+def test_rows_with_different_prompts_equal_each_adapter_alone(monkeypatch, family, plan, train):
     model, _ = pair(lambda: tiny_causal_lm(family), prompt_config(6))
+    ran = force_training_pass(monkeypatch, model, plan)
     model.add_adapter("other", prompt_config(6))
     with torch.no_grad():
         model.prompt_encoder["other"].embedding.weight.normal_(0, 1.0)
@@ -171,6 +215,7 @@ def test_rows_with_different_prompts_equal_each_adapter_alone(family, train):
     names = ["other", "default", "other", "default"]
     mixed = model(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=names, return_logits=True,
                   num_items_in_batch=torch.tensor(1))
+    assert ran == {"packed": ["packed"], "two passes": ["tokens"]}.get(plan, [])
     mixed.loss.backward()
     grads = {name: model.prompt_encoder[name].embedding.weight.grad.clone() for name in ("default", "other")}
     total = torch.zeros(())

@@ -8,7 +8,18 @@ the same 8-bit model in the same mode.
 
 import pytest
 import torch
-from models import DEVICE, FAMILIES, padded_batch, pair, peft_prompt, prompt_config, random_bloom, tiny_causal_lm
+from models import (
+    DEVICE,
+    FAMILIES,
+    TRAINING_PASSES,
+    force_training_pass,
+    padded_batch,
+    pair,
+    peft_prompt,
+    prompt_config,
+    random_bloom,
+    tiny_causal_lm,
+)
 from peft import get_peft_model as peft_get_peft_model
 
 import fastprompt
@@ -76,6 +87,31 @@ def test_fp32_logits_loss_and_prompt_grad_match_peft(family, batch, virtual, len
     assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
 
 
+# Gemma2 has no sdpa attention in transformers: eager only.
+GENERIC_PASSES_BY_ATTENTION = [(family, plan, attention) for family, plan in TRAINING_PASSES if family != "bloom"
+                               for attention in (["eager"] if family == "gemma2" else ["sdpa", "eager"])]
+
+
+@pytest.mark.parametrize("family,plan,attention", GENERIC_PASSES_BY_ATTENTION)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_trained_prompt_in_either_pass_matches_peft(monkeypatch, family, plan, side, attention):
+    """A trained prompt's pass, packed with the tokens or in two passes, with
+    uneven rows, a hole in the mask and both ways attention takes a 4D mask
+    (sdpa applies a boolean one, eager adds a float one)."""
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB, attn_implementation=attention), prompt_config(6))
+    ran = force_training_pass(monkeypatch, ours, plan)
+    ids, mask, labels = padded_batch(3, 10, VOCAB, side=side, lengths=[10, 7, 4])
+    mask[0, 5] = 0
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    assert ran == ["packed" if plan == "packed" else "tokens"]
+    assert rel_err(got.logits, want.logits) < 1e-5
+    assert_loss_close(got.loss, want.loss, 1e-5)
+    got.loss.backward()
+    want.loss.backward()
+    assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_without_labels_and_without_mask(family):
     ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(5))
@@ -128,16 +164,20 @@ def test_attention_mask_with_holes_matches_peft(family):
     assert_loss_close(got.loss, want.loss, 1e-5)
 
 
-@pytest.mark.parametrize("family", ["bloom", "llama", "gemma2"])
+@pytest.mark.parametrize("family,plan", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "gemma2")])
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_gives_same_gradient(family, use_reentrant):
+def test_gradient_checkpointing_gives_same_gradient(monkeypatch, family, plan, use_reentrant):
     ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(8))
+    ran = force_training_pass(monkeypatch, ours, plan)
     for model in (ours, ref):
         model.train()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     ids, mask, labels = padded_batch(3, 10, VOCAB, side="left")
     ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    # Packing needs no cache, so checkpointed blocks may run it; the two passes
+    # need one, which those blocks drop: they take the full pass instead.
+    assert ran == (["packed"] if plan == "packed" else [])
     assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
 
 
@@ -149,6 +189,21 @@ def test_prompt_longer_than_a_sliding_window_takes_the_full_pass_and_matches():
     want = ref(input_ids=ids, attention_mask=mask, labels=labels)
     assert rel_err(got.logits, want.logits) < 1e-5
     assert_loss_close(got.loss, want.loss, 1e-5)
+
+
+def test_rows_reaching_past_a_sliding_window_are_not_packed_and_match(monkeypatch):
+    # The packed pass has one mask for all layers: with P + T = 44 past mistral's
+    # window of 40 it must not run, even when packing is forced; two passes do.
+    ours, ref = pair(lambda: tiny_causal_lm("mistral", VOCAB), prompt_config(8))
+    ran = force_training_pass(monkeypatch, ours, "packed")
+    ids, mask, labels = padded_batch(3, 36, VOCAB, side="left")
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    assert ran == ["tokens"]
+    assert rel_err(got.logits, want.logits) < 1e-5
+    got.loss.backward()
+    want.loss.backward()
+    assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
 
 
 def test_only_the_prompt_is_trainable_and_base_untouched():
@@ -185,12 +240,13 @@ def eight_bit(family, directory):
     return fastprompt.load_model(directory, load_in_8bit=True, device_map={"": DEVICE})
 
 
-@pytest.mark.parametrize("family", ["bloom", "llama", "qwen2"])
+@pytest.mark.parametrize("family,plan", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "qwen2")])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_int8_matches_peft_on_the_same_8bit_model(tmp_path, family, mode):
+def test_int8_matches_peft_on_the_same_8bit_model(monkeypatch, tmp_path, family, plan, mode):
     from bitsandbytes.nn import Linear8bitLt
 
     ours, ref = pair(lambda: eight_bit(family, tmp_path / family), prompt_config(8))
+    force_training_pass(monkeypatch, ours, plan)
     assert any(isinstance(m, Linear8bitLt) for m in ours.modules())
     getattr(ours, mode)()
     getattr(ref, mode)()
@@ -206,9 +262,9 @@ def test_int8_matches_peft_on_the_same_8bit_model(tmp_path, family, mode):
     assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-2
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,plan", TRAINING_PASSES)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_bf16_within_tolerance_rule_of_peft(family, side):
+def test_bf16_within_tolerance_rule_of_peft(monkeypatch, family, plan, side):
     """bf16 is judged against PEFT in fp32 on the same weights, allowed twice
     PEFT-in-bf16's own error (design.md's rule)."""
     from tolerance import assert_within_reference_error
@@ -218,6 +274,7 @@ def test_bf16_within_tolerance_rule_of_peft(family, side):
     exact = peft_get_peft_model(tiny_causal_lm(family, VOCAB), config)
     ours = fastprompt.get_peft_model(tiny_causal_lm(family, VOCAB, dtype=torch.bfloat16), config)
     ref = peft_get_peft_model(tiny_causal_lm(family, VOCAB, dtype=torch.bfloat16), config)
+    force_training_pass(monkeypatch, ours, plan)
     with torch.no_grad():
         peft_prompt(ours).copy_(peft_prompt(exact))
         peft_prompt(ref).copy_(peft_prompt(exact))

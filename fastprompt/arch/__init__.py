@@ -1,6 +1,6 @@
 """Which fast path a base model gets, and what a call needs to keep it.
 
-Two drivers share one interface (``full``, ``prefix``, ``tokens``, ``logits``):
+Two drivers share one interface (``full``, ``prefix``, ``tokens``, ``logits``, ``packs``):
 ``bloom.BloomDriver`` runs BLOOM's blocks through our own attention and fused
 embedding op, ``generic.GenericDriver`` runs any supported family's own body
 with the prompt's K/V as a pre-filled transformers cache. BLOOM takes its own

@@ -226,6 +226,10 @@ class BloomDriver:
     def can_share_prefix(self, prompt_length: int) -> bool:
         return True
 
+    def packs(self, prompt_count: int, prompt_length: int, batch: int, length: int) -> bool:
+        """Never: ALiBi comes from the 2D mask, which cannot describe a packed sequence."""
+        return False
+
     def _embed(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """LayerNorm(cat(prompt, weight[ids])) per row: [B, P+T, H]."""
         norm = self.decoder.embedding_layernorm

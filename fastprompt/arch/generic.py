@@ -18,7 +18,20 @@ left padding included.
 What it cannot do: share a prefix through a layer that throws its cache away
 (transformers drops caches inside gradient-checkpointed blocks), or one longer
 than a sliding attention window (the layer keeps only the window). Those calls
-take the full pass instead; ``model.py`` decides.
+take the full pass instead, or the packed pass below, which needs no cache;
+``model.py`` decides.
+
+When the prompt is trained, its pass is recomputed every step, and the two
+passes above become two smaller matrix products per linear layer (P rows, then
+B*T rows), which run well below the throughput of one product over all rows
+(on a 2-core CPU, a [100, 2048] x [2048, 8192] product runs at 71 GMAC/s,
+[356, 2048] at 125, [1056, 2048] at 136). ``packed`` instead runs the prompt
+and every row's tokens as one sequence of A*P + B*T positions through one body
+call, with each position's own position id and a 4D mask that lets a token
+see its row's prompt and its row's earlier tokens. The same pairs attend as in
+the two passes; the price is attention scores for all N^2 pairs of the packed
+sequence, so it is taken only where that stays small next to the linear layers'
+work (``packs``).
 """
 
 from __future__ import annotations
@@ -30,12 +43,24 @@ import torch
 
 from .gated_mlp import gated_mlps, keeping_less
 
-# model_type -> the hidden-to-logits facts a label-only loss must reproduce.
+# model_type -> the facts the fast path must reproduce: "softcap", the config
+# field of the logits' soft cap (a label-only loss applies it too); "positions",
+# how the body numbers positions when not given ids, as the packed pass must
+# give them: "arange" (RoPE, GPT-2), "mask_cumsum" (OPT), None where the body
+# takes no position ids (BLOOM's ALiBi comes from the 2D mask: never packed).
 FAMILIES = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gpt2": {}, "opt": {}, "bloom": {},
-    "gemma": {}, "gemma2": {"softcap": "final_logit_softcapping"},
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gpt2": {}, "opt": {"positions": "mask_cumsum"},
+    "bloom": {"positions": None}, "gemma": {}, "gemma2": {"softcap": "final_logit_softcapping"},
     "gemma3_text": {"softcap": "final_logit_softcapping"},
 }
+
+# Attention implementations that apply a given 4D mask as it is (flash kernels
+# take no mask; the packed pass falls back to the two passes there).
+PACKED_MASK_FORMATS = ("sdpa", "eager")
+# The packed pass computes attention scores for every pair of its N positions;
+# it is taken when those beyond what the two passes compute cost at most this
+# fraction of the linear layers' work over the N positions.
+PACKING_OVERHEAD = 0.05
 
 
 @dataclass
@@ -104,6 +129,13 @@ class GenericDriver:
         self.family = model.config.model_type
         softcap_field = FAMILIES[self.family].get("softcap")
         self.softcap = getattr(model.config, softcap_field, None) if softcap_field else None
+        self.positions = FAMILIES[self.family].get("positions", "arange")
+        text = model.config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # Multiply-adds per attending pair (scores and weighted values) and per
+        # position through one block's matrices: the two costs ``packs`` weighs.
+        self.macs_per_pair = 2 * text.num_attention_heads * head_dim
+        self.macs_per_position = sum(p.numel() for p in self.blocks[0].parameters() if p.dim() == 2)
 
     @property
     def lm_head(self) -> torch.nn.Module:
@@ -133,14 +165,14 @@ class GenericDriver:
         # PEFT's own embedding call, so hooks on it (and scaled embeddings) behave as in PEFT.
         return self.word_embeddings(input_ids)
 
-    def _run(self, embeds, key_mask, cache):
+    def _run(self, embeds, key_mask, cache, position_ids=None):
         # Under autograd the gated MLPs keep less for backward (same numbers, see gated_mlp.py),
         # unless blocks re-run in backward: the rerun, outside this call, would save other tensors.
         lean = torch.is_grad_enabled() and not self._recomputes_blocks()
         with keeping_less(self.gated_mlps if lean else []):
             out = self.body(
-                inputs_embeds=embeds, attention_mask=key_mask, use_cache=cache is not None,
-                return_dict=True, **{self.cache_arg: cache},
+                inputs_embeds=embeds, attention_mask=key_mask, position_ids=position_ids,
+                use_cache=cache is not None, return_dict=True, **{self.cache_arg: cache},
             )
         return out.last_hidden_state
 
@@ -179,6 +211,63 @@ class GenericDriver:
         """The T real tokens against the prefix K/V; key_mask [B, P+T]. Returns [B, T, H]."""
         cache = self.cache_for(prefix, rows, input_ids.shape[0])
         return self._run(self.embed_tokens(input_ids), key_mask, cache)
+
+    def packs(self, prompt_count: int, prompt_length: int, batch: int, length: int) -> bool:
+        """Whether ``packed`` can run this call exactly and pays: positions the
+        body can be given, a mask the attention applies as given, every row
+        within each sliding window (the packed mask is one for all layers), and
+        the extra attention pairs cheap next to the linear layers."""
+        config = self.model.config
+        if self.positions is None or config._attn_implementation not in PACKED_MASK_FORMATS:
+            return False
+        if any(prompt_length + length >= window for window in sliding_windows(config.get_text_config())):
+            return False
+        positions = prompt_count * prompt_length + batch * length
+        # The two passes: causal pairs among the prompt, then every token against P + T keys.
+        two_pass = prompt_count * prompt_length * (prompt_length + 1) / 2 + batch * length * (prompt_length + length)
+        extra = (positions * positions - two_pass) * self.macs_per_pair
+        return extra <= PACKING_OVERHEAD * positions * self.macs_per_position
+
+    def packed(self, input_ids, prompts, key_mask, rows: torch.Tensor | None):
+        """The A prompts and the B rows' T tokens as one sequence through one
+        body call. prompts: [A, P, H]; key_mask [B, P+T]; ``rows`` maps each
+        row to its prompt (None: all rows read prompt 0). Returns the prompts'
+        final hidden states [A, P, H] and the tokens' [B, T, H]."""
+        count, length, hidden = prompts.shape
+        batch, tokens = input_ids.shape
+        embeds = self.embed_tokens(input_ids)
+        sequence = torch.cat([prompts.to(embeds.dtype).reshape(1, count * length, hidden),
+                              embeds.reshape(1, batch * tokens, hidden)], dim=1)
+        mask, position_ids = self._packed_layout(key_mask, count, length, rows, embeds.dtype)
+        final = self._run(sequence, mask, None, position_ids)[0]
+        return final[: count * length].view(count, length, hidden), final[count * length:].view(batch, tokens, hidden)
+
+    def _packed_layout(self, key_mask, count, length, rows, dtype):
+        """The packed sequence's [1, 1, N, N] mask, in the form the attention
+        implementation adds or applies, and its [1, N] position ids: prompt a
+        at 0..P-1, each row's tokens where PEFT's pass puts them."""
+        device = key_mask.device
+        batch, tokens = key_mask.shape[0], key_mask.shape[1] - length
+        blocks = torch.arange(count, device=device).repeat_interleave(length)
+        row_prompt = rows if rows is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        # Which stretch a position belongs to (a prompt, or count + its row), and which prompt it reads.
+        group = torch.cat([blocks, count + torch.arange(batch, device=device).repeat_interleave(tokens)])
+        reads = torch.cat([blocks, row_prompt.repeat_interleave(tokens)])
+        index = torch.arange(group.numel(), device=device)
+        is_prompt = index < count * length
+        key_valid = torch.cat([is_prompt.new_ones(count * length), key_mask[:, length:].reshape(-1).bool()])
+        allowed = ((index[None, :] <= index[:, None]) & key_valid[None, :]
+                   & ((group[None, :] == group[:, None]) | (is_prompt[None, :] & (group[None, :] == reads[:, None]))))
+        if self.model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+            blocked = torch.finfo(dtype).min
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)
+        prompt_positions = torch.arange(length, device=device).repeat(count)
+        if self.positions == "mask_cumsum":
+            row_positions = key_mask.cumsum(1) * key_mask - 1  # as OPT numbers a padded row
+            token_positions = row_positions[:, length:].reshape(-1)
+        else:
+            token_positions = torch.arange(length, length + tokens, device=device).repeat(batch)
+        return allowed[None, None], torch.cat([prompt_positions, token_positions.to(torch.long)])[None]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
