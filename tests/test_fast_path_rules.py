@@ -9,17 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import (
-    FAMILIES,
-    TRAINING_PASSES,
-    force_training_pass,
-    padded_batch,
-    pair,
-    peft_prompt,
-    prompt_config,
-    random_bloom,
-    tiny_causal_lm,
-)
+from models import (FAMILIES, TRAINING_PASSES, force_training_pass, padded_batch, pair, peft_prompt, prompt_config,
+                    random_bloom, tiny_causal_lm)
 
 import fastprompt
 

@@ -8,18 +8,8 @@ the same 8-bit model in the same mode.
 
 import pytest
 import torch
-from models import (
-    DEVICE,
-    FAMILIES,
-    TRAINING_PASSES,
-    force_training_pass,
-    padded_batch,
-    pair,
-    peft_prompt,
-    prompt_config,
-    random_bloom,
-    tiny_causal_lm,
-)
+from models import (DEVICE, FAMILIES, TRAINING_PASSES, force_training_pass, padded_batch, pair, peft_prompt,
+                    prompt_config, random_bloom, tiny_causal_lm)
 from peft import get_peft_model as peft_get_peft_model
 
 import fastprompt
