@@ -15,7 +15,7 @@ from fastprompt.arch import generic
 from fastprompt.arch.gated_mlp import activation_name, gated_mlps, keeping_less
 from fastprompt.ops import ACTIVATIONS, gated_activation
 
-GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma2"}
+GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
 
 
 def _saved_bytes(fn):
