@@ -160,6 +160,17 @@ def test_accelerate_device_map_with_disk_offload_matches_peft(tmp_path):
     assert generated.shape == (3, 12)
 
 
+def test_a_bidirectional_gemma3_runs_pefts_code():
+    # With use_bidirectional_attention the virtual tokens see the real ones, so
+    # their states differ per row: there is no prefix to share.
+    ours, ref = pair(lambda: tiny_causal_lm("gemma3_text", use_bidirectional_attention=True), prompt_config(4))
+    assert ours.fast_path is None
+    ids, mask, labels = padded_batch(3, 8, 512, side="left")
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+
+
 # ------------------------------------------------------------------ packed training pass
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "qwen2.5-0.5b"])
 def test_packing_is_taken_where_its_extra_attention_is_cheap(shape):

@@ -25,6 +25,8 @@ def make_drivers(base_model, word_embeddings) -> tuple[BloomDriver | None, Gener
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES or not hasattr(base_model, "base_model_prefix"):
         return None, None
+    if getattr(config.get_text_config(), "use_bidirectional_attention", False):
+        return None, None  # the virtual tokens see the real ones: their states differ per row
     generic = GenericDriver(base_model, word_embeddings)
     own_bloom_ok = model_type == "bloom" and not (config.pretraining_tp > 1 and config.slow_but_exact)
     return (BloomDriver(base_model) if own_bloom_ok else None), generic
