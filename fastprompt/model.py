@@ -217,7 +217,7 @@ class FastPromptModel(PeftModelForCausalLM):
     def _prefix(self, driver, adapters: tuple[str, ...], prompts: torch.Tensor):
         """The prompts' pass through the body: recomputed under autograd (the
         gradient flows through it), cached otherwise."""
-        if torch.is_grad_enabled() and prompts.requires_grad:
+        if _trains(prompts):
             return driver.prefix(prompts)
         return prefix_cache_of(self).get(self.get_base_model(), driver.name, adapters, prompts,
                                           lambda: driver.prefix(prompts))
@@ -278,8 +278,8 @@ class FastPromptModel(PeftModelForCausalLM):
         # prefix would change what happens (dropout, hooks) or cannot help (one row).
         # A prompt in training is recomputed every step: the generic driver may
         # then run it packed with the rows' tokens, in one body call.
-        trains_prompt = torch.is_grad_enabled() and prompts.requires_grad
-        packed = batch > 1 and share and trains_prompt and driver.packs(len(adapters), count, batch, input_ids.shape[1])
+        length = input_ids.shape[1]
+        packed = batch > 1 and share and _trains(prompts) and driver.packs(len(adapters), count, batch, length)
         whole = not packed and (batch == 1 or not share or not driver.can_share_prefix(count))
         if packed:
             prefix_final, token_final = driver.packed(input_ids, prompts, key_mask, rows)
@@ -348,6 +348,11 @@ class FastPromptModel(PeftModelForCausalLM):
             return super().prepare_inputs_for_generation(*args, task_ids=task_ids, **kwargs)
         rows, call_plan = self.__dict__.get("_fastprompt_generation") or (self._row_adapters(None, 0), self._call_plan())
         return generation.prepare_step_inputs(self, rows, call_plan, *args, **kwargs)
+
+
+def _trains(prompts: torch.Tensor) -> bool:
+    """Whether a gradient flows to the prompts in this call (their pass is then recomputed, not cached)."""
+    return torch.is_grad_enabled() and prompts.requires_grad
 
 
 def _check_inputs(input_ids, attention_mask, labels) -> None:

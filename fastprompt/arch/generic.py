@@ -145,9 +145,11 @@ class GenericDriver:
         """Shared-prefix passes need every layer to keep the whole prefix and a
         body that honours a cache (checkpointed blocks drop it, or update it
         again when they re-run in backward)."""
-        if any(prompt_length >= window for window in sliding_windows(self.model.config.get_text_config())):
-            return False
-        return not self._recomputes_blocks()
+        return self._within_windows(prompt_length) and not self._recomputes_blocks()
+
+    def _within_windows(self, length: int) -> bool:
+        """Whether ``length`` positions fit in every sliding attention window."""
+        return all(length < window for window in sliding_windows(self.model.config.get_text_config()))
 
     def _recomputes_blocks(self) -> bool:
         """Whether blocks re-run their forward in backward in this call:
@@ -220,7 +222,7 @@ class GenericDriver:
         config = self.model.config
         if self.positions is None or config._attn_implementation not in PACKED_MASK_FORMATS:
             return False
-        if any(prompt_length + length >= window for window in sliding_windows(config.get_text_config())):
+        if not self._within_windows(prompt_length + length):
             return False
         positions = prompt_count * prompt_length + batch * length
         # The two passes: causal pairs among the prompt, then every token against P + T keys.
