@@ -68,7 +68,7 @@ def make_batches(case: str, count: int, vocab_size: int, device="cpu") -> list[d
     spec = CASES[case]
     if spec["length"] is None:
         import fastprompt
-        from fastprompt.data import load_alpaca
+        from fastprompt.app.data import load_alpaca
 
         # The tutorial's preprocessing (template, -100 on the instruction, eos,
         # MAX_LENGTH) through tiny-bloom's tokenizer, whose ids fit every

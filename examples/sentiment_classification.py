@@ -2,7 +2,7 @@
 frozen model predicts at the last position of "Review: ...\\nSentiment:".
 
 Only that position carries a label (-100 everywhere else), so training is the
-ordinary prompt-tuning loop of ``fastprompt.train`` on examples built by hand,
+ordinary prompt-tuning loop of ``fastprompt.app.train`` on examples built by hand,
 and prediction compares the logits of the label words (" positive" vs
 " negative") at the last position of a left-padded batch.
 
@@ -22,12 +22,12 @@ import itertools
 import random
 import tempfile
 
-import fastprompt  # before peft: it silences bitsandbytes' optional-kernel warning
+import fastprompt
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
-from fastprompt.data import PadCollator, TokenizedData
-from fastprompt.train import TrainConfig, evaluate, train
+from fastprompt.app.data import PadCollator, TokenizedData
+from fastprompt.app.train import TrainConfig, evaluate, train
 
 SUBJECTS = ["The food", "The service", "This phone", "The hotel room", "The movie", "This book"]
 WORDS = {

@@ -11,7 +11,7 @@ anything else with fluent-looking nonsense.
 
 import sys
 
-import fastprompt  # before peft: it silences bitsandbytes' optional-kernel warning
+import fastprompt
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 

@@ -19,7 +19,6 @@ import dataclasses
 import os
 import tempfile
 
-# First, so that importing peft finds bitsandbytes' optional-kernel warning silenced.
 from fastprompt import get_peft_model  # the tutorial: from peft import get_peft_model
 from fastprompt.loading import demo_data_path, resolve_model_path
 

@@ -9,11 +9,11 @@ _EXPORTS = {"FastPromptModel": "model", "get_peft_model": "model", "load_model":
 
 
 class _OptionalHubKernelFilter(_logging.Filter):
-    """bitsandbytes tries, at import, to fetch optional CPU/MPS kernels from the
-    ``kernels-community`` hub repos and logs a warning when it cannot (no HF
-    ``kernels`` package, no network, or — from this repository's root — our own
-    ``kernels/`` source folder shadowing that package). 8-bit layers work without
-    them, so the line is noise on every command; other bitsandbytes warnings pass."""
+    """bitsandbytes (the optional "8bit" extra) tries, at import, to fetch optional
+    CPU/MPS kernels from the ``kernels-community`` hub repos and logs a warning
+    when it cannot. 8-bit layers work without them, so the line is noise; other
+    bitsandbytes warnings pass. Nothing depends on this filter being installed
+    before peft imports bitsandbytes: then the line is bitsandbytes' own."""
 
     def filter(self, record: _logging.LogRecord) -> bool:
         return "kernels-community" not in str(record.msg)

@@ -3,7 +3,7 @@
 
 ``tiny-bloom`` exists because nothing here can reach a model hub: a small BLOOM
 with the real head_dim (128), pre-trained on the bundled demo data by
-``fastprompt/tiny_bloom.py``, shipped in the package as an ordinary HF model
+``fastprompt/app/tiny_bloom.py``, shipped in the package as an ordinary HF model
 directory, so ``AutoModelForCausalLM`` and ``AutoTokenizer`` (and PEFT) load it
 like any other checkpoint.
 """
@@ -13,10 +13,6 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-
-import torch
-
-from . import hub
 
 TINY_BLOOM = "tiny-bloom"
 
@@ -35,6 +31,13 @@ def tiny_bloom_path() -> Path:
     return _resource(TINY_BLOOM)
 
 
+def names_a_directory(name_or_path) -> bool:
+    """A filesystem path rather than a hub id ("org/name"): a missing one is
+    reported as missing, never looked up on the hub."""
+    name = str(name_or_path)
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """Map the built-in name to its directory in the package; anything else is passed
     through for transformers to resolve (local directory or hub id)."""
@@ -51,14 +54,19 @@ def load_model(
     load_in_8bit: bool = False,
     dtype: torch.dtype | str | None = None,
     device_map=None,
+    **from_pretrained_kwargs,
 ):
     """Load a causal LM for prompt tuning, frozen and in eval mode.
 
     ``load_in_8bit`` quantises linear layers with bitsandbytes (``Linear8bitLt``);
     ``dtype`` is the compute dtype of everything else (default fp32, or fp16 for
     8-bit as bitsandbytes expects). The tokenizer is attached as ``model.tokenizer``
-    when one is found next to the weights.
+    when one is found next to the weights. Other keywords go to transformers'
+    ``from_pretrained`` (``revision``, ``local_files_only``, ...). Offline, a hub
+    id fails after transformers' own retries; ``HF_HUB_OFFLINE=1`` makes that immediate.
     """
+    # Imported here: the command line resolves names with this module before any heavy import.
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -74,11 +82,13 @@ def load_model(
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["dtype"] = dtype or torch.float16
-    hub_kwargs = hub.from_pretrained_kwargs(path, "config.json", "model")
+    hub_kwargs = {k: from_pretrained_kwargs[k] for k in ("local_files_only", "revision", "token")
+                  if k in from_pretrained_kwargs}
     # transformers probes the id for an adapter too, with its own arguments.
     adapter_kwargs = dict(hub_kwargs) if hub_kwargs else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **hub_kwargs, adapter_kwargs=adapter_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **from_pretrained_kwargs,
+                                                     adapter_kwargs=adapter_kwargs)
     except OSError as err:
         raise ValueError(f"cannot load model {str(name_or_path)!r}: {' '.join(str(err).split())}") from None
     model.requires_grad_(False)

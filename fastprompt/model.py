@@ -27,13 +27,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 
 import torch
 from peft import PeftModel, PeftModelForCausalLM, PeftType, PromptTuningConfig, PromptTuningInit, TaskType
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import adapter_check, decode, generation, hub
+from . import adapter_check, decode, generation
 from .arch import block_hooks, dropout_active, make_drivers, placement_hooks
+from .loading import names_a_directory
 from .loss import prefix_causal_lm_loss
 from .prefix_cache import prefix_cache_of
 
@@ -97,16 +99,14 @@ def _check_config(model, config) -> None:
 
 def _with_local_tokenizer(config: PromptTuningConfig) -> PromptTuningConfig:
     """PEFT loads the init-text tokenizer by name: map the built-in model name
-    to its directory, and fail fast on a hub id that cannot be had offline."""
+    to its directory, and name a missing local directory at once."""
     from .loading import resolve_model_path
 
     if config.prompt_tuning_init != PromptTuningInit.TEXT or config.inference_mode:
         return config
     path = resolve_model_path(config.tokenizer_name_or_path)
-    if hub.looks_like_path(path) and not hub.is_local(path):
+    if names_a_directory(path) and not os.path.isdir(os.path.expanduser(path)):
         raise ValueError(f"cannot load the init-text tokenizer {str(path)!r}: no such directory")
-    if not hub.is_local(path):
-        hub.from_pretrained_kwargs(path, "tokenizer_config.json", "the init-text tokenizer")
     resolved = copy.copy(config)
     resolved.tokenizer_name_or_path = path
     return resolved
@@ -143,11 +143,8 @@ class FastPromptModel(PeftModelForCausalLM):
                         config=None, **kwargs):
         """``peft.PeftModel.from_pretrained`` returning a FastPromptModel; takes
         every argument PEFT's does. Loads adapters written by PEFT or by us."""
-        if config is None:
-            if hub.looks_like_path(model_id):
-                adapter_check.check_adapter_directory(model_id, model, kwargs.get("subfolder"))
-            elif not kwargs.get("local_files_only"):
-                kwargs.update(hub.from_pretrained_kwargs(model_id, "adapter_config.json", "adapter"))
+        if config is None and names_a_directory(model_id):
+            adapter_check.check_adapter_directory(model_id, model, kwargs.get("subfolder"))
         loaded = PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
                                            config=config, **kwargs)
         return cls._adopt(loaded)

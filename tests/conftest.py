@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastprompt  # noqa: F401  (first: it quiets bitsandbytes' optional-kernel warning before peft imports it)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

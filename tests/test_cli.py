@@ -18,14 +18,14 @@ from peft import PromptTuningConfig, TaskType
 from safetensors.torch import save_file
 
 import fastprompt
-from fastprompt.cli import main
+from fastprompt.app.cli import main
 from fastprompt.loading import demo_data_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli_command(*args) -> list[str]:
-    return [sys.executable, "-m", "fastprompt.cli", *map(str, args)]
+    return [sys.executable, "-m", "fastprompt.app.cli", *map(str, args)]
 
 
 def cli_env() -> dict:
@@ -153,7 +153,7 @@ def test_bench_runs_the_suites_and_prints_the_report(tmp_path):
 
 def test_help_imports_nothing_heavy():
     """--help builds the parser only: no torch, transformers or peft import (it answers in well under a second)."""
-    probe = ("import sys, fastprompt.cli as cli; cli.build_parser(); "
+    probe = ("import sys, fastprompt.app.cli as cli; cli.build_parser(); "
              "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from fastprompt.data import (
+from fastprompt.app.data import (
     TUTORIAL_TEMPLATE,
     PadCollator,
     Template,

@@ -13,7 +13,7 @@ from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from safetensors.torch import load_file
 
 import fastprompt
-from fastprompt.cli import TUTORIAL_INIT_TEXT, main
+from fastprompt.app.cli import TUTORIAL_INIT_TEXT, main
 from test_cli import cli_env, small_data
 
 
@@ -28,7 +28,7 @@ def test_two_processes_match_one(tmp_path):
               "--save-every", "2", "--log-every", "1", "--no-progress"]
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "fastprompt.cli", *common, "--output", str(tmp_path / "two")],
+         "-m", "fastprompt.app.cli", *common, "--output", str(tmp_path / "two")],
         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr

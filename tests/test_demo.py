@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from fastprompt import demo
+from fastprompt.app import demo
 from fastprompt.loading import demo_data_path
 
 
 @pytest.fixture(scope="module")
 def demo_run():
-    return subprocess.run([sys.executable, "-m", "fastprompt.cli", "demo"], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fastprompt.app.cli", "demo"], capture_output=True, text=True,
                           timeout=600)
 
 

@@ -141,21 +141,28 @@ def test_adapter_tensor_shape_disagrees_with_config(tmp_path, model):
         FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
 
 
-def test_unknown_model_name():
-    with pytest.raises(ValueError, match="cannot load model 'no-such-model-here'"):
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 as the library sees it: the library leaves the hub to
+    transformers and PEFT, which fail at once in offline mode (the command line
+    probes the hub itself: tests/test_cli.py)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_unknown_model_name(hub_offline):
+    with pytest.raises(ValueError, match="cannot load model 'no-such-model-here'") as error:
         fastprompt.load_model("no-such-model-here")
+    assert "\n" not in str(error.value)
 
 
-def test_hub_adapter_id_without_network_fails_at_once_in_one_line(monkeypatch):
+def test_hub_adapter_id_offline_fails_at_once_in_one_line(hub_offline):
     import time
 
-    from fastprompt import hub
-
-    monkeypatch.setattr(hub, "hub_reachable", lambda: False)  # this machine has no route to a hub either way
     started = time.perf_counter()
     with pytest.raises(ValueError) as error:
         FastPromptModel.from_pretrained(random_bloom(vocab=512), "some-org/some-adapter")
     assert time.perf_counter() - started < 5
     message = str(error.value)
-    assert "\n" not in message
-    assert "cannot load adapter 'some-org/some-adapter'" in message and "HF_HUB_OFFLINE=1" in message
+    assert "\n" not in message and "'some-org/some-adapter'" in message

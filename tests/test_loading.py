@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 import fastprompt
-from fastprompt import tiny_bloom
-from fastprompt.data import PadCollator, load_alpaca
+from fastprompt.app import tiny_bloom
+from fastprompt.app.data import PadCollator, load_alpaca
 from fastprompt.loading import demo_data_path
 
 # What the task asks of a shipped model: small enough to live in the package.

@@ -13,9 +13,9 @@ from models import peft_prompt
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
 import fastprompt
-from fastprompt.data import PadCollator, TokenizedData, length_grouped_steps, load_alpaca
+from fastprompt.app.data import PadCollator, TokenizedData, length_grouped_steps, load_alpaca
 from fastprompt.loading import demo_data_path
-from fastprompt.train import (
+from fastprompt.app.train import (
     LOG_FILE,
     TrainConfig,
     TrainingDiverged,

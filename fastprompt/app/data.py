@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .loss import IGNORE_INDEX
+from ..loss import IGNORE_INDEX
 from .template import MAX_LENGTH, TUTORIAL_TEMPLATE, Template
 
 log = logging.getLogger("fastprompt")

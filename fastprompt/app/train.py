@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .data import PadCollator, TokenizedData, length_grouped_steps, token_budget_batches
 from .distributed import Ranks
-from .loss import IGNORE_INDEX
+from ..loss import IGNORE_INDEX
 from .train_config import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"

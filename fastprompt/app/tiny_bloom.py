@@ -15,7 +15,7 @@ Recipe (:func:`pretrain`):
    so that characters and common words are pieces shared across records and
    the model learns them instead of memorising one token per phrase (with
    1024 or 2048 entries, most phrases single tokens, a soft prompt could not
-   teach the model ``fastprompt.demo``'s task).
+   teach the model ``fastprompt.app.demo``'s task).
 2. Model: BLOOM without dropout, initialised from our own seeded generator in a
    fixed parameter order, so the start does not depend on transformers' init code.
 3. Training: causal LM loss on every token of every record rendered with the
@@ -28,7 +28,7 @@ Recipe (:func:`pretrain`):
 4. Stored: weights as fp16 safetensors (upcast to fp32 on load: the config says
    float32), the config and the tokenizer files.
 
-Rerun it with ``python -m fastprompt.tiny_bloom --output DIR``: about 80 s on
+Rerun it with ``python -m fastprompt.app.tiny_bloom --output DIR``: about 80 s on
 one CPU core (``--steps`` shortens it). With the same torch build on the same
 kind of CPU the files are identical to the shipped ones, byte for byte;
 elsewhere floating-point rounding may move the last bits.
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from .data import PadCollator, tokenize_record
-from .loading import demo_data_path
+from ..loading import demo_data_path
 from .template import TUTORIAL_TEMPLATE
 
 SEED = 1234

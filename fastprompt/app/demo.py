@@ -1,6 +1,6 @@
 """``fastprompt demo``: a soft prompt teaches tiny-bloom a task it does not do.
 
-tiny-bloom (``fastprompt/tiny_bloom.py``) is a chatbot pre-trained on the
+tiny-bloom (``fastprompt/app/tiny_bloom.py``) is a chatbot pre-trained on the
 bundled Alpaca records: after ``"Human: ...\\n\\nAssistant: "`` it answers. The
 task taught here is to reply with the language of the message instead,
 ``中文`` or ``English``, and nothing else. The messages are the sentences and
@@ -18,7 +18,7 @@ and after training, and the adapter is saved in PEFT's format, loaded back with
 ``peft.PeftModel.from_pretrained`` on a fresh base, and its logits are compared
 with fastprompt's on a held-out batch.
 
-    python -m fastprompt.demo   # about 20 s, start-up included, on 2 CPU cores
+    python -m fastprompt.app.demo   # about 20 s, start-up included, on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from .data import PadCollator, TokenizedData, tokenize_record
-from .loading import TINY_BLOOM, demo_data_path
-from .loss import IGNORE_INDEX
+from ..loading import TINY_BLOOM, demo_data_path
+from ..loss import IGNORE_INDEX
 from .template import TUTORIAL_TEMPLATE
 
 LABELS = {"chinese": "中文", "english": "English"}

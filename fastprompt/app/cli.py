@@ -187,28 +187,31 @@ def _device(choice: str):
     return torch.device(choice)
 
 
-def _model_location(name: str) -> str:
-    """The path or hub id behind ``--model``, checked before any heavy import:
-    a missing local directory, or a hub id that cannot be had offline, fails
-    in a second instead of after loading torch and a minute of hub retries."""
+def _model_location(name: str) -> tuple[str, dict]:
+    """The path or hub id behind ``--model`` and the keywords that load it,
+    checked before any heavy import: a missing local directory, or a hub id that
+    cannot be had offline, fails in a second instead of after loading torch and
+    a minute of hub retries (``{"local_files_only": True}`` when only the local
+    cache can serve it)."""
+    from ..loading import names_a_directory
     from . import hub
 
     if name == TINY_BLOOM:
-        return name
-    looks_local = hub.looks_like_path(name)
+        return name, {}
+    looks_local = names_a_directory(name)
     path = str(Path(name).expanduser()) if looks_local else name
     if looks_local and not Path(path).is_dir():
         raise ValueError(f"model directory {name!r} does not exist")
-    hub.from_pretrained_kwargs(path, "config.json", "model")
-    return path
+    return path, hub.from_pretrained_kwargs(path, "config.json", "model")
 
 
-def _load_base(path: str, load_in_8bit: bool, device):
-    """The frozen base model on ``device`` (``path`` from ``_model_location``)."""
+def _load_base(args, device):
+    """The frozen base model on ``device`` (``args.model`` and ``args.model_kwargs`` from ``_model_location``)."""
     import fastprompt
 
+    path, load_in_8bit = args.model, args.load_in_8bit
     device_map = {"": device} if load_in_8bit and device.type == "cuda" else None
-    base = fastprompt.load_model(path, load_in_8bit=load_in_8bit, device_map=device_map)
+    base = fastprompt.load_model(path, load_in_8bit=load_in_8bit, device_map=device_map, **args.model_kwargs)
     if not load_in_8bit:
         base.to(device)
     if base.tokenizer is None:
@@ -231,7 +234,7 @@ def run_train(args) -> int:
 
     from . import distributed
     from .data import load_alpaca, split_holdout
-    from .loading import demo_data_path
+    from ..loading import demo_data_path
     from .train import TrainConfig, train
 
     device = _device(args.device)
@@ -245,7 +248,7 @@ def run_train(args) -> int:
         data_path = args.data or demo_data_path()
         if not Path(data_path).exists():
             raise FileNotFoundError(f"data {str(data_path)!r} does not exist")
-        base = _load_base(args.model, args.load_in_8bit, device)
+        base = _load_base(args, device)
         tokenizer = base.tokenizer
         data = load_alpaca(data_path, tokenizer, template, args.max_length, args.strict)
         if args.eval_data:
@@ -311,7 +314,7 @@ def run_generate(args) -> int:
     if not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"adapter directory {args.adapter!r} does not exist")
     template = _template(args)
-    base = _load_base(args.model, args.load_in_8bit, _device(args.device))
+    base = _load_base(args, _device(args.device))
     model = fastprompt.FastPromptModel.from_pretrained(base, args.adapter)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -321,7 +324,7 @@ def run_generate(args) -> int:
 
 
 def run_bench(args) -> int:
-    bench_dir = Path(args.bench_dir) if args.bench_dir else Path(__file__).resolve().parents[1] / "bench"
+    bench_dir = Path(args.bench_dir) if args.bench_dir else Path(__file__).resolve().parents[2] / "bench"
     suites = sorted(bench_dir.glob("bench_*.py"))
     report = bench_dir / "report.py"
     if not suites or not report.is_file():
@@ -361,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "model"):
-            args.model = _model_location(args.model)
+            args.model, args.model_kwargs = _model_location(args.model)
     except ValueError as err:
         print(f"fastprompt {args.command}: error: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -24,13 +24,6 @@ def is_local(name_or_path) -> bool:
     return os.path.isdir(os.path.expanduser(str(name_or_path)))
 
 
-def looks_like_path(name_or_path) -> bool:
-    """A filesystem path rather than a hub id ("org/name"): a missing one is
-    reported as missing, never looked up on the hub."""
-    name = str(name_or_path)
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
-
-
 def _offline_by_setting() -> bool:
     from huggingface_hub import constants
 
