@@ -16,7 +16,7 @@ emptied, the prefix computed inside the call) is a contender of its own.
 In the quick run (and on a GPU) two more fastprompt contenders show where its
 decode time goes: ``fastprompt_static`` asks for ``cache_implementation=
 "static"`` (on BLOOM: the fixed-shape, ``torch.compile``d step of
-``fastprompt/decode.py``; elsewhere transformers' static cache), and on BLOOM
+``fastprompt/paths/bloom_decode.py``; elsewhere transformers' static cache), and on BLOOM
 ``fastprompt_transformers_loop`` runs transformers' loop with the cached
 prefix instead of fastprompt's own loop — the comparison that justifies keeping
 the hand-written loop.
@@ -44,7 +44,6 @@ from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from transformers.generation.streamers import BaseStreamer
 
 import fastprompt
-from fastprompt.prefix_cache import prefix_cache_of
 
 CASES = {
     "P100-T32-B8": dict(virtual=100, length=32, batch=8),
@@ -161,7 +160,7 @@ def test_generation(benchmark, case):
         return fast_model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **GREEDY)
 
     def cold(streamer):
-        prefix_cache_of(fast_model).clear()
+        fast_model.prefix_cache.clear()
         return warm(streamer)
 
     def static(streamer):

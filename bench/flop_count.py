@@ -19,7 +19,7 @@ PEFT runs the body on B·(P+T) positions and ``lm_head`` on all of them.
 fastprompt runs the P prompt positions once per batch and the B·T token
 positions against their shared K/V (at B = 1, one pass over P+T), and
 ``lm_head`` only on labelled positions when training. A trained prompt may
-run packed with the tokens in one sequence (``fastprompt/arch/generic.py``),
+run packed with the tokens in one sequence (``fastprompt/paths/generic.py``),
 whose attention scores all N^2 pairs; that extra is not counted, so the
 bound stays the one of the work needed, and packing has to earn its place
 against it. Generation: the prefill

@@ -13,6 +13,10 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 TINY_BLOOM = "tiny-bloom"
 

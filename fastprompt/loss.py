@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .eligibility import has_forward_hooks, has_placement_hook
+
 IGNORE_INDEX = -100
 # Upper bound on a live fp32 logits chunk: 64 MiB.
 LOGITS_CHUNK_BYTES = 64 * 2**20
@@ -83,7 +85,7 @@ def _is_plain_frozen_linear(module: torch.nn.Module) -> bool:
     (accelerate's offload hooks bring the weight in only inside the call)."""
     return (
         type(module) is torch.nn.Linear and not module.weight.requires_grad
-        and not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+        and not (has_forward_hooks(module) or has_placement_hook(module))
     )
 
 
@@ -113,8 +115,8 @@ def prefix_causal_lm_loss(
     first_labelled = labels[:, 0] != IGNORE_INDEX
     next_labels = labels[:, 1:]
     labelled = next_labels != IGNORE_INDEX
-    prefix_rows = prefix_last.expand(labels.shape[0], -1)[first_labelled]
-    rows = torch.cat([prefix_rows.to(token_hidden.dtype), token_hidden[:, :-1][labelled]])
+    prefix_states = prefix_last.expand(labels.shape[0], -1)[first_labelled]
+    rows = torch.cat([prefix_states.to(token_hidden.dtype), token_hidden[:, :-1][labelled]])
     targets = torch.cat([labels[:, 0][first_labelled], next_labels[labelled]]).to(rows.device)
     total = linear_cross_entropy_sum(rows, lm_head, targets, softcap)
     if num_items_in_batch is not None:

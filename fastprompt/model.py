@@ -6,10 +6,12 @@ adapter bookkeeping, state dicts, saving, loading, ``disable_adapter``,
 gradient-checkpointing preparation. This subclass overrides ``forward``,
 ``generate`` and ``prepare_inputs_for_generation`` only.
 
-The fast forward computes PEFT's numbers with less work (see ``arch/``): the
-prompt's positions run once per batch instead of once per row (their K/V are
-shared by every row), and with labels under autograd only labelled positions
-go through ``lm_head`` (``loss.py``). The rule for logits:
+The model decides and dispatches: it builds one ``PromptBatch`` per call
+(``batch.py``) and hands it to the path the call takes (``paths/``), which
+plans and runs it. The fast forward computes PEFT's numbers with less work:
+the prompt's positions run once per batch instead of once per row (their K/V
+are shared by every row), and with labels under autograd only labelled
+positions go through ``lm_head`` (``loss.py``). The rule for logits:
 
 * labels given and gradients on (a training step): only the loss is computed,
   ``logits`` is None (pass ``return_logits=True`` to get them as well);
@@ -33,11 +35,12 @@ import torch
 from peft import PeftModel, PeftModelForCausalLM, PeftType, PromptTuningConfig, PromptTuningInit, TaskType
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import adapter_check, decode, generation
-from .arch import block_hooks, dropout_active, make_drivers, placement_hooks
+from . import adapter_check
+from .batch import PromptBatch, with_virtual_tokens
 from .loading import names_a_directory
 from .loss import prefix_causal_lm_loss
-from .prefix_cache import prefix_cache_of
+from .paths import Path, Paths, make_paths
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger("fastprompt")
 
@@ -112,6 +115,23 @@ def _with_local_tokenizer(config: PromptTuningConfig) -> PromptTuningConfig:
     return resolved
 
 
+class _State:
+    """Everything fastprompt keeps on a model, in one object the model alone
+    touches: its paths (built on first use), the prefix cache, the reasons
+    already logged, and the ``generate`` call in progress. Copying or pickling a
+    model starts its copy with a fresh state: the paths hold the modules and
+    the cache holds weak references, which must not be duplicated."""
+
+    def __init__(self):
+        self.paths: Paths | None = None
+        self.prefixes = PrefixCache()
+        self.said: set[str] = set()
+        self.generating: tuple[Path, PromptBatch] | None = None
+
+    def __reduce__(self):
+        return (_State, ())
+
+
 class FastPromptModel(PeftModelForCausalLM):
     """A ``peft.PeftModelForCausalLM`` whose forward and generate take the
     fast path where it is exact. Build it with ``fastprompt.get_peft_model``
@@ -121,14 +141,14 @@ class FastPromptModel(PeftModelForCausalLM):
     # --------------------------------------------------------- construction
     @classmethod
     def _adopt(cls, peft_model):
-        """Make PEFT's freshly built causal-LM model one of ours. This class adds
-        no state of its own (everything is built lazily), so switching the class
-        of an instance PEFT constructed is a complete conversion, and PEFT keeps
+        """Make PEFT's freshly built causal-LM model one of ours. The class's
+        only state is ``_State``, made on first use, so switching the class of
+        an instance PEFT constructed is a complete conversion, and PEFT keeps
         building it exactly as it builds its own."""
         if type(peft_model) is not PeftModelForCausalLM:
             raise TypeError(f"expected a peft.PeftModelForCausalLM, got {type(peft_model).__name__}")
         peft_model.__class__ = cls
-        if peft_model.fast_path is None:
+        if peft_model.paths.generic is None:
             log.warning("fastprompt: %s has no fast path; this model runs PEFT's own code (correct, not faster)",
                         type(peft_model.get_base_model()).__name__)
         return peft_model
@@ -150,51 +170,50 @@ class FastPromptModel(PeftModelForCausalLM):
         return cls._adopt(loaded)
 
     # ------------------------------------------------------------------ info
-    def _drivers(self):
-        drivers = self.__dict__.get("_fastprompt_drivers")
-        if drivers is None:
-            drivers = self.__dict__["_fastprompt_drivers"] = make_drivers(self.get_base_model(), self.word_embeddings)
-        return drivers
+    @property
+    def _state(self) -> _State:
+        state = self.__dict__.get("_fastprompt")
+        if state is None:
+            state = self.__dict__["_fastprompt"] = _State()
+        return state
+
+    @property
+    def paths(self) -> Paths:
+        """This model's fast paths (``paths.Paths``): BLOOM's own and the generic one."""
+        state = self._state
+        if state.paths is None:
+            state.paths = make_paths(self.get_base_model(), self.word_embeddings)
+        return state.paths
+
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        """The prompts' prefixes kept for calls without gradients (``prefix_cache.py``)."""
+        return self._state.prefixes
 
     @property
     def fast_path(self) -> str | None:
-        """The path a plain forward takes: "bloom" (BLOOM's own decoder),
-        "generic:<model_type>" (the model's body with a shared prefix), or None
-        (no fast path: PEFT's code)."""
-        bloom, generic = self._drivers()
-        if bloom is not None:
-            return "bloom"
-        return None if generic is None else f"generic:{generic.family}"
+        """The path a plain call takes with the model as it is now: "bloom"
+        (BLOOM's own decoder), "generic:<model_type>" (the model's body with a
+        shared prefix), or None (no fast path: PEFT's code)."""
+        return None if self.paths.generic is None else self.paths.choose()[0].name
+
+    def soft_prompt(self, adapter: str | None = None) -> torch.nn.Parameter:
+        """The soft prompt [P, H] of ``adapter`` (default: the active one), where PEFT keeps it."""
+        return self.prompt_encoder[adapter or self.active_adapter].embedding.weight
 
     def _note_peft_path(self, reason: str) -> None:
-        said = self.__dict__.setdefault("_fastprompt_said", set())
+        said = self._state.said
         if reason not in said:
             said.add(reason)
             log.warning("fastprompt: this call runs PEFT's own code, not the fast path: %s", reason)
 
-    def _call_plan(self) -> tuple:
-        """(driver, share): the driver a call runs, and whether the prompt's
-        pass may be shared by the rows (computed once, cached when no gradient
-        flows). BLOOM's own decoder unless the body has hooks or draws dropout;
-        no sharing when dropout must draw per row or hooks must see PEFT's
-        single pass over ``cat(prompt, tokens)``."""
-        bloom, generic = self._drivers()
-        hooked = block_hooks(generic.blocks)
-        dropout = dropout_active(self.get_base_model())
-        if bloom is not None and not (hooked or dropout or placement_hooks(generic.body)):
-            return bloom, True
-        return generic, not (hooked or dropout)
-
-    def _prompt(self, adapter: str) -> torch.Tensor:
-        return self.prompt_encoder[adapter].embedding.weight
-
-    def _row_adapters(self, adapter_names, batch: int) -> tuple[tuple[str, ...], torch.Tensor | None]:
-        """(adapters, rows): the distinct adapters of this batch and, when there
-        is more than one, each row's index into them."""
+    def _row_adapters(self, adapter_names, rows: int) -> tuple[tuple[str, ...], torch.Tensor | None]:
+        """(adapters, adapter_of_row): the distinct adapters of this batch and,
+        when there is more than one, each row's index into them."""
         if adapter_names is None:
             return (self.active_adapter,), None
-        if isinstance(adapter_names, str) or len(adapter_names) != batch:
-            raise ValueError(f"adapter_names must list one adapter per row ({batch} rows), got {adapter_names!r}")
+        if isinstance(adapter_names, str) or len(adapter_names) != rows:
+            raise ValueError(f"adapter_names must list one adapter per row ({rows} rows), got {adapter_names!r}")
         adapters = tuple(dict.fromkeys(adapter_names))
         for name in adapters:
             if name not in self.peft_config:
@@ -208,23 +227,23 @@ class FastPromptModel(PeftModelForCausalLM):
         if len(adapters) == 1:
             return adapters, None
         index = {name: i for i, name in enumerate(adapters)}
-        rows = torch.tensor([index[name] for name in adapter_names], dtype=torch.long, device=self.device)
-        return adapters, rows
+        adapter_of_row = torch.tensor([index[name] for name in adapter_names], dtype=torch.long, device=self.device)
+        return adapters, adapter_of_row
 
-    def _prefix(self, driver, adapters: tuple[str, ...], prompts: torch.Tensor):
-        """The prompts' pass through the body: recomputed under autograd (the
-        gradient flows through it), cached otherwise."""
-        if _trains(prompts):
-            return driver.prefix(prompts)
-        return prefix_cache_of(self).get(self.get_base_model(), driver.name, adapters, prompts,
-                                          lambda: driver.prefix(prompts))
+    def _call(self, adapter_names, rows: int, attention_mask: torch.Tensor | None) -> tuple[Path, PromptBatch]:
+        """The path this call takes and its ``PromptBatch``, decided once."""
+        path, shares_prefix = self.paths.choose()
+        adapters, adapter_of_row = self._row_adapters(adapter_names, rows)
+        prompts = torch.stack([self.soft_prompt(name) for name in adapters])
+        key_mask = None if attention_mask is None else with_virtual_tokens(attention_mask, prompts.shape[1])
+        return path, PromptBatch(adapters, adapter_of_row, prompts, key_mask, shares_prefix)
 
     # --------------------------------------------------------------- forward
     def _refusal(self, input_ids, inputs_embeds, output_attentions, output_hidden_states, task_ids, kwargs):
         """Why this call cannot take the fast path, or None."""
         if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
             return f"the active adapter is {self.active_peft_config.peft_type}, not PROMPT_TUNING"
-        if self.fast_path is None:
+        if self.paths.generic is None:
             return f"{self.get_base_model().config.model_type} has no fast path"
         if inputs_embeds is not None:
             return "inputs_embeds was passed"
@@ -256,51 +275,21 @@ class FastPromptModel(PeftModelForCausalLM):
                 return_dict=return_dict, task_ids=task_ids, **kwargs,
             )
         _check_inputs(input_ids, attention_mask, labels)
-        want_logits = labels is None or return_logits or not torch.is_grad_enabled()
-        out = self._fast_forward(input_ids, attention_mask, labels, want_logits, adapter_names,
-                                 kwargs.get("num_items_in_batch"))
-        return out if return_dict is not False else out.to_tuple()
-
-    def _fast_forward(self, input_ids, attention_mask, labels, want_logits, adapter_names, num_items_in_batch):
-        batch = input_ids.shape[0]
-        adapters, rows = self._row_adapters(adapter_names, batch)
-        count = self.peft_config[adapters[0]].num_virtual_tokens
-        prompts = torch.stack([self._prompt(name) for name in adapters])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(input_ids.device)
-        key_mask = torch.cat([attention_mask.new_ones(batch, count), attention_mask], dim=1)
-        driver, share = self._call_plan()
-        # One pass over cat(prompt, tokens), as PEFT does, when sharing the
-        # prefix would change what happens (dropout, hooks) or cannot help (one row).
-        # A prompt in training is recomputed every step: the generic driver may
-        # then run it packed with the rows' tokens, in one body call.
-        length = input_ids.shape[1]
-        packed = batch > 1 and share and _trains(prompts) and driver.packs(len(adapters), count, batch, length)
-        whole = not packed and (batch == 1 or not share or not driver.can_share_prefix(count))
-        if packed:
-            prefix_final, token_final = driver.packed(input_ids, prompts, key_mask, rows)
-            if rows is not None:
-                prefix_final = prefix_final.index_select(0, rows)
-        elif whole:
-            if rows is not None and driver.name == "bloom":
-                driver = self._drivers()[1]
-            row_prompts = prompts if rows is None else prompts.index_select(0, rows)
-            final = driver.full(input_ids, row_prompts, key_mask)
-            prefix_final, token_final = final[:, :count], final[:, count:]
-        else:
-            prefix = self._prefix(driver, adapters, prompts)
-            token_final = driver.tokens(input_ids, key_mask, prefix, rows)
-            prefix_final = prefix.final if rows is None else prefix.final.index_select(0, rows)
+        path, batch = self._call(adapter_names, input_ids.shape[0], attention_mask.to(input_ids.device))
+        prefix_final, token_final = path.hidden_states(batch, input_ids, self._state.prefixes)
 
         loss = logits = None
         if labels is not None:
             loss = prefix_causal_lm_loss(prefix_final[:, -1], token_final, labels.to(token_final.device),
-                                         driver.lm_head, num_items_in_batch, driver.softcap)
-        if want_logits:
-            hidden = torch.cat([prefix_final.expand(batch, -1, -1).to(token_final.dtype), token_final], dim=1)
-            logits = driver.logits(hidden)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+                                         path.lm_head, kwargs.get("num_items_in_batch"), path.softcap)
+        if labels is None or return_logits or not torch.is_grad_enabled():
+            hidden = torch.cat([prefix_final.expand(input_ids.shape[0], -1, -1).to(token_final.dtype), token_final],
+                               dim=1)
+            logits = path.logits(hidden)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits)
+        return out if return_dict is not False else out.to_tuple()
 
     # ------------------------------------------------------------ generation
     def generate(self, *args, **kwargs):
@@ -309,47 +298,38 @@ class FastPromptModel(PeftModelForCausalLM):
         row and request; ``adapter_names`` gives each row its own prompt."""
         adapter_names = kwargs.pop("adapter_names", None)
         if (self._adapters_disabled or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING
-                or self.fast_path is None):
+                or self.paths.generic is None):
             return super().generate(*args, **kwargs)
-        call_plan = self._call_plan()
-        driver = call_plan[0]
-        if driver.name == "bloom":
-            plan = decode.plan(self, args, kwargs)
-            if isinstance(plan, decode.Plan):
-                rows = self._row_adapters(adapter_names, kwargs["input_ids"].shape[0])
-                return decode.generate(self, driver, rows, plan, kwargs)
-            log.info("fastprompt: generate runs transformers' loop (with the cached prefix) for %s", plan)
-        kwargs = generation.with_room_for_prompt(self, args, kwargs)
-        with self._generation_call(adapter_names, call_plan, args, kwargs):
+        rows = 0
+        if adapter_names is not None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            rows = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[0]
+        path, batch = self._call(adapter_names or None, rows, None)
+        sequences = path.generate(batch, args, kwargs, self._state.prefixes)
+        if sequences is not None:
+            return sequences
+        kwargs = path.generation_kwargs(batch, args, kwargs)
+        with self._generating(path, batch):
             return super().generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _generation_call(self, adapter_names, call_plan, args, kwargs):
+    def _generating(self, path: Path, batch: PromptBatch):
         """Tell ``prepare_inputs_for_generation``, for the duration of one
-        ``generate`` call, which prompt each input row has and the call plan:
-        decided once, not per step (walking the modules for hooks and dropout
-        costs about a millisecond, per token otherwise)."""
-        batch = None
-        if adapter_names is not None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            embeds = kwargs.get("inputs_embeds")
-            batch = (ids if ids is not None else embeds).shape[0]
-        self.__dict__["_fastprompt_generation"] = (self._row_adapters(adapter_names or None, batch), call_plan)
+        ``generate`` call, its path and batch: decided once, not per step
+        (walking the modules for hooks and dropout costs about a millisecond,
+        per token otherwise)."""
+        self._state.generating = (path, batch)
         try:
             yield
         finally:
-            self.__dict__["_fastprompt_generation"] = None
+            self._state.generating = None
 
     def prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
-        if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING or self.fast_path is None:
+        if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING or self.paths.generic is None:
             return super().prepare_inputs_for_generation(*args, task_ids=task_ids, **kwargs)
-        rows, call_plan = self.__dict__.get("_fastprompt_generation") or (self._row_adapters(None, 0), self._call_plan())
-        return generation.prepare_step_inputs(self, rows, call_plan, *args, **kwargs)
-
-
-def _trains(prompts: torch.Tensor) -> bool:
-    """Whether a gradient flows to the prompts in this call (their pass is then recomputed, not cached)."""
-    return torch.is_grad_enabled() and prompts.requires_grad
+        path, batch = self._state.generating or self._call(None, 0, None)
+        return path.prepare_step_inputs(batch, self._state.prefixes, self.base_model_prepare_inputs_for_generation,
+                                        *args, **kwargs)
 
 
 def _check_inputs(input_ids, attention_mask, labels) -> None:

@@ -1,7 +1,7 @@
 """The soft prompts' prefix (final hidden states and per-layer K/V), computed once and reused.
 
 The virtual tokens attend only to each other and their positions are the same
-in every row (see ``arch/generic.py``), so their pass through the body depends
+in every row (see ``paths/generic.py``), so their pass through the body depends
 on the prompt and the frozen base model alone: not on the request, the row or
 its padding. One batch-1 copy per adapter serves every row of every call made
 without gradients (``generate``, evaluation).
@@ -30,15 +30,36 @@ however many prompts are seen.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .arch import Prefix
+if TYPE_CHECKING:
+    from .batch import PromptBatch
 
 MAX_ENTRIES = 4
+
+
+@dataclass
+class Prefix:
+    """The prompts after the body, one row per adapter: ``final`` [A, P, H] is
+    the body's last hidden state (after its final norm), ``kv`` the per-layer
+    (key, value) [A, kv_heads, P, head_dim]."""
+
+    final: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrefixSource(Protocol):
+    """What computes a prefix: every fast path (``paths.Path``)."""
+
+    name: str  # which computation: the cache keeps one entry per source and adapter set
+    model: torch.nn.Module  # the base model, whose parameters and modes the entry is checked against
+
+    def prefix(self, prompts: torch.Tensor) -> Prefix:
+        """The prompts [A, P, H] through the body, once, without padding."""
 
 
 def _parameter_identity(model: torch.nn.Module) -> list[tuple]:
@@ -84,48 +105,38 @@ class PrefixCache:
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.computations = 0  # how many times a prefix was actually run
 
-    def get(self, base_model, path: str, adapters: tuple[str, ...], prompts: torch.Tensor,
-            compute: Callable[[], Prefix]) -> Prefix:
-        """The prefix of ``prompts`` [A, P, H] (the adapters' current prompts)
-        through ``path``; ``compute`` runs it when no valid entry exists."""
-        prefix = self.lookup(base_model, path, adapters, prompts)
+    def prefix(self, path: PrefixSource, batch: PromptBatch) -> Prefix:
+        """The batch's prompts through ``path``: recomputed when a gradient
+        flows to them (it must flow through this pass), cached otherwise."""
+        if batch.trains:
+            return path.prefix(batch.prompts)
+        prefix = self.lookup(path, batch)
         if prefix is None:
             with torch.no_grad():
-                prefix = compute()
-            self.store(base_model, path, adapters, prompts, prefix)
+                prefix = path.prefix(batch.prompts)
+            self.store(path, batch, prefix)
         return prefix
 
-    def lookup(self, base_model, path: str, adapters: tuple[str, ...], prompts: torch.Tensor) -> Prefix | None:
+    def lookup(self, path: PrefixSource, batch: PromptBatch) -> Prefix | None:
         """The valid entry's prefix, or None (a stale entry is freed at once)."""
-        key = (path, adapters)
+        key = (path.name, batch.adapters)
         entry = self._entries.get(key)
-        if entry is not None and entry.matches(base_model, prompts.detach()):
+        if entry is not None and entry.matches(path.model, batch.prompts.detach()):
             self._entries.move_to_end(key)
             return entry.prefix
         self._entries.pop(key, None)
         return None
 
-    def store(self, base_model, path: str, adapters: tuple[str, ...], prompts: torch.Tensor, prefix: Prefix) -> None:
-        """Keep ``prefix``, computed (without gradients) from ``prompts`` now."""
+    def store(self, path: PrefixSource, batch: PromptBatch, prefix: Prefix) -> None:
+        """Keep ``prefix``, computed (without gradients) from the batch's prompts now."""
         self.computations += 1
-        self._entries[(path, adapters)] = _Entry(prompts.detach().clone(), _parameter_identity(base_model),
-                                                 _modes(base_model), _autocast_state(prompts.device), prefix)
+        prompts = batch.prompts.detach()
+        self._entries[(path.name, batch.adapters)] = _Entry(
+            prompts.clone(), _parameter_identity(path.model), _modes(path.model), _autocast_state(prompts.device),
+            prefix,
+        )
         while len(self._entries) > MAX_ENTRIES:
             self._entries.popitem(last=False)
 
     def clear(self) -> None:
         self._entries.clear()
-
-    # Copying or pickling a model starts its copy with an empty cache: the
-    # weak references must not be duplicated (each one is freed on deletion).
-    def __reduce__(self):
-        return (PrefixCache, ())
-
-
-def prefix_cache_of(model) -> PrefixCache:
-    """The model's cache, attached on first use (it is not part of the
-    module's state: never saved, never moved by ``.to()``)."""
-    cache = model.__dict__.get("_fastprompt_prefix_cache")
-    if cache is None:
-        cache = model.__dict__["_fastprompt_prefix_cache"] = PrefixCache()
-    return cache

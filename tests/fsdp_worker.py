@@ -22,7 +22,7 @@ def main(output: str) -> None:
     ids, mask, labels = padded_batch(3, 8, 512, side="left")
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
-    torch.save({"loss": loss.detach(), "grad": peft_prompt(model).grad, "path": model._call_plan()[0].name},
+    torch.save({"loss": loss.detach(), "grad": peft_prompt(model).grad, "path": model.fast_path},
                f"{output}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

@@ -96,16 +96,16 @@ def force_training_pass(monkeypatch, model, plan: str) -> list[str]:
     """Make ``model`` run a trained prompt's pass as ``plan`` says (see
     TRAINING_PASSES) whatever the cost rule would choose; returns the list
     that records which pass each call ran ("packed" or "tokens")."""
-    from fastprompt.arch import generic
+    from fastprompt.paths import generic
 
     ran = []
     if plan == "own decoder":
         return ran
     monkeypatch.setattr(generic, "PACKING_OVERHEAD", math.inf if plan == "packed" else -math.inf)
-    driver = model._drivers()[1]
+    path = model.paths.generic
     for name in ("packed", "tokens"):
-        method = getattr(driver, name)
-        monkeypatch.setattr(driver, name, lambda *args, _method=method, _name=name: ran.append(_name) or _method(*args))
+        method = getattr(path, name)
+        monkeypatch.setattr(path, name, lambda *args, _method=method, _name=name: ran.append(_name) or _method(*args))
     return ran
 
 

@@ -148,7 +148,7 @@ def test_accelerate_device_map_with_disk_offload_matches_peft(tmp_path):
         ).requires_grad_(False).eval()
 
     ours, ref = pair(make_base, prompt_config(6))
-    assert ours._call_plan()[0].name != "bloom"  # accelerate's hooks keep BLOOM's own decoder out
+    assert ours.fast_path != "bloom"  # accelerate's hooks keep BLOOM's own decoder out
     ids, mask, labels = padded_batch(3, 8, 512, side="left")
     got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
     want = ref(input_ids=ids, attention_mask=mask, labels=labels)
@@ -183,24 +183,24 @@ def test_packing_is_taken_where_its_extra_attention_is_cheap(shape):
 
     from transformers import AutoModelForCausalLM
 
-    from fastprompt.arch.generic import GenericDriver
+    from fastprompt.paths.generic import GenericPath
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from model_shapes import SHAPES
 
     with torch.device("meta"):  # the real shape, without its weights
         model = AutoModelForCausalLM.from_config(copy.deepcopy(SHAPES[shape].config))
-    driver = GenericDriver(model, model.get_input_embeddings())
-    assert driver.packs(1, 100, 8, 32) and driver.packs(1, 20, 4, 128)
-    assert not driver.packs(1, 20, 32, 256)
+    path = GenericPath(model, model.get_input_embeddings())
+    assert path.packs(1, 100, 8, 32) and path.packs(1, 20, 4, 128)
+    assert not path.packs(1, 20, 32, 256)
     model.config._attn_implementation = "flash_attention_2"
-    assert not driver.packs(1, 100, 8, 32)
+    assert not path.packs(1, 100, 8, 32)
 
 
 def test_bloom_is_never_packed():
     model, _ = pair(lambda: random_bloom(vocab=512), prompt_config(6))
-    own, generic = model._drivers()
-    assert not own.packs(1, 6, 4, 8) and not generic.packs(1, 6, 4, 8)
+    own, generic = model.paths
+    assert not hasattr(own, "packed") and not generic.packs(1, 6, 4, 8)
 
 
 # ------------------------------------------------------------------ mixed adapters

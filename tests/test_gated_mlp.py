@@ -11,8 +11,8 @@ import torch
 from models import FAMILIES, padded_batch, prompt_config, tiny_causal_lm
 
 import fastprompt
-from fastprompt.arch import generic
-from fastprompt.arch.gated_mlp import activation_name, gated_mlps, keeping_less
+from fastprompt.paths import generic
+from fastprompt.paths.gated_mlp import activation_name, gated_mlps, keeping_less
 from fastprompt.ops import ACTIVATIONS, gated_activation
 
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}

@@ -16,7 +16,6 @@ from models import DEVICE, FAMILIES, padded_batch, pair, peft_prompt, prompt_con
 from transformers.generation.streamers import BaseStreamer
 
 import fastprompt
-from fastprompt.prefix_cache import prefix_cache_of
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512
@@ -340,7 +339,7 @@ def test_int8_greedy_matches_peft_on_the_same_8bit_model(family, tmp_path):
 # ------------------------------------------------------------------ prefix cache
 def fresh_generate(model, ids, mask, **kwargs):
     """The same model with the cache emptied first: what a stale-free call gives."""
-    prefix_cache_of(model).clear()
+    model.prefix_cache.clear()
     return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
 
 
@@ -351,7 +350,7 @@ def test_prefix_is_computed_once_across_calls_and_batches(family):
         ids, mask = left_batch(batch, length)
         ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
         ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2)
-    assert prefix_cache_of(ours).computations == 1
+    assert ours.prefix_cache.computations == 1
 
 
 def test_cache_invalidated_by_optimizer_step():
@@ -364,7 +363,7 @@ def test_cache_invalidated_by_optimizer_step():
     optimizer.step()
 
     after = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
-    assert prefix_cache_of(ours).computations == 2
+    assert ours.prefix_cache.computations == 2
     assert not torch.equal(before, after)
     assert torch.equal(after, fresh_generate(ours, ids, mask, max_new_tokens=8))
     with torch.no_grad():
@@ -388,10 +387,10 @@ def test_cache_invalidated_by_load_state_dict_data_writes_and_mode():
     # Writes through .data do not bump the version counter; contents still count.
     peft_prompt(ours).data.copy_(original)
     assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8), first)
-    computed = prefix_cache_of(ours).computations
+    computed = ours.prefix_cache.computations
     ours.train()  # a module's mode is part of the key, even without dropout
     ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
-    assert prefix_cache_of(ours).computations == computed + 1
+    assert ours.prefix_cache.computations == computed + 1
 
 
 def test_cache_invalidated_by_dtype_round_trip_and_autocast():
@@ -409,10 +408,10 @@ def test_cache_invalidated_by_dtype_round_trip_and_autocast():
     again = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
     assert torch.equal(again, fresh_generate(ours, ids, mask, max_new_tokens=8))
     assert torch.equal(again, peft_greedy(ref, ids, mask, 8))
-    computed = prefix_cache_of(ours).computations
+    computed = ours.prefix_cache.computations
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
-    assert prefix_cache_of(ours).computations == computed + 1
+    assert ours.prefix_cache.computations == computed + 1
 
 
 def test_copied_model_starts_with_its_own_cache():
@@ -420,7 +419,7 @@ def test_copied_model_starts_with_its_own_cache():
     ids, mask = left_batch(1, 5)
     out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
     twin = copy.deepcopy(ours)
-    assert prefix_cache_of(twin).computations == 0
+    assert twin.prefix_cache.computations == 0
     assert torch.equal(twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4), out)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from models import force_training_pass, padded_batch, pair, prompt_config, tiny_causal_lm
 
-import fastprompt.decode
+from fastprompt.paths import bloom_decode
 
 ENTRY_POINTS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 
@@ -51,7 +51,7 @@ def test_the_recorder_sees_a_host_read():
 def test_training_step_reads_nothing_back(batch):
     model, _ = pair(lambda: tiny_causal_lm("bloom"), prompt_config(8))
     model.train()
-    assert model._call_plan()[0].name == "bloom"
+    assert model.fast_path == "bloom"
     ids, mask, labels = padded_batch(batch, 12, 512, side="left")
     with recording_host_reads() as calls:
         loss = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(20)).loss
@@ -83,7 +83,7 @@ def test_packed_training_step_reads_nothing_back(monkeypatch, family):
 ])
 def test_prefill_and_decode_steps_read_nothing_back(monkeypatch, options):
     model, _ = pair(lambda: tiny_causal_lm("bloom", lively=True), prompt_config(8))
-    driver = model._call_plan()[0]
+    path = model.paths.own
     calls, steps = [], []
 
     def watched(function, label):
@@ -100,11 +100,10 @@ def test_prefill_and_decode_steps_read_nothing_back(monkeypatch, options):
     if options.get("cache_implementation") == "static":
         # Compile first (tracing reads values), then watch the compiled step as it runs.
         model.generate(input_ids=ids, attention_mask=mask, **options)
-        compiled = model.__dict__["_fastprompt_compiled_step"]
-        model.__dict__["_fastprompt_compiled_step"] = watched(compiled, "step")
+        path.compiled_step = watched(path.compiled_step, "step")
     else:
-        monkeypatch.setattr(fastprompt.decode, "_step", watched(fastprompt.decode._step, "step"))
-    monkeypatch.setattr(driver, "prefill", watched(driver.prefill, "prefill"))
+        monkeypatch.setattr(bloom_decode, "_step", watched(bloom_decode._step, "step"))
+    monkeypatch.setattr(path, "prefill", watched(path.prefill, "prefill"))
     torch.manual_seed(0)
     out = model.generate(input_ids=ids, attention_mask=mask, **options)
     assert steps[0] == "prefill" and steps.count("step") >= 1

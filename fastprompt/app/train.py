@@ -65,11 +65,6 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient stopped being finite; the prompt was not updated."""
 
 
-def trainable_prompt(model) -> torch.nn.Parameter:
-    """The active adapter's soft prompt, where PEFT keeps it."""
-    return model.prompt_encoder[model.active_adapter].embedding.weight
-
-
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warmup then linear decay to 0, as ``get_linear_schedule_with_warmup``."""
     if step < warmup:
@@ -154,7 +149,7 @@ def load_checkpoint(path: Path, model, optimizer, plan: dict) -> int:
     from peft.utils import load_peft_weights
 
     prompt = load_peft_weights(str(path), device="cpu")["prompt_embeddings"]
-    target = trainable_prompt(model)
+    target = model.soft_prompt()
     if prompt.shape != target.shape:
         raise ValueError(
             f"checkpoint {str(path)!r} holds a prompt of shape {tuple(prompt.shape)}, the model's is {tuple(target.shape)}"
@@ -260,7 +255,7 @@ def _accumulate_gradients(model, data: TokenizedData, indices: list[int], step_i
     """Forward and backward this rank's share of a step, in micro-batches under
     the token budget; gradients add up in ``.grad``. Returns the summed loss
     and the number of real tokens."""
-    device = trainable_prompt(model).device
+    device = model.soft_prompt().device
     loss_sum = torch.zeros((), device=device)
     tokens = 0
     for micro in token_budget_batches(indices, data.lengths, config.max_tokens):
@@ -291,7 +286,7 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
     """Train the active adapter's prompt on ``data``; the final adapter lands in
     ``config.output``. Raises TrainingInterrupted (checkpoint written) on
     Ctrl-C/SIGTERM and TrainingDiverged on a non-finite loss."""
-    prompt = trainable_prompt(model)
+    prompt = model.soft_prompt()
     if not prompt.requires_grad:
         raise ValueError("the prompt is frozen (loaded with is_trainable=False?); nothing to train")
     output = config.output

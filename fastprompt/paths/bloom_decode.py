@@ -6,7 +6,7 @@ whose GELU is ten elementwise kernels): the steps run ``BloomDecoder`` (SDPA,
 fused GELU) and the vocabulary head as ``W @ h.T``. It serves greedy and
 sampled decoding with the settings in ``SUPPORTED_FIELDS``; any other request
 (beam search, scores in the output, ...) goes to transformers' loop
-(``generation.py``), which gives the same tokens.
+(``generic_generation.py``), which gives the same tokens.
 
 Memory is laid out as in gpt-fast: per layer one buffer ``[2, rows, heads,
 P + T + max_new, head_dim]`` holding prefix | prompt tokens | new tokens,
@@ -25,7 +25,6 @@ means what it means in ``transformers.generate``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +38,10 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from .arch.bloom import attention_bias_for_slots
-from .prefix_cache import prefix_cache_of
+from ..batch import PromptBatch, with_virtual_tokens
+from ..prefix_cache import PrefixCache
+from .bloom_decoder import alibi
+from .generic_generation import new_token_budget, request_config
 
 # GenerationConfig fields this loop implements exactly as transformers does
 # (the same warpers in the same order); a request setting any other field to a
@@ -57,7 +58,7 @@ SUPPORTED_ARGUMENTS = frozenset({"input_ids", "attention_mask", "generation_conf
 
 
 @dataclass
-class Plan:
+class DecodeRequest:
     """A request this loop serves, resolved once."""
 
     config: GenerationConfig
@@ -68,8 +69,8 @@ class Plan:
     static: bool
 
 
-def plan(model, args, kwargs) -> Plan | str:
-    """The plan for ``generate(*args, **kwargs)``, or why this loop cannot serve it."""
+def decode_request(default: GenerationConfig, args, kwargs) -> DecodeRequest | str:
+    """The request ``generate(*args, **kwargs)`` makes of this loop, or why it cannot serve it."""
     if args:
         return "positional arguments"
     extra = sorted(set(kwargs) - SUPPORTED_ARGUMENTS - SUPPORTED_FIELDS)
@@ -80,8 +81,7 @@ def plan(model, args, kwargs) -> Plan | str:
         return "no 2-D input_ids"
     if mask is not None and not bool(mask[:, -1].all()):
         return "inputs that are not left-padded"
-    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
-    config.update(**{k: v for k, v in kwargs.items() if k in SUPPORTED_FIELDS})
+    config = request_config(default, {k: v for k, v in kwargs.items() if k in SUPPORTED_FIELDS or k == "generation_config"})
     defaults = config._get_default_generation_params()
     other = sorted(
         name for name, value in config.to_dict().items()
@@ -92,13 +92,7 @@ def plan(model, args, kwargs) -> Plan | str:
         return f"settings {other}"
     if config.cache_implementation not in (None, "static"):
         return f"cache_implementation={config.cache_implementation!r}"
-    length = input_ids.shape[1]
-    if config.max_new_tokens is not None:
-        max_new = config.max_new_tokens
-    elif config.max_length is not None:
-        max_new = config.max_length - length
-    else:
-        max_new = defaults["max_length"]
+    max_new = new_token_budget(config, input_ids.shape[1])
     if max_new < 1:
         return "no new token to generate"  # transformers' loop says so in its own words
     config.update(**{k: v for k, v in defaults.items() if getattr(config, k, None) is None})
@@ -111,12 +105,12 @@ def plan(model, args, kwargs) -> Plan | str:
     pad = config.pad_token_id
     if pad is None and eos_ids is not None:
         pad = eos_ids[0]  # transformers does the same
-    return Plan(config, max_new, copies, eos, pad, config.cache_implementation == "static")
+    return DecodeRequest(config, max_new, copies, eos, pad, config.cache_implementation == "static")
 
 
-def _token_rules(plan: Plan, user_criteria):
+def _token_rules(request: DecodeRequest, user_criteria):
     """transformers' warpers (in generate's order) and stopping criteria."""
-    config = plan.config
+    config = request.config
     warpers = LogitsProcessorList()
     if config.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
@@ -126,8 +120,8 @@ def _token_rules(plan: Plan, user_criteria):
         if config.top_p is not None and config.top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p=config.top_p))
     criteria = StoppingCriteriaList()
-    if plan.eos is not None:
-        criteria.append(EosTokenCriteria(plan.eos))
+    if request.eos is not None:
+        criteria.append(EosTokenCriteria(request.eos))
     criteria.extend(user_criteria or [])
     return warpers, criteria
 
@@ -142,76 +136,75 @@ def next_token_logits(lm_head, hidden: torch.Tensor) -> torch.Tensor:
     return lm_head(hidden)
 
 
-def _step(driver, next_ids, slot, alibi, visible, buffers, length: int):
+def _step(path, next_ids, slot, slot_alibi, visible, buffers, attended: int):
     """One decode step: the new tokens' embeddings through every layer, their
-    K/V written at ``slot``, attending to the first ``length`` slots."""
-    positions = torch.arange(length, device=slot.device)
-    allowed = visible[:, :length] & (positions <= slot)
-    bias = alibi[:, :, :length].masked_fill(~allowed[:, None, :], torch.finfo(alibi.dtype).min)
-    hidden = driver.decoder.decode(driver.embed_tokens(next_ids[:, None]), bias[:, :, None, :], buffers, slot, length)
-    return next_token_logits(driver.lm_head, hidden[:, -1])
+    K/V written at ``slot``, attending to the first ``attended`` slots."""
+    positions = torch.arange(attended, device=slot.device)
+    allowed = visible[:, :attended] & (positions <= slot)
+    bias = slot_alibi[:, :, :attended].masked_fill(~allowed[:, None, :], torch.finfo(slot_alibi.dtype).min)
+    hidden = path.decoder.decode(path.embed_tokens(next_ids[:, None]), bias[:, :, None, :], buffers, slot, attended)
+    return next_token_logits(path.lm_head, hidden[:, -1])
 
 
-def _compiled_step(model):
-    step = model.__dict__.get("_fastprompt_compiled_step")
-    if step is None:
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
-        step = model.__dict__["_fastprompt_compiled_step"] = torch.compile(_step, mode=mode, dynamic=False)
-    return step
+def _compiled_step(path, device: torch.device):
+    if path.compiled_step is None:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        path.compiled_step = torch.compile(_step, mode=mode, dynamic=False)
+    return path.compiled_step
 
 
 @torch.no_grad()
-def generate(model, driver, row_adapters, plan: Plan, kwargs) -> torch.Tensor:
-    """``[B * num_return_sequences, T + new]`` ids, as ``generate`` returns them."""
+def generate(path, batch: PromptBatch, request: DecodeRequest, kwargs: dict,
+             prefixes: PrefixCache) -> torch.Tensor:
+    """``[B * num_return_sequences, T + new]`` ids, as ``generate`` returns
+    them; ``path`` is the ``BloomPath`` (its decoder, passes and compiled step)."""
     input_ids = kwargs["input_ids"]
     mask = kwargs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
     streamer = kwargs.get("streamer")
-    adapters, rows = row_adapters
-    batch, length = input_ids.shape
-    copies, count = plan.copies, model.peft_config[adapters[0]].num_virtual_tokens
-    capacity = count + length + plan.max_new
+    inputs, input_length = input_ids.shape
+    copies, num_virtual = request.copies, batch.num_virtual_tokens
+    capacity = num_virtual + input_length + request.max_new
 
-    prompts = torch.stack([model._prompt(name) for name in adapters])
-    key_mask = torch.cat([mask.new_ones(batch, count), mask], dim=1)
-    cache = prefix_cache_of(model)
-    prefix = cache.lookup(model.get_base_model(), driver.name, adapters, prompts)
-    if prefix is None and batch == 1:
+    key_mask = with_virtual_tokens(mask, num_virtual)
+    prefix = prefixes.lookup(path, batch)
+    if prefix is None and inputs == 1:
         # Nothing to share within the call: one pass over cat(prompt, tokens)
         # reads the weights once, and its first P positions are the prefix to keep.
-        prefix, final, token_kv = driver.prefill_with_prompt(input_ids, prompts[0], key_mask)
-        cache.store(model.get_base_model(), driver.name, adapters, prompts, prefix)
+        prefix, final, token_kv = path.prefill_with_prompt(input_ids, batch.prompts[0], key_mask)
+        prefixes.store(path, batch, prefix)
     else:
-        prefix = model._prefix(driver, adapters, prompts)
-        final, token_kv = driver.prefill(input_ids, key_mask, prefix, rows)
-    logits = next_token_logits(driver.lm_head, final[:, -1]).repeat_interleave(copies, dim=0)
+        prefix = prefixes.prefix(path, batch)
+        final, token_kv = path.prefill(input_ids, key_mask, prefix, batch.adapter_of_row)
+    logits = next_token_logits(path.lm_head, final[:, -1]).repeat_interleave(copies, dim=0)
 
-    total_rows = batch * copies
-    ids = input_ids.new_empty(total_rows, length + plan.max_new)
-    ids[:, :length] = input_ids.repeat_interleave(copies, dim=0)
+    total_rows = inputs * copies
+    ids = input_ids.new_empty(total_rows, input_length + request.max_new)
+    ids[:, :input_length] = input_ids.repeat_interleave(copies, dim=0)
     # Every generated position is attended to, finished rows included, as in transformers.
     slot_mask = mask.new_ones(total_rows, capacity)
-    slot_mask[:, count : count + length] = mask.repeat_interleave(copies, dim=0)
-    alibi, visible = attention_bias_for_slots(slot_mask, driver.decoder.num_heads, final.dtype)
-    row_of = torch.arange(batch, device=ids.device).repeat_interleave(copies)
-    prefix_rows = row_of if rows is None else rows.index_select(0, row_of)
+    slot_mask[:, num_virtual : num_virtual + input_length] = mask.repeat_interleave(copies, dim=0)
+    slot_alibi, visible = alibi(slot_mask, path.decoder.num_heads, final.dtype), slot_mask.bool()
+    input_of_row = torch.arange(inputs, device=ids.device).repeat_interleave(copies)
+    adapter_of_row = batch.adapter_of(total_rows)
     buffers = []
     for (prefix_key, prefix_value), (key, value) in zip(prefix.kv, token_kv):
         heads, dim = key.shape[1], key.shape[3]
         # Zeros, not empty: a static step reads every slot (masked to weight 0,
         # but 0 x NaN from uninitialised memory would still poison the sum).
         buffer = key.new_zeros(2, total_rows, heads, capacity, dim)
-        buffer[0, :, :, :count] = prefix_key.index_select(0, prefix_rows) if rows is not None else prefix_key
-        buffer[1, :, :, :count] = prefix_value.index_select(0, prefix_rows) if rows is not None else prefix_value
-        buffer[0, :, :, count : count + length] = key.index_select(0, row_of)
-        buffer[1, :, :, count : count + length] = value.index_select(0, row_of)
+        buffer[0, :, :, :num_virtual] = prefix_key if adapter_of_row is None else prefix_key.index_select(0, adapter_of_row)
+        buffer[1, :, :, :num_virtual] = (prefix_value if adapter_of_row is None
+                                         else prefix_value.index_select(0, adapter_of_row))
+        buffer[0, :, :, num_virtual : num_virtual + input_length] = key.index_select(0, input_of_row)
+        buffer[1, :, :, num_virtual : num_virtual + input_length] = value.index_select(0, input_of_row)
         buffers.append(buffer)
 
-    processors, criteria = _token_rules(plan, kwargs.get("stopping_criteria"))
-    step = _compiled_step(model) if plan.static else _step
+    processors, criteria = _token_rules(request, kwargs.get("stopping_criteria"))
+    step = _compiled_step(path, ids.device) if request.static else _step
     if streamer is not None:
-        streamer.put(ids[:, :length].cpu())
+        streamer.put(ids[:, :input_length].cpu())
     unfinished = torch.ones(total_rows, dtype=torch.bool, device=ids.device)
     # Where each row finished: the loop learns that every row has finished
     # from a flag copied to the host without waiting (see _AllFinished), so it
@@ -219,14 +212,14 @@ def generate(model, driver, row_adapters, plan: Plan, kwargs) -> torch.Tensor:
     # transformers' loop, which checks (and syncs) every step, would have stopped.
     finished_at = torch.full_like(unfinished, ids.shape[1], dtype=torch.long)
     all_finished = _AllFinished(ids.device, wait=streamer is not None)
-    for position in range(length, ids.shape[1]):
+    for position in range(input_length, ids.shape[1]):
         scores = processors(ids[:, :position], logits.float())
-        if plan.config.do_sample:
+        if request.config.do_sample:
             next_ids = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
             next_ids = scores.argmax(dim=-1)
-        if plan.eos is not None:
-            next_ids = torch.where(unfinished, next_ids, plan.pad)
+        if request.eos is not None:
+            next_ids = torch.where(unfinished, next_ids, request.pad)
         ids[:, position] = next_ids
         if streamer is not None:
             streamer.put(next_ids.cpu())
@@ -236,9 +229,9 @@ def generate(model, driver, row_adapters, plan: Plan, kwargs) -> torch.Tensor:
         if position + 1 == ids.shape[1] or all_finished.seen():
             break
         all_finished.post(unfinished)
-        slot = torch.full((1,), count + position, dtype=torch.long, device=ids.device)
-        logits = step(driver, next_ids, slot, alibi, visible, buffers,
-                      capacity if plan.static else count + position + 1)
+        slot = torch.full((1,), num_virtual + position, dtype=torch.long, device=ids.device)
+        logits = step(path, next_ids, slot, slot_alibi, visible, buffers,
+                      capacity if request.static else num_virtual + position + 1)
     if streamer is not None:
         streamer.end()
     end = int(finished_at.max()) if not bool(unfinished.any()) else position + 1  # one sync, after the loop

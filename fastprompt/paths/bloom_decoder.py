@@ -18,14 +18,8 @@ concatenation copies the prefix K/V per row inside each layer (B·P·H values,
 the size of one layer's K for P tokens); what is never repeated per row is the
 prefix's own pass through the model, which is the cost that scales with P.
 
-K/V segments are laid out ``[heads, batch, seq, head_dim]``; a ``Prefix``
-holds them the way transformers' cache does, ``[batch, heads, seq, head_dim]``,
-so the generic path and ``generate`` can use a prefix computed here.
-
-``BloomDriver`` has the interface of ``generic.GenericDriver``; ``model.py``
-takes it when nothing needs BLOOM's own module calls (hooks on the blocks,
-dropout that must draw like PEFT's), since it is faster than running
-transformers' eager BLOOM attention.
+K/V segments are laid out ``[heads, batch, seq, head_dim]``, so that a
+prefix shared by every row expands over the batch as a stride-0 view.
 """
 
 from __future__ import annotations
@@ -37,22 +31,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-from ..ops import embed_concat
-from .generic import Prefix
 
 
 @dataclass
 class KVSegment:
-    """Keys/values of earlier positions for one layer. ``shared`` segments have
-    batch 1 and are seen by every row (the soft prompt)."""
+    """Keys/values of earlier positions for one layer; a batch of 1 is seen by every row (the soft prompt)."""
 
     key: torch.Tensor  # [heads, batch or 1, seq, head_dim]
     value: torch.Tensor
-    shared: bool
-
-    @property
-    def length(self) -> int:
-        return self.key.shape[2]
 
 
 def alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
@@ -63,29 +49,23 @@ def alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
     return build_alibi_tensor(torch.ones(1, 2, device=device), num_heads, torch.float32)[:, 0, 1]
 
 
-def attention_bias(key_mask: torch.Tensor, query_len: int, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias [B, heads, T, K]: BLOOM's ALiBi (from the mask
-    cumsum) where a key is visible, dtype-min where it is padding or in the
-    future of the query (the queries are the last ``query_len`` keys).
-    Min-value rather than -inf keeps every row finite, as BLOOM's mask does."""
+def alibi(key_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """BLOOM's ALiBi [B, heads, K] of every key, from the mask cumsum as BLOOM computes it."""
     slopes = alibi_slopes(num_heads, key_mask.device)
     positions = (key_mask.cumsum(dim=-1) - 1) * key_mask
-    alibi = (slopes[None, :, None, None] * positions[:, None, None, :].float()).to(dtype)
+    return (slopes[None, :, None] * positions[:, None, :].float()).to(dtype)
+
+
+def attention_bias(key_mask: torch.Tensor, query_len: int, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [B, heads, T, K]: BLOOM's ALiBi where a key is
+    visible, dtype-min where it is padding or in the future of the query (the
+    queries are the last ``query_len`` keys). Min-value rather than -inf keeps
+    every row finite, as BLOOM's mask does."""
     key_len = key_mask.shape[1]
     q_pos = torch.arange(query_len, device=key_mask.device)[:, None] + (key_len - query_len)
     causal = torch.arange(key_len, device=key_mask.device)[None, :] <= q_pos
     visible = causal[None, None] & key_mask.bool()[:, None, None, :]
-    return alibi.masked_fill(~visible, torch.finfo(dtype).min)
-
-
-def attention_bias_for_slots(slot_mask: torch.Tensor, num_heads: int, dtype: torch.dtype):
-    """For decoding into preallocated slots: ALiBi [R, heads, S] of every slot
-    (from the mask cumsum, as BLOOM computes it) and which slots hold a real
-    key [R, S]. A step masks the slots past its own."""
-    slopes = alibi_slopes(num_heads, slot_mask.device)
-    positions = (slot_mask.cumsum(dim=-1) - 1) * slot_mask
-    alibi = (slopes[None, :, None] * positions[:, None, :].float()).to(dtype)
-    return alibi, slot_mask.bool()
+    return alibi(key_mask, num_heads, dtype)[:, :, None, :].masked_fill(~visible, torch.finfo(dtype).min)
 
 
 class BloomDecoder:
@@ -95,8 +75,6 @@ class BloomDecoder:
         self.model = model
         self.transformer = model.transformer
         config = model.config
-        if config.pretraining_tp > 1 and config.slow_but_exact:
-            raise ValueError("BLOOM with slow_but_exact tensor-parallel emulation is not supported")
         self.num_heads = config.n_head
         self.head_dim = config.hidden_size // config.n_head
 
@@ -133,18 +111,18 @@ class BloomDecoder:
             new_kv.append((key, value))
         return self.transformer.ln_f(hidden), new_kv
 
-    def decode(self, hidden, bias, buffers, slot: torch.Tensor, length: int) -> torch.Tensor:
+    def decode(self, hidden, bias, buffers, slot: torch.Tensor, attended: int) -> torch.Tensor:
         """One new position per row against K/V kept in preallocated buffers
         (the gpt-fast layout): hidden [R, 1, H] after the embedding LayerNorm;
         buffers per layer [2, R, heads, capacity, head_dim]. Each layer writes
         its new K/V at ``slot`` (a 1-element tensor) in place, and the query
-        attends to the first ``length`` slots — a view, never a concatenation —
-        with ``bias`` [R, heads, 1, length] (ALiBi, and min over slots it must
+        attends to the first ``attended`` slots — a view, never a concatenation —
+        with ``bias`` [R, heads, 1, attended] (ALiBi, and min over slots it must
         not see). Returns ``ln_f`` output [R, 1, H]."""
         for block, buffer in zip(self.transformer.h, buffers):
             hidden, _, _ = self._block(
                 block, hidden, lambda attn, normed, buffer=buffer: self._attention_in_buffer(
-                    attn, normed, bias, buffer, slot, length
+                    attn, normed, bias, buffer, slot, attended
                 ),
             )
         return self.transformer.ln_f(hidden)
@@ -197,89 +175,12 @@ class BloomDecoder:
         )
         return context.transpose(1, 2).reshape(batch, query_len, hidden_size), key, value
 
-    def _attention_in_buffer(self, attn, normed, bias, buffer, slot, length):
+    def _attention_in_buffer(self, attn, normed, bias, buffer, slot, attended):
         rows, _, hidden_size = normed.shape
         query, key, value = self._qkv(attn, normed)
         buffer[0].index_copy_(2, slot, key)
         buffer[1].index_copy_(2, slot, value)
         context = F.scaled_dot_product_attention(
-            query, buffer[0, :, :, :length], buffer[1, :, :, :length], attn_mask=bias, scale=attn.inv_norm_factor,
+            query, buffer[0, :, :, :attended], buffer[1, :, :, :attended], attn_mask=bias, scale=attn.inv_norm_factor,
         )
         return context.transpose(1, 2).reshape(rows, 1, hidden_size), None, None
-
-
-class BloomDriver:
-    """Shared-prefix passes through ``BloomDecoder``, embeddings through the
-    fused gather + concat + ``word_embeddings_layernorm`` op."""
-
-    name = "bloom"
-    softcap = None
-
-    def __init__(self, model):
-        self.model = model
-        self.decoder = BloomDecoder(model)
-
-    @property
-    def lm_head(self) -> torch.nn.Module:
-        return self.model.get_output_embeddings()
-
-    def can_share_prefix(self, prompt_length: int) -> bool:
-        return True
-
-    def packs(self, prompt_count: int, prompt_length: int, batch: int, length: int) -> bool:
-        """Never: ALiBi comes from the 2D mask, which cannot describe a packed sequence."""
-        return False
-
-    def _embed(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """LayerNorm(cat(prompt, weight[ids])) per row: [B, P+T, H]."""
-        norm = self.decoder.embedding_layernorm
-        return embed_concat(input_ids, self.decoder.word_embeddings.weight, prompt, norm.weight, norm.bias, norm.eps)
-
-    def full(self, input_ids: torch.Tensor, prompts: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """One pass over cat(prompt, tokens); prompts: [1, P, H] shared by all rows."""
-        if prompts.shape[0] != 1:
-            raise ValueError("BloomDriver.full takes one prompt for all rows")
-        final, _ = self.decoder.forward(self._embed(input_ids, prompts[0]), key_mask)
-        return final
-
-    def prefix(self, prompts: torch.Tensor) -> Prefix:
-        no_tokens = torch.empty(prompts.shape[0], 0, dtype=torch.long, device=prompts.device)
-        if prompts.shape[0] == 1:
-            embeds = self._embed(no_tokens[:1], prompts[0])
-        else:  # one prompt per adapter: the fused op takes a single prompt
-            embeds = torch.cat([self._embed(no_tokens[:1], prompt) for prompt in prompts])
-        ones = torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device)
-        final, kv = self.decoder.forward(embeds, ones)
-        return Prefix(final, [(key.transpose(0, 1), value.transpose(0, 1)) for key, value in kv])
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        no_prompt = self.decoder.word_embeddings.weight.new_empty(0, self.decoder.word_embeddings.embedding_dim)
-        return self._embed(input_ids, no_prompt)
-
-    def prefill_with_prompt(self, input_ids, prompt: torch.Tensor, key_mask):
-        """One pass over cat(prompt, tokens) for one row (nothing to share):
-        the prompt's Prefix, and the tokens' final hidden [1, T, H] and K/V as
-        ``prefill`` returns them."""
-        count = prompt.shape[0]
-        final, kv = self.decoder.forward(self._embed(input_ids, prompt), key_mask)
-        kv = [(key.transpose(0, 1), value.transpose(0, 1)) for key, value in kv]
-        # Copies, so the cached prefix does not keep the tokens' K/V alive.
-        prefix = Prefix(final[:, :count].clone(), [(k[:, :, :count].clone(), v[:, :, :count].clone()) for k, v in kv])
-        return prefix, final[:, count:], [(k[:, :, count:], v[:, :, count:]) for k, v in kv]
-
-    def prefill(self, input_ids, key_mask, prefix: Prefix, rows: torch.Tensor | None):
-        """The T real tokens against the prefix: final hidden [B, T, H] and each
-        layer's new (key, value) [B, heads, T, d]."""
-        segments = []
-        for key, value in prefix.kv:
-            if rows is not None:
-                key, value = key.index_select(0, rows), value.index_select(0, rows)
-            segments.append([KVSegment(key.transpose(0, 1), value.transpose(0, 1), shared=rows is None)])
-        final, kv = self.decoder.forward(self.embed_tokens(input_ids), key_mask, past=segments)
-        return final, [(key.transpose(0, 1), value.transpose(0, 1)) for key, value in kv]
-
-    def tokens(self, input_ids, key_mask, prefix: Prefix, rows: torch.Tensor | None) -> torch.Tensor:
-        return self.prefill(input_ids, key_mask, prefix, rows)[0]
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

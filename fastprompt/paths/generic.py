@@ -18,8 +18,8 @@ left padding included.
 What it cannot do: share a prefix through a layer that throws its cache away
 (transformers drops caches inside gradient-checkpointed blocks), or one longer
 than a sliding attention window (the layer keeps only the window). Those calls
-take the full pass instead, or the packed pass below, which needs no cache;
-``model.py`` decides.
+take the whole pass instead, or the packed pass below, which needs no cache
+(``GenericPath.plan`` decides).
 
 When the prompt is trained, its pass is recomputed every step, and the two
 passes above become two smaller matrix products per linear layer (P rows, then
@@ -36,11 +36,15 @@ work (``packs``).
 
 from __future__ import annotations
 
+import enum
 import inspect
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
+from ..batch import PromptBatch
+from ..prefix_cache import Prefix, PrefixCache
+from . import generic_generation
 from .gated_mlp import gated_mlps, keeping_less
 
 # model_type -> the facts the fast path must reproduce: "softcap", the config
@@ -63,18 +67,12 @@ PACKED_MASK_FORMATS = ("sdpa", "eager")
 PACKING_OVERHEAD = 0.05
 
 
-@dataclass
-class Prefix:
-    """The prompt after the body at batch 1 (or one row per adapter):
-    ``final`` [A, P, H] is the body's last hidden state (after its final norm),
-    ``kv`` the per-layer (key, value) [A, kv_heads, P, head_dim]."""
+class Pass(enum.Enum):
+    """How a call's prompt and tokens go through the body."""
 
-    final: torch.Tensor
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def length(self) -> int:
-        return self.final.shape[1]
+    WHOLE = "whole"  # PEFT's: cat(prompt, tokens) for every row
+    SHARED = "shared"  # the prompt once, the tokens against its K/V
+    PACKED = "packed"  # the prompt(s) and every row's tokens as one sequence
 
 
 def cache_argument(body: torch.nn.Module) -> str:
@@ -89,16 +87,16 @@ def sliding_windows(config) -> list[int]:
     return [w for w in windows if isinstance(w, int) and w > 0]
 
 
-def _to_rows(states: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """The prefix states of each of ``batch`` rows: the single row expanded,
-    or row ``rows[i]`` for row i. Under autograd the expand's backward sums
-    the rows' gradients; for bf16/fp16 states that sum runs in fp32, as PEFT's
-    (which sums per-row gradients into the fp32 prompt) does."""
-    if rows is not None:
-        return states.index_select(0, rows)
+def _to_rows(states: torch.Tensor, adapter_of_row: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """The prefix states of each of ``rows`` rows: the single prefix expanded,
+    or prefix ``adapter_of_row[i]`` for row i. Under autograd the expand's
+    backward sums the rows' gradients; for bf16/fp16 states that sum runs in
+    fp32, as PEFT's (which sums per-row gradients into the fp32 prompt) does."""
+    if adapter_of_row is not None:
+        return states.index_select(0, adapter_of_row)
     if states.requires_grad and states.dtype in (torch.bfloat16, torch.float16):
-        return states.float().expand(batch, -1, -1, -1).to(states.dtype)
-    return states.expand(batch, -1, -1, -1)
+        return states.float().expand(rows, -1, -1, -1).to(states.dtype)
+    return states.expand(rows, -1, -1, -1)
 
 
 def _blocks_of(body: torch.nn.Module) -> torch.nn.ModuleList:
@@ -113,11 +111,9 @@ def _blocks_of(body: torch.nn.Module) -> torch.nn.ModuleList:
     raise TypeError(f"cannot find the decoder blocks of {type(body).__name__}")
 
 
-class GenericDriver:
+class GenericPath:
     """Runs the body of ``model`` (a ``*ForCausalLM``) on embeddings, with or
-    without the prompt's K/V as a pre-filled cache."""
-
-    name = "generic"
+    without the prompt's K/V as a pre-filled cache, or packed."""
 
     def __init__(self, model, word_embeddings: torch.nn.Module):
         self.model = model
@@ -127,6 +123,7 @@ class GenericDriver:
         self.word_embeddings = word_embeddings
         self.cache_arg = cache_argument(self.body)
         self.family = model.config.model_type
+        self.name = f"generic:{self.family}"
         softcap_field = FAMILIES[self.family].get("softcap")
         self.softcap = getattr(model.config, softcap_field, None) if softcap_field else None
         self.positions = FAMILIES[self.family].get("positions", "arange")
@@ -141,15 +138,56 @@ class GenericDriver:
     def lm_head(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
 
-    def can_share_prefix(self, prompt_length: int) -> bool:
+    def plan(self, batch: PromptBatch, rows: int, tokens: int) -> Pass:
+        """A trained prompt is recomputed every step: packed with the rows'
+        tokens in one body call where that pays. Otherwise the prompt's pass is
+        shared by the rows unless sharing would change what happens (hooks,
+        dropout), cannot work (see ``can_share_prefix``) or cannot help (one row)."""
+        if rows > 1 and batch.shares_prefix and batch.trains and self.packs(
+                batch.num_adapters, batch.num_virtual_tokens, rows, tokens):
+            return Pass.PACKED
+        if rows == 1 or not batch.shares_prefix or not self.can_share_prefix(batch.num_virtual_tokens):
+            return Pass.WHOLE
+        return Pass.SHARED
+
+    def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
+                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, tokens = input_ids.shape
+        chosen = self.plan(batch, rows, tokens)
+        if chosen is Pass.PACKED:
+            prefix_final, token_final = self.packed(input_ids, batch.prompts, batch.key_mask, batch.adapter_of_row)
+        elif chosen is Pass.WHOLE:
+            final = self.whole(input_ids, batch.row_prompts(rows), batch.key_mask)
+            return final[:, : batch.num_virtual_tokens], final[:, batch.num_virtual_tokens:]
+        else:
+            prefix = prefixes.prefix(self, batch)
+            prefix_final = prefix.final
+            token_final = self.tokens(input_ids, batch.key_mask, prefix, batch.adapter_of_row)
+        if batch.adapter_of_row is not None:
+            prefix_final = prefix_final.index_select(0, batch.adapter_of_row)
+        return prefix_final, token_final
+
+    def generate(self, batch: PromptBatch, args: tuple, kwargs: dict, prefixes: PrefixCache) -> None:
+        """transformers' loop serves every request (see ``generic_generation``)."""
+        return None
+
+    def generation_kwargs(self, batch: PromptBatch, args: tuple, kwargs: dict) -> dict:
+        return generic_generation.with_room_for_prompt(self, batch, args, kwargs)
+
+    def prepare_step_inputs(self, batch: PromptBatch, prefixes: PrefixCache, prepare_base: Callable,
+                            input_ids: torch.Tensor, *args, **kwargs) -> dict:
+        return generic_generation.prepare_step_inputs(self, batch, prefixes, prepare_base, input_ids,
+                                                      *args, **kwargs)
+
+    def can_share_prefix(self, num_virtual_tokens: int) -> bool:
         """Shared-prefix passes need every layer to keep the whole prefix and a
         body that honours a cache (checkpointed blocks drop it, or update it
         again when they re-run in backward)."""
-        return self._within_windows(prompt_length) and not self._recomputes_blocks()
+        return self._within_windows(num_virtual_tokens) and not self._recomputes_blocks()
 
-    def _within_windows(self, length: int) -> bool:
-        """Whether ``length`` positions fit in every sliding attention window."""
-        return all(length < window for window in sliding_windows(self.model.config.get_text_config()))
+    def _within_windows(self, positions: int) -> bool:
+        """Whether ``positions`` positions fit in every sliding attention window."""
+        return all(positions < window for window in sliding_windows(self.model.config.get_text_config()))
 
     def _recomputes_blocks(self) -> bool:
         """Whether blocks re-run their forward in backward in this call:
@@ -178,9 +216,9 @@ class GenericDriver:
             )
         return out.last_hidden_state
 
-    def full(self, input_ids: torch.Tensor, prompts: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def whole(self, input_ids: torch.Tensor, prompts: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """PEFT's pass: ``cat(prompts, embed(ids))`` through the body, no cache.
-        prompts: [B or 1, P, H]. Returns the final hidden states [B, P+T, H]."""
+        prompts: [B, P, H]. Returns the final hidden states [B, P+T, H]."""
         embeds = self.embed_tokens(input_ids)
         prompts = prompts.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
         return self._run(torch.cat([prompts, embeds], dim=1), key_mask, None)
@@ -195,26 +233,22 @@ class GenericDriver:
         final = self._run(prompts.to(dtype), ones, cache)
         return Prefix(final, [(layer.keys, layer.values) for layer in cache.layers])
 
-    def cache_for(self, prefix: Prefix, rows: torch.Tensor | None, batch: int):
-        """A fresh ``DynamicCache`` holding the prefix for ``batch`` rows: the
-        single prefix expanded, or ``prefix`` row ``rows[i]`` for row i."""
+    @staticmethod
+    def fill(cache, prefix: Prefix, adapter_of_row: torch.Tensor | None, rows: int) -> None:
+        """Put the prefix into an empty transformers cache for ``rows`` rows: the
+        single prefix expanded, or prefix ``adapter_of_row[i]`` for row i."""
+        for index, (key, value) in enumerate(prefix.kv):
+            cache.update(_to_rows(key, adapter_of_row, rows), _to_rows(value, adapter_of_row, rows), index)
+
+    def tokens(self, input_ids, key_mask, prefix: Prefix, adapter_of_row: torch.Tensor | None) -> torch.Tensor:
+        """The T real tokens against the prefix K/V; key_mask [B, P+T]. Returns [B, T, H]."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        self.fill(cache, prefix, rows, batch)
-        return cache
-
-    @staticmethod
-    def fill(cache, prefix: Prefix, rows: torch.Tensor | None, batch: int) -> None:
-        for index, (key, value) in enumerate(prefix.kv):
-            cache.update(_to_rows(key, rows, batch), _to_rows(value, rows, batch), index)
-
-    def tokens(self, input_ids, key_mask, prefix: Prefix, rows: torch.Tensor | None) -> torch.Tensor:
-        """The T real tokens against the prefix K/V; key_mask [B, P+T]. Returns [B, T, H]."""
-        cache = self.cache_for(prefix, rows, input_ids.shape[0])
+        self.fill(cache, prefix, adapter_of_row, input_ids.shape[0])
         return self._run(self.embed_tokens(input_ids), key_mask, cache)
 
-    def packs(self, prompt_count: int, prompt_length: int, batch: int, length: int) -> bool:
+    def packs(self, num_adapters: int, num_virtual_tokens: int, rows: int, tokens: int) -> bool:
         """Whether ``packed`` can run this call exactly and pays: positions the
         body can be given, a mask the attention applies as given, every row
         within each sliding window (the packed mask is one for all layers), and
@@ -222,54 +256,59 @@ class GenericDriver:
         config = self.model.config
         if self.positions is None or config._attn_implementation not in PACKED_MASK_FORMATS:
             return False
-        if not self._within_windows(prompt_length + length):
+        if not self._within_windows(num_virtual_tokens + tokens):
             return False
-        positions = prompt_count * prompt_length + batch * length
+        prompt_positions = num_adapters * num_virtual_tokens
+        positions = prompt_positions + rows * tokens
         # The two passes: causal pairs among the prompt, then every token against P + T keys.
-        two_pass = prompt_count * prompt_length * (prompt_length + 1) / 2 + batch * length * (prompt_length + length)
+        two_pass = prompt_positions * (num_virtual_tokens + 1) / 2 + rows * tokens * (num_virtual_tokens + tokens)
         extra = (positions * positions - two_pass) * self.macs_per_pair
         return extra <= PACKING_OVERHEAD * positions * self.macs_per_position
 
-    def packed(self, input_ids, prompts, key_mask, rows: torch.Tensor | None):
+    def packed(self, input_ids, prompts, key_mask, adapter_of_row: torch.Tensor | None):
         """The A prompts and the B rows' T tokens as one sequence through one
-        body call. prompts: [A, P, H]; key_mask [B, P+T]; ``rows`` maps each
-        row to its prompt (None: all rows read prompt 0). Returns the prompts'
-        final hidden states [A, P, H] and the tokens' [B, T, H]."""
-        count, length, hidden = prompts.shape
-        batch, tokens = input_ids.shape
+        body call. prompts: [A, P, H]; key_mask [B, P+T]; ``adapter_of_row``
+        maps each row to its prompt (None: all rows read prompt 0). Returns the
+        prompts' final hidden states [A, P, H] and the tokens' [B, T, H]."""
+        num_adapters, num_virtual, hidden = prompts.shape
+        rows, tokens = input_ids.shape
+        prompt_positions = num_adapters * num_virtual
         embeds = self.embed_tokens(input_ids)
-        sequence = torch.cat([prompts.to(embeds.dtype).reshape(1, count * length, hidden),
-                              embeds.reshape(1, batch * tokens, hidden)], dim=1)
-        mask, position_ids = self._packed_layout(key_mask, count, length, rows, embeds.dtype)
+        sequence = torch.cat([prompts.to(embeds.dtype).reshape(1, prompt_positions, hidden),
+                              embeds.reshape(1, rows * tokens, hidden)], dim=1)
+        mask, position_ids = self._packed_layout(key_mask, num_adapters, num_virtual, adapter_of_row, embeds.dtype)
         final = self._run(sequence, mask, None, position_ids)[0]
-        return final[: count * length].view(count, length, hidden), final[count * length:].view(batch, tokens, hidden)
+        return (final[:prompt_positions].view(num_adapters, num_virtual, hidden),
+                final[prompt_positions:].view(rows, tokens, hidden))
 
-    def _packed_layout(self, key_mask, count, length, rows, dtype):
+    def _packed_layout(self, key_mask, num_adapters, num_virtual, adapter_of_row, dtype):
         """The packed sequence's [1, 1, N, N] mask, in the form the attention
         implementation adds or applies, and its [1, N] position ids: prompt a
         at 0..P-1, each row's tokens where PEFT's pass puts them."""
         device = key_mask.device
-        batch, tokens = key_mask.shape[0], key_mask.shape[1] - length
-        blocks = torch.arange(count, device=device).repeat_interleave(length)
-        row_prompt = rows if rows is not None else torch.zeros(batch, dtype=torch.long, device=device)
-        # Which stretch a position belongs to (a prompt, or count + its row), and which prompt it reads.
-        group = torch.cat([blocks, count + torch.arange(batch, device=device).repeat_interleave(tokens)])
-        reads = torch.cat([blocks, row_prompt.repeat_interleave(tokens)])
+        rows, tokens = key_mask.shape[0], key_mask.shape[1] - num_virtual
+        prompt_positions = num_adapters * num_virtual
+        blocks = torch.arange(num_adapters, device=device).repeat_interleave(num_virtual)
+        if adapter_of_row is None:
+            adapter_of_row = torch.zeros(rows, dtype=torch.long, device=device)
+        # Which stretch a position belongs to (a prompt, or num_adapters + its row), and which prompt it reads.
+        group = torch.cat([blocks, num_adapters + torch.arange(rows, device=device).repeat_interleave(tokens)])
+        reads = torch.cat([blocks, adapter_of_row.repeat_interleave(tokens)])
         index = torch.arange(group.numel(), device=device)
-        is_prompt = index < count * length
-        key_valid = torch.cat([is_prompt.new_ones(count * length), key_mask[:, length:].reshape(-1).bool()])
+        is_prompt = index < prompt_positions
+        key_valid = torch.cat([is_prompt.new_ones(prompt_positions), key_mask[:, num_virtual:].reshape(-1).bool()])
         allowed = ((index[None, :] <= index[:, None]) & key_valid[None, :]
                    & ((group[None, :] == group[:, None]) | (is_prompt[None, :] & (group[None, :] == reads[:, None]))))
         if self.model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
             blocked = torch.finfo(dtype).min
             allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)
-        prompt_positions = torch.arange(length, device=device).repeat(count)
+        virtual_positions = torch.arange(num_virtual, device=device).repeat(num_adapters)
         if self.positions == "mask_cumsum":
             row_positions = key_mask.cumsum(1) * key_mask - 1  # as OPT numbers a padded row
-            token_positions = row_positions[:, length:].reshape(-1)
+            token_positions = row_positions[:, num_virtual:].reshape(-1)
         else:
-            token_positions = torch.arange(length, length + tokens, device=device).repeat(batch)
-        return allowed[None, None], torch.cat([prompt_positions, token_positions.to(torch.long)])[None]
+            token_positions = torch.arange(num_virtual, num_virtual + tokens, device=device).repeat(rows)
+        return allowed[None, None], torch.cat([virtual_positions, token_positions.to(torch.long)])[None]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

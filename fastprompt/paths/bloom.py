@@ -1,0 +1,129 @@
+"""BLOOM's own path: its blocks through ``BloomDecoder``, embeddings through the fused op, its own decode loop.
+
+Taken for BLOOM when nothing in the call needs BLOOM's own module calls (hooks
+on the blocks, accelerate's placement hooks, dropout that must draw like
+PEFT's: ``paths.choose``), since it is faster than transformers' eager BLOOM
+attention. The few calls it has no pass for go to the generic path over the
+same model, which it holds: a mixed-adapter batch of one row per prompt
+(``embed_concat`` takes one prompt), and generation requests its own loop does
+not serve.
+
+Training and evaluation never pack: BLOOM's ALiBi comes from the 2D mask, which
+cannot describe a packed sequence. A call with several rows shares the prompt's
+pass (the prefix's K/V, computed once, expanded to the rows); one row runs
+``cat(prompt, tokens)`` once, which is all the sharing could save.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from ..batch import PromptBatch
+from ..ops import embed_concat
+from ..prefix_cache import Prefix, PrefixCache
+from . import bloom_decode
+from .bloom_decoder import BloomDecoder, KVSegment
+from .generic import GenericPath
+
+log = logging.getLogger("fastprompt")
+
+
+def _to_cache_layout(kv):
+    """``BloomDecoder``'s [heads, B, T, d] segments as transformers' cache holds them, [B, heads, T, d]."""
+    return [(key.transpose(0, 1), value.transpose(0, 1)) for key, value in kv]
+
+
+class BloomPath:
+    name = "bloom"
+    softcap = None
+
+    def __init__(self, model, generic: GenericPath):
+        self.model = model
+        self.decoder = BloomDecoder(model)
+        self.generic = generic
+        self.compiled_step = None  # the static-shape decode step, compiled on first use
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # ------------------------------------------------------------ embeddings
+    def _embed(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(cat(prompt, weight[ids])) per row: [B, P+T, H]."""
+        norm = self.decoder.embedding_layernorm
+        return embed_concat(input_ids, self.decoder.word_embeddings.weight, prompt, norm.weight, norm.bias, norm.eps)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        no_prompt = self.decoder.word_embeddings.weight.new_empty(0, self.decoder.word_embeddings.embedding_dim)
+        return self._embed(input_ids, no_prompt)
+
+    # ------------------------------------------------------------- the passes
+    def prefix(self, prompts: torch.Tensor) -> Prefix:
+        no_tokens = torch.empty(1, 0, dtype=torch.long, device=prompts.device)
+        # One prompt per adapter: the fused op takes a single prompt.
+        embeds = torch.cat([self._embed(no_tokens, prompt) for prompt in prompts])
+        ones = torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device)
+        final, kv = self.decoder.forward(embeds, ones)
+        return Prefix(final, _to_cache_layout(kv))
+
+    def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
+                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor]:
+        num_virtual = batch.num_virtual_tokens
+        if input_ids.shape[0] == 1 or not batch.shares_prefix:
+            if batch.adapter_of_row is not None:
+                return self.generic.hidden_states(batch, input_ids, prefixes)
+            final, _ = self.decoder.forward(self._embed(input_ids, batch.prompts[0]), batch.key_mask)
+            return final[:, :num_virtual], final[:, num_virtual:]
+        prefix = prefixes.prefix(self, batch)
+        token_final, _ = self.prefill(input_ids, batch.key_mask, prefix, batch.adapter_of_row)
+        if batch.adapter_of_row is not None:
+            return prefix.final.index_select(0, batch.adapter_of_row), token_final
+        return prefix.final, token_final
+
+    def prefill(self, input_ids, key_mask, prefix: Prefix, adapter_of_row: torch.Tensor | None):
+        """The T real tokens against the prefix: final hidden [B, T, H] and each
+        layer's new (key, value) [B, heads, T, d]."""
+        segments = []
+        for key, value in prefix.kv:
+            if adapter_of_row is not None:
+                key, value = key.index_select(0, adapter_of_row), value.index_select(0, adapter_of_row)
+            segments.append([KVSegment(key.transpose(0, 1), value.transpose(0, 1))])
+        final, kv = self.decoder.forward(self.embed_tokens(input_ids), key_mask, past=segments)
+        return final, _to_cache_layout(kv)
+
+    def prefill_with_prompt(self, input_ids, prompt: torch.Tensor, key_mask):
+        """One pass over cat(prompt, tokens) for one row (nothing to share):
+        the prompt's Prefix, and the tokens' final hidden [1, T, H] and K/V as
+        ``prefill`` returns them."""
+        num_virtual = prompt.shape[0]
+        final, kv = self.decoder.forward(self._embed(input_ids, prompt), key_mask)
+        kv = _to_cache_layout(kv)
+        # Copies, so the cached prefix does not keep the tokens' K/V alive.
+        prefix = Prefix(final[:, :num_virtual].clone(),
+                        [(k[:, :, :num_virtual].clone(), v[:, :, :num_virtual].clone()) for k, v in kv])
+        return prefix, final[:, num_virtual:], [(k[:, :, num_virtual:], v[:, :, num_virtual:]) for k, v in kv]
+
+    # ------------------------------------------------------------- generation
+    def generate(self, batch: PromptBatch, args: tuple, kwargs: dict, prefixes: PrefixCache) -> torch.Tensor | None:
+        """BLOOM's own decode loop where it serves the request (``bloom_decode``);
+        None, with the reason logged, where transformers' loop must."""
+        request = bloom_decode.decode_request(self.model.generation_config, args, kwargs)
+        if isinstance(request, str):
+            log.info("fastprompt: generate runs transformers' loop (with the cached prefix) for %s", request)
+            return None
+        return bloom_decode.generate(self, batch, request, kwargs, prefixes)
+
+    def generation_kwargs(self, batch: PromptBatch, args: tuple, kwargs: dict) -> dict:
+        return self.generic.generation_kwargs(batch, args, kwargs)
+
+    def prepare_step_inputs(self, batch: PromptBatch, prefixes: PrefixCache, prepare_base: Callable,
+                            input_ids: torch.Tensor, *args, **kwargs) -> dict:
+        """transformers' loop runs transformers' BLOOM: the generic path's steps
+        (a prefix computed here fits its cache: same numbers, same layout)."""
+        return self.generic.prepare_step_inputs(batch, prefixes, prepare_base, input_ids, *args, **kwargs)

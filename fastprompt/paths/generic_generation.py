@@ -1,0 +1,116 @@
+"""``generate`` for a soft-prompted model: transformers' own loop, the prompt's K/V from the prefix cache.
+
+PEFT's ``generate`` runs the base model's ``generate`` with PEFT's
+``prepare_inputs_for_generation`` installed, which puts the prompt in front of
+the token embeddings on the first step. Here (``prepare_step_inputs``) the
+first step instead finds the cache transformers created still empty and fills
+it with the prompt's per-layer K/V, expanded to the batch (beams and returned
+sequences included) or picked per row for mixed-adapter batches; the forward
+then runs only the real tokens. To the base model the virtual tokens look like
+P tokens already in its cache, so every option of transformers' ``generate``
+(beam search, scores and logits, processors, stopping criteria, streamers,
+``max_length``/``max_new_tokens``, ...) means what it means there.
+
+Conventions are PEFT's for prompt tuning: lengths count the real input ids,
+never the virtual tokens, and sequences hold the input ids and the new ones.
+Each step gets the attention mask with P ones in front, and position ids (when
+transformers passes them) shifted by P, which is what
+``base.generate(inputs_embeds=cat(prompt, embed(ids)))`` computes for the real
+tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from transformers import GenerationConfig
+
+from ..batch import PromptBatch, with_virtual_tokens
+from ..prefix_cache import PrefixCache
+
+
+def request_config(default: GenerationConfig, kwargs: dict) -> GenerationConfig:
+    """The generation config of one ``generate`` call: the given (or the
+    model's) config updated with the call's keyword fields, as transformers does."""
+    config = copy.deepcopy(kwargs.get("generation_config") or default)
+    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+    return config
+
+
+def new_token_budget(config: GenerationConfig, input_length: int) -> int:
+    """How many tokens a request may add, as transformers counts them:
+    ``max_new_tokens``, else what a given ``max_length`` leaves after the
+    input, else the default ``max_length`` (20) as new tokens."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    if config.max_length is not None:
+        return config.max_length - input_length
+    return config._get_default_generation_params()["max_length"]
+
+
+def _shift_positions(position_ids: torch.Tensor, mask: torch.Tensor | None, num_virtual_tokens: int) -> torch.Tensor:
+    """Positions transformers numbered from the real tokens' mask, renumbered
+    as if ``num_virtual_tokens`` unmasked virtual tokens came first (padding stays put)."""
+    if mask is None:
+        return position_ids + num_virtual_tokens
+    mask = mask[:, -position_ids.shape[-1]:].to(position_ids.device).bool()
+    return torch.where(mask, position_ids + num_virtual_tokens, position_ids)
+
+
+def prepare_step_inputs(path, batch: PromptBatch, prefixes: PrefixCache, prepare_base: Callable,
+                        input_ids, *args, **kwargs) -> dict:
+    """One step's inputs for the base model (see module doc); ``path`` is the
+    ``GenericPath`` (its cache argument, embedding and ``fill``), ``prepare_base``
+    the base model's ``prepare_inputs_for_generation``."""
+    cache = kwargs.get(path.cache_arg)
+    num_virtual = batch.num_virtual_tokens
+    rows = input_ids.shape[0]
+    mask = kwargs.get("attention_mask")
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = _shift_positions(kwargs["position_ids"], mask, num_virtual)
+    if mask is not None:
+        kwargs["attention_mask"] = with_virtual_tokens(mask, num_virtual)
+
+    if cache is not None and batch.shares_prefix:
+        if cache.get_seq_length() == 0:
+            path.fill(cache, prefixes.prefix(path, batch), batch.adapter_of(rows), rows)
+        return prepare_base(input_ids, *args, **kwargs)
+    if cache is not None and cache.get_seq_length() > 0:  # a later step of an unshared prefill
+        return prepare_base(input_ids, *args, **kwargs)
+
+    # The prompt goes in front of the embeddings, as in PEFT: without a cache
+    # (use_cache=False) every step recomputes the whole sequence; with hooks or
+    # dropout that must see PEFT's calls, the first step runs cat(prompt, tokens).
+    inputs = prepare_base(input_ids, *args, **kwargs)
+    embeds = inputs.pop("inputs_embeds", None)
+    if embeds is None:
+        embeds = path.embed_tokens(inputs["input_ids"])
+    inputs["input_ids"] = None
+    inputs["inputs_embeds"] = torch.cat([batch.row_prompts(rows).to(embeds.dtype), embeds], dim=1)
+    if inputs.get("position_ids") is not None:
+        virtual = torch.arange(num_virtual, device=embeds.device).expand(rows, -1)
+        inputs["position_ids"] = torch.cat([virtual, inputs["position_ids"]], dim=1)
+    return inputs
+
+
+def with_room_for_prompt(path, batch: PromptBatch, args: tuple, kwargs: dict) -> dict:
+    """A static cache sized for the virtual tokens too. transformers sizes the
+    cache it creates for ``cache_implementation="static"`` by the real tokens
+    only; a cache passed in (empty: the prefix goes in on the first step)
+    leaves room for the P prompt positions as well."""
+    config = request_config(path.model.generation_config, kwargs)
+    if config.cache_implementation != "static":
+        return kwargs
+    from transformers import StaticCache
+
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    length = (input_ids if input_ids is not None else embeds).shape[1]
+    config.cache_implementation = None
+    kwargs = dict(kwargs, generation_config=config)
+    kwargs.pop("cache_implementation", None)
+    room = batch.num_virtual_tokens + length + max(new_token_budget(config, length), 1)
+    kwargs[path.cache_arg] = StaticCache(config=path.model.config, max_cache_len=room)
+    return kwargs
