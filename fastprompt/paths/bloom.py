@@ -24,7 +24,7 @@ import torch
 from ..batch import PromptBatch
 from ..ops import embed_concat
 from ..prefix_cache import Prefix, PrefixCache
-from . import bloom_decode
+from . import bloom_decode, generic_generation
 from .bloom_decoder import BloomDecoder, KVSegment
 from .generic import GenericPath
 
@@ -124,6 +124,8 @@ class BloomPath:
 
     def prepare_step_inputs(self, batch: PromptBatch, prefixes: PrefixCache, prepare_base: Callable,
                             input_ids: torch.Tensor, *args, **kwargs) -> dict:
-        """transformers' loop runs transformers' BLOOM: the generic path's steps
-        (a prefix computed here fits its cache: same numbers, same layout)."""
-        return self.generic.prepare_step_inputs(batch, prefixes, prepare_base, input_ids, *args, **kwargs)
+        """transformers' loop runs transformers' BLOOM: the generic path's steps,
+        with the prefix computed here (it fits that cache: same numbers, same
+        layout), so this loop and BLOOM's own share one cached entry."""
+        return generic_generation.prepare_step_inputs(self.generic, self, batch, prefixes, prepare_base, input_ids,
+                                                      *args, **kwargs)

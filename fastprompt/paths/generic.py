@@ -176,7 +176,7 @@ class GenericPath:
 
     def prepare_step_inputs(self, batch: PromptBatch, prefixes: PrefixCache, prepare_base: Callable,
                             input_ids: torch.Tensor, *args, **kwargs) -> dict:
-        return generic_generation.prepare_step_inputs(self, batch, prefixes, prepare_base, input_ids,
+        return generic_generation.prepare_step_inputs(self, self, batch, prefixes, prepare_base, input_ids,
                                                       *args, **kwargs)
 
     def can_share_prefix(self, num_virtual_tokens: int) -> bool:

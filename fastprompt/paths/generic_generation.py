@@ -28,7 +28,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..batch import PromptBatch, with_virtual_tokens
-from ..prefix_cache import PrefixCache
+from ..prefix_cache import PrefixCache, PrefixSource
 
 
 def request_config(default: GenerationConfig, kwargs: dict) -> GenerationConfig:
@@ -59,11 +59,13 @@ def _shift_positions(position_ids: torch.Tensor, mask: torch.Tensor | None, num_
     return torch.where(mask, position_ids + num_virtual_tokens, position_ids)
 
 
-def prepare_step_inputs(path, batch: PromptBatch, prefixes: PrefixCache, prepare_base: Callable,
-                        input_ids, *args, **kwargs) -> dict:
+def prepare_step_inputs(path, source: PrefixSource, batch: PromptBatch, prefixes: PrefixCache,
+                        prepare_base: Callable, input_ids, *args, **kwargs) -> dict:
     """One step's inputs for the base model (see module doc); ``path`` is the
-    ``GenericPath`` (its cache argument, embedding and ``fill``), ``prepare_base``
-    the base model's ``prepare_inputs_for_generation``."""
+    ``GenericPath`` (its cache argument, embedding and ``fill``), ``source`` the
+    path whose prefix fills the cache (BLOOM's own computes one that fits, so
+    its decode loop and this one share a cached entry), ``prepare_base`` the
+    base model's ``prepare_inputs_for_generation``."""
     cache = kwargs.get(path.cache_arg)
     num_virtual = batch.num_virtual_tokens
     rows = input_ids.shape[0]
@@ -75,7 +77,7 @@ def prepare_step_inputs(path, batch: PromptBatch, prefixes: PrefixCache, prepare
 
     if cache is not None and batch.shares_prefix:
         if cache.get_seq_length() == 0:
-            path.fill(cache, prefixes.prefix(path, batch), batch.adapter_of(rows), rows)
+            path.fill(cache, prefixes.prefix(source, batch), batch.adapter_of(rows), rows)
         return prepare_base(input_ids, *args, **kwargs)
     if cache is not None and cache.get_seq_length() > 0:  # a later step of an unshared prefill
         return prepare_base(input_ids, *args, **kwargs)
