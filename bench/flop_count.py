@@ -14,7 +14,7 @@ which needs activation gradients only: each weight matmul runs once more (the
 input gradient; no weight gradient), each attention product twice more (the
 gradients of both of its operands).
 
-Where the contenders differ (``README.md``, "Where the speed comes from"):
+Where the contenders differ (``README.md``, "How it works"):
 PEFT runs the body on B·(P+T) positions and ``lm_head`` on all of them.
 fastprompt runs the P prompt positions once per batch and the B·T token
 positions against their shared K/V (at B = 1, one pass over P+T), and

@@ -127,9 +127,9 @@ def _token_rules(request: DecodeRequest, user_criteria):
 
 
 def next_token_logits(lm_head, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits for a few rows (one per sequence). CPU BLAS runs ``W @ h.T`` about
-    twice as fast as ``h @ W.T`` when h has a handful of rows and W is a
-    vocabulary-sized matrix (bloom-mini, 8 rows: 14 vs 29 ms): the head is the
+    """Logits for a few rows (one per sequence). CPU BLAS runs ``W @ h.T``
+    faster than ``h @ W.T`` when h has a handful of rows and W is a
+    vocabulary-sized matrix (measured: docs/results/CHANGELOG.md): the head is the
     largest GEMM of a decode step. Same products, same fp32 accumulation."""
     if type(lm_head) is torch.nn.Linear and lm_head.bias is None:
         return torch.mm(lm_head.weight, hidden.t()).t()

@@ -13,7 +13,8 @@ hidden states and K/V are identical for every row and every request.
 
 Attention itself is one fused ``scaled_dot_product_attention`` over the
 concatenated segments with ALiBi + masking as its additive bias: on CPU that
-is ~3x faster forward+backward than BLOOM's baddbmm/softmax/bmm chain. The
+is faster forward+backward than BLOOM's baddbmm/softmax/bmm chain (measured:
+docs/results/CHANGELOG.md). The
 concatenation copies the prefix K/V per row inside each layer (B·P·H values,
 the size of one layer's K for P tokens); what is never repeated per row is the
 prefix's own pass through the model, which is the cost that scales with P.

@@ -24,8 +24,7 @@ take the whole pass instead, or the packed pass below, which needs no cache
 When the prompt is trained, its pass is recomputed every step, and the two
 passes above become two smaller matrix products per linear layer (P rows, then
 B*T rows), which run well below the throughput of one product over all rows
-(on a 2-core CPU, a [100, 2048] x [2048, 8192] product runs at 71 GMAC/s,
-[356, 2048] at 125, [1056, 2048] at 136). ``packed`` instead runs the prompt
+(measured on CPU: docs/results/CHANGELOG.md). ``packed`` instead runs the prompt
 and every row's tokens as one sequence of A*P + B*T positions through one body
 call, with each position's own position id and a 4D mask that lets a token
 see its row's prompt and its row's earlier tokens. The same pairs attend as in
