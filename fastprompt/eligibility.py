@@ -26,19 +26,30 @@ def placement_hooks(body: torch.nn.Module) -> bool:
     return any(has_placement_hook(m) for m in body.modules())
 
 
-def block_hooks(blocks: torch.nn.Module) -> bool:
-    """Forward (pre-)hooks on the blocks or anything inside them (user hooks,
-    FSDP2's unshard), or global module hooks: they must see the calls PEFT's
-    path makes, one pass over ``cat(prompt, tokens)``. A hook on the
-    input-embedding module alone does not count: BLOOM's fused op reads the
-    table directly, and the hook PEFT puts there for gradient checkpointing
-    (making the embeddings require grad) has nothing to add when the prompt
-    already does."""
+def global_hooks() -> bool:
+    """Forward (pre-)hooks registered for every module."""
     from torch.nn.modules import module as nn_module
 
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    return any(has_forward_hooks(m) for m in blocks.modules())
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def body_hooks(body: torch.nn.Module, embedding: torch.nn.Module) -> bool:
+    """Forward (pre-)hooks on the body or anything in it but the input
+    embedding (user hooks, FSDP2's unshard), or global ones: they must see the
+    calls PEFT's path makes, one body call over ``cat(prompt, tokens)``. The
+    input embedding is left out: every path calls it as PEFT does, once on the
+    real tokens."""
+    return global_hooks() or any(has_forward_hooks(m) for m in body.modules() if m is not embedding)
+
+
+def embedding_hooks(model: torch.nn.Module, embedding: torch.nn.Module) -> bool:
+    """Forward (pre-)hooks on the input embedding other than transformers' own
+    ``enable_input_require_grads`` hook (found by its handle, which the model
+    keeps): that one only marks the output as requiring grad, which a trained
+    prompt already does; any other (NEFTune's noise, a user's) must run."""
+    required = getattr(model, "_require_grads_hook", None)
+    harmless = {required.id} if required is not None else set()
+    return bool(embedding._forward_pre_hooks) or any(key not in harmless for key in embedding._forward_hooks)
 
 
 def dropout_active(module: torch.nn.Module) -> bool:
@@ -57,3 +68,34 @@ def dropout_active(module: torch.nn.Module) -> bool:
             if "dropout" in name and isinstance(value, float) and value > 0:
                 return True
     return False
+
+
+def module_modes(module: torch.nn.Module) -> tuple[bool, ...]:
+    """Every submodule's train/eval flag: what decides whether a model draws random numbers."""
+    return tuple(m.training for m in module.modules())
+
+
+class RandomDraws:
+    """Whether the code run since construction drew from torch's default
+    generators (the CPU one and ``device``'s), and the means to undo it.
+
+    What a model does, not what its modules are called: layer drop, stochastic
+    depth, a custom noise module all advance a generator, however they are
+    written. Reading a generator's state copies a few kilobytes (CPU) or two
+    host integers (CUDA's seed and offset): no device work, no host sync."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.accelerator = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def drew(self) -> bool:
+        if not torch.equal(torch.get_rng_state(), self.cpu):
+            return True
+        return self.accelerator is not None and not torch.equal(torch.cuda.get_rng_state(self.device),
+                                                                self.accelerator)
+
+    def undo(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            torch.cuda.set_rng_state(self.accelerator, self.device)

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 from peft import PeftModel, PeftModelForCausalLM, PeftType, PromptTuningConfig, PromptTuningInit, TaskType
@@ -37,9 +38,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import adapter_check
 from .batch import PromptBatch, with_virtual_tokens
+from .eligibility import RandomDraws, has_forward_hooks, module_modes
 from .loading import names_a_directory
 from .loss import prefix_causal_lm_loss
-from .paths import Path, Paths, make_paths
+from .paths import Path, Paths, Route, make_paths
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("fastprompt")
@@ -115,18 +117,33 @@ def _with_local_tokenizer(config: PromptTuningConfig) -> PromptTuningConfig:
     return resolved
 
 
+class CallRecord(NamedTuple):
+    """What the last ``forward`` or ``generate`` call ran: ``path`` (a fast
+    path's name, None for PEFT's code), ``run`` ("shared", "packed", "whole" —
+    PEFT's single pass over ``cat(prompt, tokens)`` on the fast path's modules —
+    "decode loop", "transformers' loop", or "peft"), and ``reason``, why a
+    faster route was not taken (None when none was refused)."""
+
+    path: str | None
+    run: str
+    reason: str | None
+
+
 class _State:
     """Everything fastprompt keeps on a model, in one object the model alone
     touches: its paths (built on first use), the prefix cache, the reasons
-    already logged, and the ``generate`` call in progress. Copying or pickling a
-    model starts its copy with a fresh state: the paths hold the modules and
-    the cache holds weak references, which must not be duplicated."""
+    already logged, the train/eval patterns seen to draw random numbers, the
+    ``generate`` call in progress and the last call's record. Copying or
+    pickling a model starts its copy with a fresh state: the paths hold the
+    modules and the cache holds weak references, which must not be duplicated."""
 
     def __init__(self):
         self.paths: Paths | None = None
         self.prefixes = PrefixCache()
         self.said: set[str] = set()
+        self.random_modes: set[tuple[bool, ...]] = set()
         self.generating: tuple[Path, PromptBatch] | None = None
+        self.last_call: CallRecord | None = None
 
     def __reduce__(self):
         return (_State, ())
@@ -193,19 +210,35 @@ class FastPromptModel(PeftModelForCausalLM):
     @property
     def fast_path(self) -> str | None:
         """The path a plain call takes with the model as it is now: "bloom"
-        (BLOOM's own decoder), "generic:<model_type>" (the model's body with a
-        shared prefix), or None (no fast path: PEFT's code)."""
-        return None if self.paths.generic is None else self.paths.choose()[0].name
+        (BLOOM's own decoder), "generic:<model_type>" (the model's body), or
+        None (no fast path: PEFT's code). ``last_call`` says what a call ran."""
+        return None if self.paths.generic is None else self._route().path.name
+
+    @property
+    def last_call(self) -> CallRecord | None:
+        """What the last ``forward`` or ``generate`` ran, and why not faster (``CallRecord``)."""
+        return self._state.last_call
 
     def soft_prompt(self, adapter: str | None = None) -> torch.nn.Parameter:
         """The soft prompt [P, H] of ``adapter`` (default: the active one), where PEFT keeps it."""
         return self.prompt_encoder[adapter or self.active_adapter].embedding.weight
 
-    def _note_peft_path(self, reason: str) -> None:
+    def _say_once(self, message: str) -> None:
         said = self._state.said
-        if reason not in said:
-            said.add(reason)
-            log.warning("fastprompt: this call runs PEFT's own code, not the fast path: %s", reason)
+        if message not in said:
+            said.add(message)
+            log.warning("fastprompt: %s", message)
+
+    def _record(self, path: str | None, run: str, reason: str | None) -> None:
+        self._state.last_call = CallRecord(path, run, reason)
+        if reason is not None:
+            self._say_once(f"this call runs PEFT's own code, not the fast path: {reason}" if path is None
+                           else f"{path} runs {run}: {reason}")
+
+    def _route(self) -> Route:
+        """The route of a call now; randomness an earlier call saw in this train/eval pattern counts."""
+        draws_random = bool(self._state.random_modes) and module_modes(self.get_base_model()) in self._state.random_modes
+        return self.paths.choose(draws_random)
 
     def _row_adapters(self, adapter_names, rows: int) -> tuple[tuple[str, ...], torch.Tensor | None]:
         """(adapters, adapter_of_row): the distinct adapters of this batch and,
@@ -230,16 +263,42 @@ class FastPromptModel(PeftModelForCausalLM):
         adapter_of_row = torch.tensor([index[name] for name in adapter_names], dtype=torch.long, device=self.device)
         return adapters, adapter_of_row
 
-    def _call(self, adapter_names, rows: int, attention_mask: torch.Tensor | None) -> tuple[Path, PromptBatch]:
-        """The path this call takes and its ``PromptBatch``, decided once."""
-        path, shares_prefix = self.paths.choose()
+    def _call(self, adapter_names, rows: int, attention_mask: torch.Tensor | None) -> tuple[Route, PromptBatch]:
+        """The route this call takes and its ``PromptBatch``, decided once."""
+        route = self._route()
         adapters, adapter_of_row = self._row_adapters(adapter_names, rows)
         prompts = torch.stack([self.soft_prompt(name) for name in adapters])
         key_mask = None if attention_mask is None else with_virtual_tokens(attention_mask, prompts.shape[1])
-        return path, PromptBatch(adapters, adapter_of_row, prompts, key_mask, shares_prefix)
+        return route, PromptBatch(adapters, adapter_of_row, prompts, key_mask, route.shares_prefix)
+
+    def _hidden_states(self, route: Route, batch: PromptBatch, input_ids: torch.Tensor, adapter_names):
+        """The route's pass; where it shares the prompt's pass, a check that the
+        model drew no random numbers, which would have to be drawn as in PEFT's
+        single pass. If it did (or failed doing so: a layer skipped by layer
+        drop leaves the prefix incomplete), the generators are set back and the
+        call runs that single pass; this train/eval pattern is remembered."""
+        prefixes = self._state.prefixes
+        if not route.shares_prefix:
+            return route, *route.path.hidden_states(batch, input_ids, prefixes)
+        draws = RandomDraws(input_ids.device)
+        try:
+            result = route.path.hidden_states(batch, input_ids, prefixes)
+        except Exception:
+            if not draws.drew():
+                raise
+            result = None
+        if not draws.drew():
+            return route, *result
+        self._state.random_modes.add(module_modes(self.get_base_model()))
+        if result is not None and result[2] == "whole" and route.path is self.paths.generic:
+            return route, *result  # that was PEFT's single pass through the model's own modules already
+        draws.undo()
+        route, batch = self._call(adapter_names, input_ids.shape[0], batch.key_mask[:, batch.num_virtual_tokens:])
+        return route, *route.path.hidden_states(batch, input_ids, prefixes)
 
     # --------------------------------------------------------------- forward
-    def _refusal(self, input_ids, inputs_embeds, output_attentions, output_hidden_states, task_ids, kwargs):
+    def _refusal(self, input_ids, inputs_embeds, labels, output_attentions, output_hidden_states, return_dict,
+                 task_ids, kwargs):
         """Why this call cannot take the fast path, or None."""
         if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
             return f"the active adapter is {self.active_peft_config.peft_type}, not PROMPT_TUNING"
@@ -249,12 +308,20 @@ class FastPromptModel(PeftModelForCausalLM):
             return "inputs_embeds was passed"
         if input_ids is None:
             return "no input_ids"
+        if input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            return "input_ids has no tokens"
         if output_attentions:
             return "output_attentions=True"
         if output_hidden_states:
             return "output_hidden_states=True"
+        if labels is not None and has_forward_hooks(self.get_output_embeddings()):
+            return "forward hooks on the output embeddings must see PEFT's single call on every position"
         if task_ids is not None:
             return "task_ids was passed"
+        if kwargs.get("use_cache"):
+            return "use_cache=True (PEFT's forward returns its cache)"
+        if return_dict is False:
+            return "return_dict=False (PEFT's tuple holds its cache)"
         extra = sorted(set(kwargs) - FAST_FORWARD_KWARGS)
         if extra:
             return f"extra arguments {extra}"
@@ -264,11 +331,12 @@ class FastPromptModel(PeftModelForCausalLM):
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
         return_logits = kwargs.pop("return_logits", False)
-        reason = self._refusal(input_ids, inputs_embeds, output_attentions, output_hidden_states, task_ids, kwargs)
+        reason = self._refusal(input_ids, inputs_embeds, labels, output_attentions, output_hidden_states,
+                               return_dict, task_ids, kwargs)
         if reason is not None:
             if adapter_names is not None:
                 raise ValueError(f"adapter_names needs fastprompt's fast path, which this call cannot take: {reason}")
-            self._note_peft_path(reason)
+            self._record(None, "peft", reason)
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -277,8 +345,10 @@ class FastPromptModel(PeftModelForCausalLM):
         _check_inputs(input_ids, attention_mask, labels)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        path, batch = self._call(adapter_names, input_ids.shape[0], attention_mask.to(input_ids.device))
-        prefix_final, token_final = path.hidden_states(batch, input_ids, self._state.prefixes)
+        route, batch = self._call(adapter_names, input_ids.shape[0], attention_mask.to(input_ids.device))
+        route, prefix_final, token_final, ran = self._hidden_states(route, batch, input_ids, adapter_names)
+        self._record(route.path.name, ran, route.reason)
+        path = route.path
 
         loss = logits = None
         if labels is not None:
@@ -288,8 +358,7 @@ class FastPromptModel(PeftModelForCausalLM):
             hidden = torch.cat([prefix_final.expand(input_ids.shape[0], -1, -1).to(token_final.dtype), token_final],
                                dim=1)
             logits = path.logits(hidden)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits)
-        return out if return_dict is not False else out.to_tuple()
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # ------------------------------------------------------------ generation
     def generate(self, *args, **kwargs):
@@ -304,10 +373,13 @@ class FastPromptModel(PeftModelForCausalLM):
         if adapter_names is not None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             rows = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[0]
-        path, batch = self._call(adapter_names or None, rows, None)
+        route, batch = self._call(adapter_names or None, rows, None)
+        path = route.path
         sequences = path.generate(batch, args, kwargs, self._state.prefixes)
         if sequences is not None:
+            self._record(path.name, "decode loop", route.reason)
             return sequences
+        self._record(path.name, "transformers' loop", route.reason)
         kwargs = path.generation_kwargs(batch, args, kwargs)
         with self._generating(path, batch):
             return super().generate(*args, **kwargs)
@@ -327,7 +399,11 @@ class FastPromptModel(PeftModelForCausalLM):
     def prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
         if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING or self.paths.generic is None:
             return super().prepare_inputs_for_generation(*args, task_ids=task_ids, **kwargs)
-        path, batch = self._state.generating or self._call(None, 0, None)
+        if self._state.generating is not None:
+            path, batch = self._state.generating
+        else:
+            route, batch = self._call(None, 0, None)
+            path = route.path
         return path.prepare_step_inputs(batch, self._state.prefixes, self.base_model_prepare_inputs_for_generation,
                                         *args, **kwargs)
 
@@ -340,6 +416,8 @@ def _check_inputs(input_ids, attention_mask, labels) -> None:
             f"input_ids must be a 2-D integer tensor [batch, tokens], got {input_ids.dim()}-D {input_ids.dtype}"
         )
     shape = tuple(input_ids.shape)
+    if shape[0] == 0:
+        raise ValueError("input_ids has no rows: an empty batch (PEFT's forward fails on it too)")
     for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
         if tensor is None:
             continue

@@ -13,15 +13,20 @@ Staleness is the whole difficulty. An entry is reused only when
   bump the version counter, and after a ``.to()`` round trip a fresh tensor
   (version restarted) may land on the old address. Comparing P×H numbers costs
   microseconds next to a forward pass;
-* every base-model parameter is backed by the same storage (held by a weak
-  reference, so the address cannot be recycled while the entry lives) at the
-  same version: ``.to(dtype/device)`` swaps storages, ``load_state_dict`` and
-  other in-place writes bump versions. The base model is frozen; an in-place
-  write to one of its weights through ``.data`` is the one change this cannot
-  see (call ``clear()`` after such surgery);
-* every base module's train/eval flag, the autocast state and the path that
-  computed it (BLOOM's own decoder or the model's body) are unchanged: each of
-  them changes the numbers.
+* every base-model parameter and buffer (rotary frequencies, for one) is
+  backed by the same storage (held by a weak reference, so the address cannot
+  be recycled while the entry lives) at the same version: ``.to(dtype/device)``
+  swaps storages, ``load_state_dict`` and other in-place writes bump versions;
+* every base module's plain attributes that a forward may read — numbers,
+  flags and strings such as the train/eval flag, BLOOM's ``inv_norm_factor``,
+  a rotary embedding's ``attention_scaling`` — the autocast state and the
+  path that computed it (BLOOM's own decoder or the model's body) are
+  unchanged: each of them changes the numbers.
+
+What it cannot see: an in-place write through ``.data`` (which does not bump
+the version counter), a tensor held as a plain attribute rather than a buffer,
+and state outside the modules (a config object read at forward time). Call
+``clear()`` after such surgery.
 
 A few entries are kept (one per adapter set and path), so memory stays bounded
 however many prompts are seen.
@@ -56,21 +61,26 @@ class PrefixSource(Protocol):
     """What computes a prefix: every fast path (``paths.Path``)."""
 
     name: str  # which computation: the cache keeps one entry per source and adapter set
-    model: torch.nn.Module  # the base model, whose parameters and modes the entry is checked against
+    model: torch.nn.Module  # the base model, whose tensors and settings the entry is checked against
 
     def prefix(self, prompts: torch.Tensor) -> Prefix:
         """The prompts [A, P, H] through the body, once, without padding."""
 
 
-def _parameter_identity(model: torch.nn.Module) -> list[tuple]:
+def _tensor_identity(model: torch.nn.Module) -> list[tuple]:
     return [
-        (StorageWeakRef(p.untyped_storage()), p.storage_offset(), p._version, p.dtype, p.device)
-        for p in model.parameters()
+        (StorageWeakRef(t.untyped_storage()), t.storage_offset(), t._version, t.dtype, t.device)
+        for t in (*model.parameters(), *model.buffers())
     ]
 
 
-def _modes(model: torch.nn.Module) -> tuple[bool, ...]:
-    return tuple(module.training for module in model.modules())
+def _module_settings(model: torch.nn.Module) -> tuple:
+    """Every module's public plain attributes (numbers, flags, strings), its train/eval flag among them."""
+    return tuple(
+        tuple((name, value) for name, value in vars(module).items()
+              if not name.startswith("_") and isinstance(value, (bool, int, float, str)))
+        for module in model.modules()
+    )
 
 
 def _autocast_state(device: torch.device) -> tuple:
@@ -82,7 +92,7 @@ def _autocast_state(device: torch.device) -> tuple:
 class _Entry:
     prompts: torch.Tensor  # a private copy of the prompts the prefix was computed from
     base_identity: list[tuple]
-    modes: tuple[bool, ...]
+    settings: tuple
     autocast: tuple
     prefix: Prefix
 
@@ -93,8 +103,8 @@ class _Entry:
             and self.prompts.shape == prompts.shape
             and self.autocast == _autocast_state(prompts.device)
             and torch.equal(self.prompts, prompts)
-            and self.modes == _modes(base_model)
-            and self.base_identity == _parameter_identity(base_model)
+            and self.settings == _module_settings(base_model)
+            and self.base_identity == _tensor_identity(base_model)
         )
 
 
@@ -132,7 +142,7 @@ class PrefixCache:
         self.computations += 1
         prompts = batch.prompts.detach()
         self._entries[(path.name, batch.adapters)] = _Entry(
-            prompts.clone(), _parameter_identity(path.model), _modes(path.model), _autocast_state(prompts.device),
+            prompts.clone(), _tensor_identity(path.model), _module_settings(path.model), _autocast_state(prompts.device),
             prefix,
         )
         while len(self._entries) > MAX_ENTRIES:

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..eligibility import block_hooks, dropout_active, placement_hooks
+from ..eligibility import body_hooks, dropout_active, embedding_hooks, placement_hooks
 from .bloom import BloomPath
 from .generic import FAMILIES, GenericPath
 from .interface import Path
 
-__all__ = ["BloomPath", "GenericPath", "Path", "Paths", "make_paths"]
+__all__ = ["BloomPath", "GenericPath", "Path", "Paths", "Route", "make_paths"]
+
+
+class Route(NamedTuple):
+    """The path a call takes, whether the prompt's pass may be shared by the
+    rows, and why BLOOM's own path or the sharing is off (None: neither is)."""
+
+    path: Path
+    shares_prefix: bool
+    reason: str | None
 
 
 class Paths(NamedTuple):
@@ -24,18 +33,29 @@ class Paths(NamedTuple):
     own: BloomPath | None
     generic: GenericPath | None
 
-    def choose(self) -> tuple[Path, bool]:
-        """The path a call takes now, and whether the prompt's pass may be
-        shared by the rows (computed once, cached when no gradient flows).
-        BLOOM's own path unless the body has hooks, placement hooks, or draws
-        dropout; no sharing when dropout must draw per row or hooks must see
-        PEFT's single pass over ``cat(prompt, tokens)``."""
+    def choose(self, draws_random: bool = False) -> Route:
+        """The route of a call with the model as it is now. No sharing when
+        hooks in the body must see PEFT's single pass over ``cat(prompt,
+        tokens)`` or random draws must happen as in it (dropout, or any draw an
+        earlier call saw: ``draws_random``); BLOOM's own path only where
+        sharing is allowed and nothing it bypasses is hooked (the input
+        embedding, which its fused op reads directly; accelerate's placement
+        hooks anywhere)."""
         generic = self.generic
-        hooked = block_hooks(generic.blocks)
-        dropout = dropout_active(generic.model)
-        if self.own is not None and not (hooked or dropout or placement_hooks(generic.body)):
-            return self.own, True
-        return generic, not (hooked or dropout)
+        unshared = None
+        if body_hooks(generic.body, generic.word_embeddings):
+            unshared = "forward hooks in the model's body must see PEFT's single pass"
+        elif dropout_active(generic.model):
+            unshared = "dropout is active (training mode): it must draw as in PEFT's single pass"
+        elif draws_random:
+            unshared = "the model draws random numbers in this mode: they must be drawn as in PEFT's single pass"
+        if unshared is not None:
+            return Route(generic, False, unshared)
+        if self.own is not None and placement_hooks(generic.body):
+            return Route(generic, True, "accelerate's placement hooks: only the model's own body may run its modules")
+        if self.own is not None and embedding_hooks(generic.model, generic.word_embeddings):
+            return Route(generic, True, "forward hooks on the input embedding, which BLOOM's fused op reads directly")
+        return Route(self.own or generic, True, None)
 
 
 def make_paths(base_model, word_embeddings) -> Paths:

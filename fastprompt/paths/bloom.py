@@ -73,18 +73,18 @@ class BloomPath:
         return Prefix(final, _to_cache_layout(kv))
 
     def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
-                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor]:
+                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str]:
         num_virtual = batch.num_virtual_tokens
         if input_ids.shape[0] == 1 or not batch.shares_prefix:
             if batch.adapter_of_row is not None:
                 return self.generic.hidden_states(batch, input_ids, prefixes)
             final, _ = self.decoder.forward(self._embed(input_ids, batch.prompts[0]), batch.key_mask)
-            return final[:, :num_virtual], final[:, num_virtual:]
+            return final[:, :num_virtual], final[:, num_virtual:], "whole"
         prefix = prefixes.prefix(self, batch)
         token_final, _ = self.prefill(input_ids, batch.key_mask, prefix, batch.adapter_of_row)
         if batch.adapter_of_row is not None:
-            return prefix.final.index_select(0, batch.adapter_of_row), token_final
-        return prefix.final, token_final
+            return prefix.final.index_select(0, batch.adapter_of_row), token_final, "shared"
+        return prefix.final, token_final, "shared"
 
     def prefill(self, input_ids, key_mask, prefix: Prefix, adapter_of_row: torch.Tensor | None):
         """The T real tokens against the prefix: final hidden [B, T, H] and each

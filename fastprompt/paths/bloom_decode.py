@@ -62,6 +62,7 @@ class DecodeRequest:
     """A request this loop serves, resolved once."""
 
     config: GenerationConfig
+    attention_mask: torch.Tensor  # as given, or inferred from the pad token as transformers does
     max_new: int
     copies: int  # num_return_sequences
     eos: torch.Tensor | None  # 1-D
@@ -76,11 +77,9 @@ def decode_request(default: GenerationConfig, args, kwargs) -> DecodeRequest | s
     extra = sorted(set(kwargs) - SUPPORTED_ARGUMENTS - SUPPORTED_FIELDS)
     if extra:
         return f"arguments {extra}"
-    input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    input_ids = kwargs.get("input_ids")
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         return "no 2-D input_ids"
-    if mask is not None and not bool(mask[:, -1].all()):
-        return "inputs that are not left-padded"
     config = request_config(default, {k: v for k, v in kwargs.items() if k in SUPPORTED_FIELDS or k == "generation_config"})
     defaults = config._get_default_generation_params()
     other = sorted(
@@ -102,10 +101,23 @@ def decode_request(default: GenerationConfig, args, kwargs) -> DecodeRequest | s
     eos_ids = config.eos_token_id
     eos_ids = None if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     eos = None if eos_ids is None else torch.tensor(eos_ids, device=input_ids.device, dtype=torch.long)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = _inferred_attention_mask(input_ids, config.pad_token_id, eos_ids)
+    if not bool(mask[:, -1].all()):
+        return "inputs that are not left-padded"
     pad = config.pad_token_id
     if pad is None and eos_ids is not None:
         pad = eos_ids[0]  # transformers does the same
-    return DecodeRequest(config, max_new, copies, eos, pad, config.cache_implementation == "static")
+    return DecodeRequest(config, mask, max_new, copies, eos, pad, config.cache_implementation == "static")
+
+
+def _inferred_attention_mask(input_ids: torch.Tensor, pad: int | None, eos_ids: list[int] | None) -> torch.Tensor:
+    """transformers' rule for a call without ``attention_mask``: pad tokens
+    are masked where the pad token is set and is not an end-of-sequence token."""
+    if pad is None or (eos_ids is not None and pad in eos_ids):
+        return torch.ones_like(input_ids)
+    return input_ids.ne(pad).long()
 
 
 def _token_rules(request: DecodeRequest, user_criteria):
@@ -158,10 +170,7 @@ def generate(path, batch: PromptBatch, request: DecodeRequest, kwargs: dict,
              prefixes: PrefixCache) -> torch.Tensor:
     """``[B * num_return_sequences, T + new]`` ids, as ``generate`` returns
     them; ``path`` is the ``BloomPath`` (its decoder, passes and compiled step)."""
-    input_ids = kwargs["input_ids"]
-    mask = kwargs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(input_ids)
+    input_ids, mask = kwargs["input_ids"], request.attention_mask
     streamer = kwargs.get("streamer")
     inputs, input_length = input_ids.shape
     copies, num_virtual = request.copies, batch.num_virtual_tokens

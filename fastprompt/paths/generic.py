@@ -150,21 +150,21 @@ class GenericPath:
         return Pass.SHARED
 
     def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
-                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor]:
+                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str]:
         rows, tokens = input_ids.shape
         chosen = self.plan(batch, rows, tokens)
         if chosen is Pass.PACKED:
             prefix_final, token_final = self.packed(input_ids, batch.prompts, batch.key_mask, batch.adapter_of_row)
         elif chosen is Pass.WHOLE:
             final = self.whole(input_ids, batch.row_prompts(rows), batch.key_mask)
-            return final[:, : batch.num_virtual_tokens], final[:, batch.num_virtual_tokens:]
+            return final[:, : batch.num_virtual_tokens], final[:, batch.num_virtual_tokens:], chosen.value
         else:
             prefix = prefixes.prefix(self, batch)
             prefix_final = prefix.final
             token_final = self.tokens(input_ids, batch.key_mask, prefix, batch.adapter_of_row)
         if batch.adapter_of_row is not None:
             prefix_final = prefix_final.index_select(0, batch.adapter_of_row)
-        return prefix_final, token_final
+        return prefix_final, token_final, chosen.value
 
     def generate(self, batch: PromptBatch, args: tuple, kwargs: dict, prefixes: PrefixCache) -> None:
         """transformers' loop serves every request (see ``generic_generation``)."""

@@ -27,10 +27,11 @@ class Path(PrefixSource, Protocol):
     def lm_head(self) -> torch.nn.Module: ...
 
     def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
-                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor]:
+                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str]:
         """The training / eval pass, planned here: the virtual tokens' final
         hidden states [1 or B, P, H] (one row when every row reads the same
-        prompt) and the tokens' [B, T, H]."""
+        prompt), the tokens' [B, T, H], and the pass that ran ("whole": PEFT's
+        single pass over ``cat(prompt, tokens)``, "shared", "packed")."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
