@@ -11,8 +11,10 @@ import torch
 
 
 def has_forward_hooks(module: torch.nn.Module) -> bool:
-    """Forward or forward-pre hooks registered on ``module`` itself."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Forward or forward-pre hooks registered on ``module`` itself, or its
+    ``forward`` replaced on the instance (a wrapper: what it does is unknown,
+    so it must see the calls PEFT makes)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in module.__dict__
 
 
 def has_placement_hook(module: torch.nn.Module) -> bool:

@@ -41,7 +41,8 @@ from .batch import PromptBatch, with_virtual_tokens
 from .eligibility import RandomDraws, has_forward_hooks, module_modes
 from .loading import names_a_directory
 from .loss import prefix_causal_lm_loss
-from .paths import Path, Paths, Route, make_paths
+from .paths import DRAWS_RANDOM, Path, Paths, Route, make_paths
+from .paths.generic_generation import inferred_attention_mask, request_config
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("fastprompt")
@@ -212,7 +213,9 @@ class FastPromptModel(PeftModelForCausalLM):
         """The path a plain call takes with the model as it is now: "bloom"
         (BLOOM's own decoder), "generic:<model_type>" (the model's body), or
         None (no fast path: PEFT's code). ``last_call`` says what a call ran."""
-        return None if self.paths.generic is None else self._route().path.name
+        if self.paths.generic is None or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
+            return None
+        return self._route().path.name
 
     @property
     def last_call(self) -> CallRecord | None:
@@ -287,11 +290,13 @@ class FastPromptModel(PeftModelForCausalLM):
             if not draws.drew():
                 raise
             result = None
-        if not draws.drew():
-            return route, *result
+        else:
+            if not draws.drew():
+                return route, *result
         self._state.random_modes.add(module_modes(self.get_base_model()))
         if result is not None and result[2] == "whole" and route.path is self.paths.generic:
-            return route, *result  # that was PEFT's single pass through the model's own modules already
+            # That was PEFT's single pass through the model's own modules already.
+            return route._replace(reason=DRAWS_RANDOM), *result
         draws.undo()
         route, batch = self._call(adapter_names, input_ids.shape[0], batch.key_mask[:, batch.num_virtual_tokens:])
         return route, *route.path.hidden_states(batch, input_ids, prefixes)
@@ -346,8 +351,8 @@ class FastPromptModel(PeftModelForCausalLM):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         route, batch = self._call(adapter_names, input_ids.shape[0], attention_mask.to(input_ids.device))
-        route, prefix_final, token_final, ran = self._hidden_states(route, batch, input_ids, adapter_names)
-        self._record(route.path.name, ran, route.reason)
+        route, prefix_final, token_final, ran, unshared = self._hidden_states(route, batch, input_ids, adapter_names)
+        self._record(route.path.name, ran, route.reason or unshared)
         path = route.path
 
         loss = logits = None
@@ -369,11 +374,14 @@ class FastPromptModel(PeftModelForCausalLM):
         if (self._adapters_disabled or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING
                 or self.paths.generic is None):
             return super().generate(*args, **kwargs)
-        rows = 0
-        if adapter_names is not None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            rows = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[0]
-        route, batch = self._call(adapter_names or None, rows, None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        inputs = ids if ids is not None else kwargs.get("inputs_embeds")
+        rows = 0 if inputs is None else inputs.shape[0]
+        mask = kwargs.get("attention_mask")
+        if mask is None and torch.is_tensor(ids):
+            config = request_config(self.generation_config, kwargs)
+            mask = inferred_attention_mask(ids, config.pad_token_id, config.eos_token_id)
+        route, batch = self._call(adapter_names or None, rows, mask)
         path = route.path
         sequences = path.generate(batch, args, kwargs, self._state.prefixes)
         if sequences is not None:

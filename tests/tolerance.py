@@ -52,3 +52,8 @@ def assert_within_reference_error(
             f"2*|torch_{actual.dtype}-fp32| + {atol}; worst at flat index {worst}: "
             f"error {error.flatten()[worst].item():.3g} > allowed {allowed.flatten()[worst].item():.3g}"
         )
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in fp32: how the fast paths' fp32 results are held to PEFT's (≤ 1e-5)."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

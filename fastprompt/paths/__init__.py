@@ -15,7 +15,10 @@ from .bloom import BloomPath
 from .generic import FAMILIES, GenericPath
 from .interface import Path
 
-__all__ = ["BloomPath", "GenericPath", "Path", "Paths", "Route", "make_paths"]
+__all__ = ["DRAWS_RANDOM", "BloomPath", "GenericPath", "Path", "Paths", "Route", "make_paths"]
+
+
+DRAWS_RANDOM = "the model draws random numbers in this mode: they must be drawn as in PEFT's single pass"
 
 
 class Route(NamedTuple):
@@ -38,9 +41,10 @@ class Paths(NamedTuple):
         hooks in the body must see PEFT's single pass over ``cat(prompt,
         tokens)`` or random draws must happen as in it (dropout, or any draw an
         earlier call saw: ``draws_random``); BLOOM's own path only where
-        sharing is allowed and nothing it bypasses is hooked (the input
-        embedding, which its fused op reads directly; accelerate's placement
-        hooks anywhere)."""
+        sharing is allowed, nothing it bypasses is hooked (the input embedding,
+        which its fused op reads directly; accelerate's placement hooks
+        anywhere) and the modules it re-implements run their own classes'
+        forwards."""
         generic = self.generic
         unshared = None
         if body_hooks(generic.body, generic.word_embeddings):
@@ -48,13 +52,15 @@ class Paths(NamedTuple):
         elif dropout_active(generic.model):
             unshared = "dropout is active (training mode): it must draw as in PEFT's single pass"
         elif draws_random:
-            unshared = "the model draws random numbers in this mode: they must be drawn as in PEFT's single pass"
+            unshared = DRAWS_RANDOM
         if unshared is not None:
             return Route(generic, False, unshared)
         if self.own is not None and placement_hooks(generic.body):
             return Route(generic, True, "accelerate's placement hooks: only the model's own body may run its modules")
         if self.own is not None and embedding_hooks(generic.model, generic.word_embeddings):
             return Route(generic, True, "forward hooks on the input embedding, which BLOOM's fused op reads directly")
+        if self.own is not None and not self.own.runs_as_written():
+            return Route(generic, True, "BLOOM's modules have other forwards than those its own path re-implements")
         return Route(self.own or generic, True, None)
 
 

@@ -50,6 +50,20 @@ class BloomPath:
     def lm_head(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
 
+    def runs_as_written(self) -> bool:
+        """Whether the model's modules still run the forwards this path
+        re-implements (BLOOM's model, block, attention and MLP): a subclass
+        that overrides one does something this path would not."""
+        from transformers.models.bloom import modeling_bloom as bloom
+
+        transformer = self.decoder.transformer
+        return type(transformer).forward is bloom.BloomModel.forward and all(
+            type(block).forward is bloom.BloomBlock.forward
+            and type(block.self_attention).forward is bloom.BloomAttention.forward
+            and type(block.mlp).forward is bloom.BloomMLP.forward
+            for block in transformer.h
+        )
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
@@ -73,18 +87,18 @@ class BloomPath:
         return Prefix(final, _to_cache_layout(kv))
 
     def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
-                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str]:
+                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
         num_virtual = batch.num_virtual_tokens
         if input_ids.shape[0] == 1 or not batch.shares_prefix:
             if batch.adapter_of_row is not None:
                 return self.generic.hidden_states(batch, input_ids, prefixes)
             final, _ = self.decoder.forward(self._embed(input_ids, batch.prompts[0]), batch.key_mask)
-            return final[:, :num_virtual], final[:, num_virtual:], "whole"
+            return final[:, :num_virtual], final[:, num_virtual:], "whole", None
         prefix = prefixes.prefix(self, batch)
         token_final, _ = self.prefill(input_ids, batch.key_mask, prefix, batch.adapter_of_row)
         if batch.adapter_of_row is not None:
-            return prefix.final.index_select(0, batch.adapter_of_row), token_final, "shared"
-        return prefix.final, token_final, "shared"
+            return prefix.final.index_select(0, batch.adapter_of_row), token_final, "shared", None
+        return prefix.final, token_final, "shared", None
 
     def prefill(self, input_ids, key_mask, prefix: Prefix, adapter_of_row: torch.Tensor | None):
         """The T real tokens against the prefix: final hidden [B, T, H] and each

@@ -41,7 +41,7 @@ from transformers.generation import (
 from ..batch import PromptBatch, with_virtual_tokens
 from ..prefix_cache import PrefixCache
 from .bloom_decoder import alibi
-from .generic_generation import new_token_budget, request_config
+from .generic_generation import inferred_attention_mask, new_token_budget, request_config
 
 # GenerationConfig fields this loop implements exactly as transformers does
 # (the same warpers in the same order); a request setting any other field to a
@@ -103,7 +103,7 @@ def decode_request(default: GenerationConfig, args, kwargs) -> DecodeRequest | s
     eos = None if eos_ids is None else torch.tensor(eos_ids, device=input_ids.device, dtype=torch.long)
     mask = kwargs.get("attention_mask")
     if mask is None:
-        mask = _inferred_attention_mask(input_ids, config.pad_token_id, eos_ids)
+        mask = inferred_attention_mask(input_ids, config.pad_token_id, eos_ids)
     if not bool(mask[:, -1].all()):
         return "inputs that are not left-padded"
     pad = config.pad_token_id
@@ -111,13 +111,6 @@ def decode_request(default: GenerationConfig, args, kwargs) -> DecodeRequest | s
         pad = eos_ids[0]  # transformers does the same
     return DecodeRequest(config, mask, max_new, copies, eos, pad, config.cache_implementation == "static")
 
-
-def _inferred_attention_mask(input_ids: torch.Tensor, pad: int | None, eos_ids: list[int] | None) -> torch.Tensor:
-    """transformers' rule for a call without ``attention_mask``: pad tokens
-    are masked where the pad token is set and is not an end-of-sequence token."""
-    if pad is None or (eos_ids is not None and pad in eos_ids):
-        return torch.ones_like(input_ids)
-    return input_ids.ne(pad).long()
 
 
 def _token_rules(request: DecodeRequest, user_criteria):

@@ -50,9 +50,13 @@ from .gated_mlp import gated_mlps, keeping_less
 # field of the logits' soft cap (a label-only loss applies it too); "positions",
 # how the body numbers positions when not given ids, as the packed pass must
 # give them: "arange" (RoPE, GPT-2), "mask_cumsum" (OPT), None where the body
-# takes no position ids (BLOOM's ALiBi comes from the 2D mask: never packed).
+# takes no position ids (BLOOM's ALiBi comes from the 2D mask: never packed);
+# "body", the module the causal LM's forward calls, where it is not the
+# ``base_model_prefix`` one (OPT's calls ``model.decoder``: hooks on it, and only
+# on it, must fire as in PEFT).
 FAMILIES = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gpt2": {}, "opt": {"positions": "mask_cumsum"},
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gpt2": {},
+    "opt": {"positions": "mask_cumsum", "body": "model.decoder"},
     "bloom": {"positions": None}, "gemma": {}, "gemma2": {"softcap": "final_logit_softcapping"},
     "gemma3_text": {"softcap": "final_logit_softcapping"},
 }
@@ -110,18 +114,52 @@ def _blocks_of(body: torch.nn.Module) -> torch.nn.ModuleList:
     raise TypeError(f"cannot find the decoder blocks of {type(body).__name__}")
 
 
+def rotary_embeddings(body: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that turn position ids into rotary frequencies: by
+    transformers' convention, those holding an ``*inv_freq`` buffer."""
+    return [module for module in body.modules()
+            if any(name.endswith("inv_freq") for name, _ in module.named_buffers(recurse=False))]
+
+
+def length_dependent(rotary: torch.nn.Module, num_virtual_tokens: int, tokens: int) -> bool:
+    """Whether ``rotary`` gives positions 0..P-1 other frequencies inside a
+    sequence of P + T positions than alone (dynamic NTK scaling, LongRoPE, and
+    any scheme that rescales by the longest position): asked of the module
+    itself, and whatever state it updates on the way put back."""
+    layer_types = [name[: -len("_inv_freq")] for name, _ in rotary.named_buffers(recurse=False)
+                   if name.endswith("_inv_freq") and "original" not in name]
+    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    calls = [{"layer_type": kind} for kind in layer_types] if takes_layer_type and layer_types else [{}]
+    buffers, settings = dict(rotary._buffers), {k: v for k, v in vars(rotary).items() if not k.startswith("_")}
+    device = next(iter(buffers.values())).device
+    probe = torch.zeros(1, device=device)
+    alone = torch.arange(num_virtual_tokens, device=device)[None]
+    within = torch.arange(num_virtual_tokens + tokens, device=device)[None]
+    try:
+        with torch.no_grad():
+            for kwargs in calls:
+                short, long = rotary(probe, alone, **kwargs), rotary(probe, within, **kwargs)
+                if any(not torch.equal(a, b[:, :num_virtual_tokens]) for a, b in zip(short, long)):
+                    return True
+        return False
+    finally:
+        rotary._buffers.update(buffers)
+        for name, value in settings.items():
+            setattr(rotary, name, value)
+
+
 class GenericPath:
     """Runs the body of ``model`` (a ``*ForCausalLM``) on embeddings, with or
     without the prompt's K/V as a pre-filled cache, or packed."""
 
     def __init__(self, model, word_embeddings: torch.nn.Module):
         self.model = model
-        self.body = getattr(model, model.base_model_prefix)
+        self.family = model.config.model_type
+        self.body = model.get_submodule(FAMILIES[self.family].get("body", model.base_model_prefix))
         self.blocks = _blocks_of(self.body)
         self.gated_mlps = gated_mlps(self.blocks)
         self.word_embeddings = word_embeddings
         self.cache_arg = cache_argument(self.body)
-        self.family = model.config.model_type
         self.name = f"generic:{self.family}"
         softcap_field = FAMILIES[self.family].get("softcap")
         self.softcap = getattr(model.config, softcap_field, None) if softcap_field else None
@@ -132,39 +170,42 @@ class GenericPath:
         # position through one block's matrices: the two costs ``packs`` weighs.
         self.macs_per_pair = 2 * text.num_attention_heads * head_dim
         self.macs_per_position = sum(p.numel() for p in self.blocks[0].parameters() if p.dim() == 2)
+        self.rotaries = rotary_embeddings(self.body)
 
     @property
     def lm_head(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
 
-    def plan(self, batch: PromptBatch, rows: int, tokens: int) -> Pass:
+    def plan(self, batch: PromptBatch, rows: int, tokens: int) -> tuple[Pass, str | None]:
         """A trained prompt is recomputed every step: packed with the rows'
         tokens in one body call where that pays. Otherwise the prompt's pass is
         shared by the rows unless sharing would change what happens (hooks,
-        dropout), cannot work (see ``can_share_prefix``) or cannot help (one row)."""
+        dropout), cannot work (``unshareable`` says why) or cannot help (one
+        row). The reason comes with the pass where sharing could not work."""
         if rows > 1 and batch.shares_prefix and batch.trains and self.packs(
                 batch.num_adapters, batch.num_virtual_tokens, rows, tokens):
-            return Pass.PACKED
-        if rows == 1 or not batch.shares_prefix or not self.can_share_prefix(batch.num_virtual_tokens):
-            return Pass.WHOLE
-        return Pass.SHARED
+            return Pass.PACKED, None
+        if rows == 1 or not batch.shares_prefix:
+            return Pass.WHOLE, None
+        reason = self.unshareable(batch.num_virtual_tokens, tokens)
+        return (Pass.SHARED, None) if reason is None else (Pass.WHOLE, reason)
 
     def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
-                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str]:
+                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
         rows, tokens = input_ids.shape
-        chosen = self.plan(batch, rows, tokens)
+        chosen, reason = self.plan(batch, rows, tokens)
         if chosen is Pass.PACKED:
             prefix_final, token_final = self.packed(input_ids, batch.prompts, batch.key_mask, batch.adapter_of_row)
         elif chosen is Pass.WHOLE:
             final = self.whole(input_ids, batch.row_prompts(rows), batch.key_mask)
-            return final[:, : batch.num_virtual_tokens], final[:, batch.num_virtual_tokens:], chosen.value
+            return final[:, : batch.num_virtual_tokens], final[:, batch.num_virtual_tokens:], chosen.value, reason
         else:
             prefix = prefixes.prefix(self, batch)
             prefix_final = prefix.final
             token_final = self.tokens(input_ids, batch.key_mask, prefix, batch.adapter_of_row)
         if batch.adapter_of_row is not None:
             prefix_final = prefix_final.index_select(0, batch.adapter_of_row)
-        return prefix_final, token_final, chosen.value
+        return prefix_final, token_final, chosen.value, None
 
     def generate(self, batch: PromptBatch, args: tuple, kwargs: dict, prefixes: PrefixCache) -> None:
         """transformers' loop serves every request (see ``generic_generation``)."""
@@ -178,11 +219,19 @@ class GenericPath:
         return generic_generation.prepare_step_inputs(self, self, batch, prefixes, prepare_base, input_ids,
                                                       *args, **kwargs)
 
-    def can_share_prefix(self, num_virtual_tokens: int) -> bool:
-        """Shared-prefix passes need every layer to keep the whole prefix and a
-        body that honours a cache (checkpointed blocks drop it, or update it
-        again when they re-run in backward)."""
-        return self._within_windows(num_virtual_tokens) and not self._recomputes_blocks()
+    def unshareable(self, num_virtual_tokens: int, tokens: int) -> str | None:
+        """Why the prompt's pass cannot be run alone and shared (None: it can).
+        It needs every layer to keep the whole prefix, a body that honours a
+        cache (checkpointed blocks drop it, or update it again when they re-run
+        in backward), and positions that do not depend on the sequence's length
+        (the prefix runs alone, at length P)."""
+        if not self._within_windows(num_virtual_tokens):
+            return "the prompt does not fit in a sliding attention window"
+        if self._recomputes_blocks():
+            return "checkpointed blocks recompute in backward, without the shared prefix's cache"
+        if any(length_dependent(rotary, num_virtual_tokens, tokens) for rotary in self.rotaries):
+            return "rotary positions depend on the sequence length"
+        return None
 
     def _within_windows(self, positions: int) -> bool:
         """Whether ``positions`` positions fit in every sliding attention window."""

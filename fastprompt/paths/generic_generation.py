@@ -50,13 +50,31 @@ def new_token_budget(config: GenerationConfig, input_length: int) -> int:
     return config._get_default_generation_params()["max_length"]
 
 
-def _shift_positions(position_ids: torch.Tensor, mask: torch.Tensor | None, num_virtual_tokens: int) -> torch.Tensor:
-    """Positions transformers numbered from the real tokens' mask, renumbered
-    as if ``num_virtual_tokens`` unmasked virtual tokens came first (padding stays put)."""
-    if mask is None:
-        return position_ids + num_virtual_tokens
-    mask = mask[:, -position_ids.shape[-1]:].to(position_ids.device).bool()
-    return torch.where(mask, position_ids + num_virtual_tokens, position_ids)
+def inferred_attention_mask(input_ids: torch.Tensor, pad: int | None, eos: int | list[int] | None) -> torch.Tensor:
+    """transformers' rule for a ``generate`` call without ``attention_mask``:
+    pad tokens are masked where the pad token is set and is not an end-of-sequence token."""
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if pad is None or pad in eos_ids:
+        return torch.ones_like(input_ids)
+    return input_ids.ne(pad).long()
+
+
+def _peft_positions(position_ids: torch.Tensor, mask: torch.Tensor | None, batch: PromptBatch) -> torch.Tensor:
+    """Positions transformers numbered from the real tokens' mask (pads at 0,
+    each new token one past the last column), renumbered as
+    ``base.generate(inputs_embeds=cat(prompt, embed(ids)))`` numbers them: the
+    input's real tokens shifted by P, its pads in place, and the new tokens
+    continuing from the input's last column, shifted by P only where that
+    column is a real token (a right-padded row continues from its pad's 0)."""
+    num_virtual = batch.num_virtual_tokens
+    if mask is None or batch.key_mask is None:
+        return position_ids + num_virtual  # no padding: every position follows the virtual tokens
+    rows = position_ids.shape[0]
+    input_mask = batch.key_mask[:, num_virtual:]
+    input_mask = input_mask.repeat_interleave(rows // input_mask.shape[0], dim=0)
+    generated = mask.shape[1] - input_mask.shape[1]
+    shifted = torch.cat([input_mask, input_mask[:, -1:].expand(-1, generated)], dim=1)
+    return position_ids + num_virtual * shifted[:, -position_ids.shape[-1]:].to(position_ids.device)
 
 
 def prepare_step_inputs(path, source: PrefixSource, batch: PromptBatch, prefixes: PrefixCache,
@@ -71,15 +89,14 @@ def prepare_step_inputs(path, source: PrefixSource, batch: PromptBatch, prefixes
     rows = input_ids.shape[0]
     mask = kwargs.get("attention_mask")
     if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = _shift_positions(kwargs["position_ids"], mask, num_virtual)
+        kwargs["position_ids"] = _peft_positions(kwargs["position_ids"], mask, batch)
     if mask is not None:
         kwargs["attention_mask"] = with_virtual_tokens(mask, num_virtual)
 
-    if cache is not None and batch.shares_prefix:
-        if cache.get_seq_length() == 0:
-            path.fill(cache, prefixes.prefix(source, batch), batch.adapter_of(rows), rows)
+    if cache is not None and cache.get_seq_length() > 0:  # a later step: the cache holds the prompt
         return prepare_base(input_ids, *args, **kwargs)
-    if cache is not None and cache.get_seq_length() > 0:  # a later step of an unshared prefill
+    if cache is not None and batch.shares_prefix and path.unshareable(num_virtual, input_ids.shape[1]) is None:
+        path.fill(cache, prefixes.prefix(source, batch), batch.adapter_of(rows), rows)
         return prepare_base(input_ids, *args, **kwargs)
 
     # The prompt goes in front of the embeddings, as in PEFT: without a cache
@@ -94,7 +111,27 @@ def prepare_step_inputs(path, source: PrefixSource, batch: PromptBatch, prefixes
     if inputs.get("position_ids") is not None:
         virtual = torch.arange(num_virtual, device=embeds.device).expand(rows, -1)
         inputs["position_ids"] = torch.cat([virtual, inputs["position_ids"]], dim=1)
+    prepared = inputs.get("attention_mask")
+    if prepared is not None and (isinstance(prepared, dict) or prepared.dim() != 2):
+        inputs["attention_mask"] = _mask_with_virtual_tokens(path.model, inputs, kwargs.get("attention_mask"))
     return inputs
+
+
+def _mask_with_virtual_tokens(model, inputs: dict, mask: torch.Tensor | None):
+    """A mask the base model prepared in its own form (4D, or one per layer
+    type) covers the real tokens only; made anew, as PEFT does, for the
+    sequence with the virtual tokens in front, from the 2D mask over it (its
+    padding kept) or all ones where none was given."""
+    from peft.utils.other import create_attention_mask
+
+    embeds = inputs["inputs_embeds"]
+    rows, length = embeds.shape[:2]
+    if mask is None:
+        mask = torch.ones(rows, length, dtype=torch.long, device=embeds.device)
+    cache = inputs.get("cache", inputs.get("past_key_values"))
+    return create_attention_mask(model, model_input=None, attention_mask=mask, past_key_values=cache,
+                                 cache_position=torch.arange(length, device=embeds.device), batch_size=rows,
+                                 sequence_length=length, position_ids=inputs.get("position_ids"))
 
 
 def with_room_for_prompt(path, batch: PromptBatch, args: tuple, kwargs: dict) -> dict:

@@ -27,11 +27,12 @@ class Path(PrefixSource, Protocol):
     def lm_head(self) -> torch.nn.Module: ...
 
     def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
-                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str]:
+                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
         """The training / eval pass, planned here: the virtual tokens' final
         hidden states [1 or B, P, H] (one row when every row reads the same
-        prompt), the tokens' [B, T, H], and the pass that ran ("whole": PEFT's
-        single pass over ``cat(prompt, tokens)``, "shared", "packed")."""
+        prompt), the tokens' [B, T, H], the pass that ran ("whole": PEFT's
+        single pass over ``cat(prompt, tokens)``, "shared", "packed"), and why
+        a shared pass could not run where the batch allowed one (else None)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
