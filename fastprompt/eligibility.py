@@ -83,19 +83,22 @@ class RandomDraws:
 
     What a model does, not what its modules are called: layer drop, stochastic
     depth, a custom noise module all advance a generator, however they are
-    written. Reading a generator's state copies a few kilobytes (CPU) or two
-    host integers (CUDA's seed and offset): no device work, no host sync."""
+    written. A generator's state is a host tensor (a few kilobytes on CPU,
+    CUDA's seed and offset), compared here as bytes: no device work, no sync."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cpu = torch.get_rng_state()
         self.accelerator = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.seen = self._states()
+
+    def _states(self) -> tuple[bytes, bytes | None]:
+        accelerator = torch.cuda.get_rng_state(self.device) if self.accelerator is not None else None
+        return (torch.get_rng_state().numpy().tobytes(),
+                None if accelerator is None else accelerator.numpy().tobytes())
 
     def drew(self) -> bool:
-        if not torch.equal(torch.get_rng_state(), self.cpu):
-            return True
-        return self.accelerator is not None and not torch.equal(torch.cuda.get_rng_state(self.device),
-                                                                self.accelerator)
+        return self._states() != self.seen
 
     def undo(self) -> None:
         torch.set_rng_state(self.cpu)
