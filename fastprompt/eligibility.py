@@ -7,6 +7,8 @@ where nothing can tell the difference.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -44,14 +46,30 @@ def body_hooks(body: torch.nn.Module, embedding: torch.nn.Module) -> bool:
     return global_hooks() or any(has_forward_hooks(m) for m in body.modules() if m is not embedding)
 
 
-def embedding_hooks(model: torch.nn.Module, embedding: torch.nn.Module) -> bool:
-    """Forward (pre-)hooks on the input embedding other than transformers' own
-    ``enable_input_require_grads`` hook (found by its handle, which the model
-    keeps): that one only marks the output as requiring grad, which a trained
+@functools.cache
+def _requires_grad_hook_code() -> frozenset:
+    """The code of the hooks transformers and PEFT put on the input embedding
+    so that checkpointed blocks get inputs requiring grad (defined inside the
+    functions that register them)."""
+    import peft
+    from transformers import PreTrainedModel
+
+    owners = [PreTrainedModel.enable_input_require_grads,
+              getattr(peft.PeftModel, "_prepare_model_for_gradient_checkpointing", None),
+              getattr(getattr(peft.utils, "other", None), "prepare_model_for_kbit_training", None)]
+    return frozenset(const for owner in owners if owner is not None for const in owner.__code__.co_consts
+                     if isinstance(const, type(owner.__code__)) and const.co_name.startswith("make_inputs_require_grad"))
+
+
+def embedding_hooks(embedding: torch.nn.Module) -> bool:
+    """Forward (pre-)hooks on the input embedding other than the ones
+    transformers and PEFT register for gradient checkpointing (recognised by
+    their code): those only mark the output as requiring grad, which a trained
     prompt already does; any other (NEFTune's noise, a user's) must run."""
-    required = getattr(model, "_require_grads_hook", None)
-    harmless = {required.id} if required is not None else set()
-    return bool(embedding._forward_pre_hooks) or any(key not in harmless for key in embedding._forward_hooks)
+    if embedding._forward_pre_hooks or "forward" in embedding.__dict__:
+        return True
+    harmless = _requires_grad_hook_code()
+    return any(getattr(hook, "__code__", None) not in harmless for hook in embedding._forward_hooks.values())
 
 
 def dropout_active(module: torch.nn.Module) -> bool:

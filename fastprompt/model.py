@@ -313,7 +313,7 @@ class FastPromptModel(PeftModelForCausalLM):
             return "inputs_embeds was passed"
         if input_ids is None:
             return "no input_ids"
-        if input_ids.dim() == 2 and input_ids.shape[1] == 0:
+        if torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
             return "input_ids has no tokens"
         if output_attentions:
             return "output_attentions=True"

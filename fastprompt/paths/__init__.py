@@ -57,7 +57,7 @@ class Paths(NamedTuple):
             return Route(generic, False, unshared)
         if self.own is not None and placement_hooks(generic.body):
             return Route(generic, True, "accelerate's placement hooks: only the model's own body may run its modules")
-        if self.own is not None and embedding_hooks(generic.model, generic.word_embeddings):
+        if self.own is not None and embedding_hooks(generic.word_embeddings):
             return Route(generic, True, "forward hooks on the input embedding, which BLOOM's fused op reads directly")
         if self.own is not None and not self.own.runs_as_written():
             return Route(generic, True, "BLOOM's modules have other forwards than those its own path re-implements")
