@@ -71,7 +71,7 @@ clean-native:
 # CUDA headers. Fails on a compile error or a register spill (ptxas's spill warning is made an
 # error). Each architecture's ptxas report (registers, spills per kernel) is written to
 # $(CUDA_CHECK_DIR)/sm_<arch>.log and printed; `make -j` compiles the architectures in parallel.
-# tests/test_cuda_compile_check.py runs it.
+# tests/e2e/test_cuda_compile_check.py runs it.
 NVCC ?= nvcc
 CUDA_CHECK_ARCHS ?= 80 86 89 90 120
 CUDA_CHECK_DIR ?= build/cuda-compile-check

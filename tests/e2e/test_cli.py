@@ -21,7 +21,7 @@ import fastprompt
 from fastprompt.app.cli import main
 from fastprompt.loading import demo_data_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli_command(*args) -> list[str]:

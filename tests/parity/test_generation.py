@@ -18,7 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 import fastprompt
 from fastprompt.prefix_cache import prefix_cache_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 512
 
 

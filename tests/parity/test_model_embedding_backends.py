@@ -47,7 +47,7 @@ def backends():
 @pytest.mark.parametrize("impl,extra_env", list(backends()))
 def test_model_parity_with_each_embedding_backend(impl, extra_env):
     env = dict(os.environ, FASTPROMPT_EMBED_IMPL=impl, **extra_env)
-    code = CHECK.format(tests=str(Path(__file__).resolve().parent))
+    code = CHECK.format(tests=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     logits_err, loss_err, grad_err = map(float, out.stdout.split()[-3:])
