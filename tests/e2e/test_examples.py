@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import cli_env, small_data
+from processes import cli_env, small_data
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
