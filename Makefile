@@ -16,9 +16,13 @@ install:
 demo: install
 	fastprompt demo
 
-# The README's test command; .ci/run calls it.
+# The README's test command; .ci/run calls it. Two pytest-xdist workers, one torch thread each
+# (tests/conftest.py): the tests' models are tiny, so two processes use two cores far better than
+# one process with two threads. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: install native
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup
 
 # fastprompt vs PEFT, contenders alternated round by round (bench/harness.py). Results and the
 # scaling plot go to $(BENCH_RESULTS)/<model>/, then the tables are printed. The tutorial case

@@ -38,3 +38,11 @@ def shared_dir():
     if not SHARED.is_dir():
         pytest.skip(f"shared material not found at {SHARED}")
     return SHARED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist: show the compile tables a worker published (compile_report.py)."""
+    from compile_report import WORKER_OUTPUT_KEY, show
+
+    show(node.config, getattr(node, "workeroutput", {}).get(WORKER_OUTPUT_KEY, []))
