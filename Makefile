@@ -22,7 +22,7 @@ demo: install
 TEST_WORKERS ?= 2
 
 test: install native
-	$(PYTHON) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup
+	$(PYTHON) -m pytest tests -n $(TEST_WORKERS)
 
 # fastprompt vs PEFT, contenders alternated round by round (bench/harness.py). Results and the
 # scaling plot go to $(BENCH_RESULTS)/<model>/, then the tables are printed. The tutorial case

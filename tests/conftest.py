@@ -46,3 +46,24 @@ def pytest_testnodedown(node, error):
     from compile_report import WORKER_OUTPUT_KEY, show
 
     show(node.config, getattr(node, "workeroutput", {}).get(WORKER_OUTPUT_KEY, []))
+
+
+# pytest-xdist: the tests of these modules check one expensive module-scoped run (a process), so
+# they go to one worker together; every other test is scheduled on its own, longest groups first.
+# (xdist's xdist_group marks would say the same, but xdist 3.8 tags the group onto item._nodeid,
+# which pytest 9.2 no longer reads, so they group nothing.)
+SHARED_RUN_MODULES = ("tests/e2e/test_demo.py",)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None  # an explicit --dist loadfile/loadscope/... is the user's choice
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_RUN_MODULES else nodeid
+
+    return SharedRunsTogether(config, log)

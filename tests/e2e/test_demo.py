@@ -14,9 +14,6 @@ import pytest
 from fastprompt.app import demo
 from fastprompt.loading import demo_data_path
 
-# One demo run for the module's checks, also under pytest-xdist (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("demo")
-
 
 @pytest.fixture(scope="module")
 def demo_run():
