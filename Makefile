@@ -16,9 +16,13 @@ install:
 demo: install
 	fastprompt demo
 
-# The README's test command; .ci/run calls it.
+# The README's test command; .ci/run calls it. Two pytest-xdist workers, one torch thread each
+# (tests/conftest.py): the tests' models are tiny, so two processes use two cores far better than
+# one process with two threads. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: install native
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest tests -n $(TEST_WORKERS)
 
 # fastprompt vs PEFT, contenders alternated round by round (bench/harness.py). Results and the
 # scaling plot go to $(BENCH_RESULTS)/<model>/, then the tables are printed. The tutorial case
@@ -71,7 +75,7 @@ clean-native:
 # CUDA headers. Fails on a compile error or a register spill (ptxas's spill warning is made an
 # error). Each architecture's ptxas report (registers, spills per kernel) is written to
 # $(CUDA_CHECK_DIR)/sm_<arch>.log and printed; `make -j` compiles the architectures in parallel.
-# tests/test_cuda_compile_check.py runs it.
+# tests/e2e/test_cuda_compile_check.py runs it.
 NVCC ?= nvcc
 CUDA_CHECK_ARCHS ?= 80 86 89 90 120
 CUDA_CHECK_DIR ?= build/cuda-compile-check

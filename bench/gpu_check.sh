@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh            on a CUDA machine: under 8 minutes on one H200 (the step
 #                                      limits below add up to 7.4 minutes)
 #   bash bench/gpu_check.sh --dry-run  the same steps on CPU with tiny shapes and one round each,
-#                                      so the plumbing is tested without a GPU (tests/test_gpu_check.py)
+#                                      so the plumbing is tested without a GPU (tests/e2e/test_gpu_check.py)
 #
 # Results land in $OUT (default ./gpu_out): a log, JUnit XML or benchmark JSON per step, env.json,
 # and summary.md + summary.json (bench/gpu_summary.py). Every step runs even if an earlier one
@@ -25,16 +25,16 @@ if [[ "${1:-}" == "--dry-run" ]]; then
     # machine stretches: the dry run tests plumbing, not the budget, so it allows three times more.
     LIMIT_SCALE=3
     export FASTPROMPT_BENCH_ROUNDS=1 FASTPROMPT_BENCH_DEMO_DATA=1
-    KERNEL_TESTS=(tests/test_ops_embed_concat.py -k "bad_inputs")
-    PARITY_TESTS=(tests/test_parity_peft.py -k "fp32 and bloom and 3-8-12-left")
-    GENERATION_TESTS=(tests/test_generation.py -k "equal_the_peft_intended_path and bloom")
+    KERNEL_TESTS=(tests/unit/ops/test_ops_embed_concat.py -k "bad_inputs")
+    PARITY_TESTS=(tests/parity/test_parity_peft.py -k "fp32 and bloom and 3-8-12-left")
+    GENERATION_TESTS=(tests/parity/test_generation.py -k "equal_the_peft_intended_path and bloom")
 else
     DEVICE=cuda MODEL=bloom-1b4-zh
     LIMIT_SCALE=1
     export FASTPROMPT_TEST_CUDA=1
-    KERNEL_TESTS=(tests/test_ops_embed_concat.py)
-    PARITY_TESTS=(tests/test_parity_peft.py -k "fp32 or bf16 or int8 or holes")
-    GENERATION_TESTS=(tests/test_generation.py -k "peft_intended or bf16 or int8 or own_loop or static")
+    KERNEL_TESTS=(tests/unit/ops/test_ops_embed_concat.py)
+    PARITY_TESTS=(tests/parity/test_parity_peft.py -k "fp32 or bf16 or int8 or holes")
+    GENERATION_TESTS=(tests/parity/test_generation.py -k "peft_intended or bf16 or int8 or own_loop or static")
 fi
 export FASTPROMPT_TEST_DEVICE=$DEVICE FASTPROMPT_BENCH_DEVICE=$DEVICE FASTPROMPT_BENCH_MODEL=$MODEL
 

@@ -1,4 +1,4 @@
-"""One rank of tests/test_fsdp.py (run under torchrun): BLOOM's blocks sharded
+"""One rank of tests/e2e/test_fsdp.py (run under torchrun): BLOOM's blocks sharded
 with FSDP2's ``fully_shard`` over gloo, a fastprompt training step, the loss
 and prompt gradient written to ``<output>/rank<r>.pt``."""
 

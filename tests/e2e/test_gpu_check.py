@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = ["env", "kernels", "parity", "generation", "op_bandwidth", "training_bf16", "training_int8",
          "generation_bf16", "generation_int8"]
 

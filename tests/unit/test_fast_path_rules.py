@@ -185,7 +185,7 @@ def test_packing_is_taken_where_its_extra_attention_is_cheap(shape):
 
     from fastprompt.paths.generic import GenericPath
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from model_shapes import SHAPES
 
     with torch.device("meta"):  # the real shape, without its weights

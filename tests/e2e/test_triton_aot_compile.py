@@ -21,8 +21,8 @@ import pytest
 
 from compile_report import publish
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = Path(__file__).resolve().parent / "triton_aot.py"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).resolve().parents[1] / "triton_aot.py"
 CAPABILITIES = (80, 86, 89, 90, 120)
 BLOOM_HIDDEN = (1024, 1536, 2048, 2560, 4096, 14336)
 # Every BLOOM up to 7B1 must compile without spills. 14336 (BLOOM-176B) is compiled and reported,

@@ -18,7 +18,7 @@ import pytest
 
 from compile_report import publish
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NVCC = shutil.which(os.environ.get("NVCC", "nvcc"))
 MAKE = shutil.which("make")
 REQUIRED_ARCHS = ("80", "86", "89", "90")

@@ -17,7 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import fastprompt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 512
 
 

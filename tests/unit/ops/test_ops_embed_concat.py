@@ -2,28 +2,14 @@
 
 By default the kernels run on CPU through Triton's interpreter. Triton reads TRITON_INTERPRET when
 `@triton.jit` decorates a function, and that includes its own helpers (tl.sum, ...) decorated at
-`import triton`; so the variable must be set before anything in the process imports triton. It is
-set here at the top. When an earlier test module (anything importing fastprompt or transformers)
-already imported triton, this file's cases are skipped in-process and rerun in a fresh process by
-test_rerun_in_fresh_process. With FASTPROMPT_TEST_CUDA=1 the interpreter stays off and the same
-cases run on CUDA tensors.
+`import triton`; so tests/conftest.py sets the variable before anything in the process imports
+triton. With FASTPROMPT_TEST_CUDA=1 the interpreter stays off and the same cases run on CUDA tensors.
 """
 
 import os
-import subprocess
 import sys
-from pathlib import Path
-
-
-def _triton_imported_without_interpreter() -> bool:
-    standard = sys.modules.get("triton.language.standard")
-    return standard is not None and type(standard.sum).__name__ == "JITFunction"
-
 
 CUDA_MODE = os.environ.get("FASTPROMPT_TEST_CUDA") == "1"
-RERUN_IN_FRESH_PROCESS = not CUDA_MODE and _triton_imported_without_interpreter()
-if not CUDA_MODE:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import types  # noqa: E402
 
@@ -54,27 +40,6 @@ def leaves(inputs, trainable, upcast=False):
 
 def run_triton(**inputs):
     return embed_concat(**inputs, impl="triton")
-
-
-@pytest.fixture(autouse=True)
-def skip_when_rerun_in_fresh_process(request):
-    if RERUN_IN_FRESH_PROCESS and request.function is not test_rerun_in_fresh_process:
-        pytest.skip("triton was imported before the interpreter could be enabled; "
-                    "test_rerun_in_fresh_process runs this case in a fresh process")
-
-
-@pytest.mark.skipif(not RERUN_IN_FRESH_PROCESS, reason="the interpreter is active in this process")
-def test_rerun_in_fresh_process():
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    report = result.stdout[-6000:] + result.stderr[-2000:]
-    assert result.returncode == 0 and " passed" in result.stdout, report
 
 
 def test_kernels_run_where_intended():

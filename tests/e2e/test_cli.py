@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import signal
@@ -12,45 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from peft import PromptTuningConfig, TaskType
+from processes import ROOT, cli_command, cli_env, run_cli, small_data
 from safetensors.torch import save_file
 
 import fastprompt
-from fastprompt.app.cli import main
-from fastprompt.loading import demo_data_path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli_command(*args) -> list[str]:
-    return [sys.executable, "-m", "fastprompt.app.cli", *map(str, args)]
-
-
-def cli_env() -> dict:
-    """The checkout importable from any working directory."""
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-
-
-def run_cli(*args, cwd, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def small_data(directory: Path, count: int = 12) -> Path:
-    records = json.loads(demo_data_path().read_text(encoding="utf-8"))[:count]
-    path = directory / "data.json"
-    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["bench"], ["demo"]])
-def test_every_command_has_standard_help(command, capsys):
-    with pytest.raises(SystemExit) as done:
-        main([*command, "--help"])
-    assert done.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: {' '.join(['fastprompt', *command])}")
 
 
 def test_generate_answers_with_an_adapter(tmp_path):
@@ -96,13 +61,6 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         lines = stderr.strip().splitlines()
         assert len(lines) == 1, (name, stderr)
         assert re.match(rf"fastprompt (train|generate): error: .*{pattern}", lines[0]), (name, lines[0])
-
-
-def test_errors_in_process_and_debug(tmp_path, capsys):
-    assert main(["generate", "--adapter", str(tmp_path / "none"), "hello"]) == 1
-    assert capsys.readouterr().err == f"fastprompt generate: error: adapter directory {str(tmp_path / 'none')!r} does not exist\n"
-    with pytest.raises(FileNotFoundError):
-        main(["train", "--data", str(tmp_path / "nope.json"), "--output", str(tmp_path / "o"), "--debug"])
 
 
 def test_train_survives_sigterm_and_resumes_to_the_end(tmp_path):

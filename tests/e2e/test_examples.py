@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import cli_env, small_data
+from processes import cli_env, small_data
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_tutorial_trainer_script_matches_peft_and_checkpoints_peft_adapters(tmp_path, monkeypatch, capsys):

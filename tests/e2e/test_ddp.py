@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import fastprompt
 from fastprompt.app.cli import TUTORIAL_INIT_TEXT, main
-from test_cli import cli_env, small_data
+from processes import cli_env, small_data
 
 
 def test_two_processes_match_one(tmp_path):

@@ -145,7 +145,7 @@ def test_adapter_tensor_shape_disagrees_with_config(tmp_path, model):
 def hub_offline(monkeypatch):
     """HF_HUB_OFFLINE=1 as the library sees it: the library leaves the hub to
     transformers and PEFT, which fail at once in offline mode (the command line
-    probes the hub itself: tests/test_cli.py)."""
+    probes the hub itself: tests/e2e/test_cli.py)."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -1,9 +1,6 @@
 """The built-in tiny-bloom (shipped weights and the recipe that made them) and load_model."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,30 +42,33 @@ def test_weights_are_stored_in_fp16_and_load_as_fp32(tiny_bloom_dir):
     assert len(names) == len(dict(model.named_parameters()))  # lm_head is tied, stored once
 
 
-def test_shipped_model_loads_offline_with_transformers_and_peft(tiny_bloom_dir, tmp_path):
-    """In a process where the hub is off: transformers loads the directory, PEFT
-    builds a TEXT-initialised prompt with its tokenizer, saves it and loads it
-    back on a fresh base with the same logits."""
-    code = f"""
-import torch
-from peft import PeftModel, PromptTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
-path, adapter = {tiny_bloom_dir!r}, {str(tmp_path)!r}
-tokenizer = AutoTokenizer.from_pretrained(path)
-config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_tuning_init="TEXT",
-                            prompt_tuning_init_text="下面是一段人与机器人的对话。", tokenizer_name_or_path=path)
-model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), config).eval()
-model.save_pretrained(adapter)
-reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), adapter).eval()
-ids = tokenizer("Human: 中国的首都是哪里？\\n\\nAssistant: ", return_tensors="pt")
-with torch.no_grad():
-    assert torch.equal(model(**ids).logits, reloaded(**ids).logits)
-print("ok")
-"""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("ok")
+def test_shipped_model_loads_offline_with_transformers_and_peft(tiny_bloom_dir, tmp_path, monkeypatch):
+    """With the hub off (HF_HUB_OFFLINE=1 as huggingface_hub sees it) and no
+    network at all: transformers loads the directory, PEFT builds a
+    TEXT-initialised prompt with its tokenizer, saves it and loads it back on a
+    fresh base with the same logits."""
+    import socket
+
+    from huggingface_hub import constants
+    from peft import PeftModel, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    path, adapter = tiny_bloom_dir, str(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_tuning_init="TEXT",
+                                prompt_tuning_init_text="下面是一段人与机器人的对话。", tokenizer_name_or_path=path)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), config).eval()
+    model.save_pretrained(adapter)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), adapter).eval()
+    ids = tokenizer("Human: 中国的首都是哪里？\n\nAssistant: ", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, reloaded(**ids).logits)
 
 
 def test_tokenizer_round_trips_chinese_and_english(tiny_bloom_dir):

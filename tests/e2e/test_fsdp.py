@@ -12,7 +12,7 @@ from models import padded_batch, peft_prompt, prompt_config, tiny_causal_lm
 
 import fastprompt
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def test_fsdp2_sharded_blocks_give_one_process_numbers(tmp_path):
