@@ -8,9 +8,20 @@ the same 8-bit model in the same mode.
 
 import pytest
 import torch
-from models import (DEVICE, FAMILIES, TRAINING_PASSES, force_training_pass, padded_batch, pair, peft_prompt,
-                    prompt_config, random_bloom, tiny_causal_lm)
+from models import (
+    DEVICE,
+    FAMILIES,
+    TRAINING_PASSES,
+    force_training_pass,
+    padded_batch,
+    pair,
+    peft_prompt,
+    prompt_config,
+    random_bloom,
+    tiny_causal_lm,
+)
 from peft import get_peft_model as peft_get_peft_model
+from tolerance import rel_err
 
 import fastprompt
 
@@ -18,10 +29,6 @@ VOCAB = 512
 # Relative loss tolerance of the bf16 and int8 comparisons: tight enough that a
 # per-row instead of per-token mean fails it (see the test right below).
 LOSS_REL = 1e-4
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def assert_loss_close(got, want, rel):
@@ -257,7 +264,7 @@ def test_int8_matches_peft_on_the_same_8bit_model(monkeypatch, tmp_path, family,
 def test_bf16_within_tolerance_rule_of_peft(monkeypatch, family, plan, side):
     """bf16 is judged against PEFT in fp32 on the same weights, allowed twice
     PEFT-in-bf16's own error (design.md's rule)."""
-    from tolerance import assert_within_reference_error
+    from tolerance import assert_within_reference_error, rel_err
 
     config = prompt_config(8)
     torch.manual_seed(0)

@@ -55,6 +55,7 @@ from peft_contract_models import (
     reference_logits,
     regression_fill,
 )
+from tolerance import rel_err
 
 PEFT_GENERATE_BUG = (
     "PEFT 0.21.2 + transformers 5 (BLOOM/OPT forward takes `cache`, not `past_key_values`): PEFT re-inserts the soft "
@@ -432,7 +433,10 @@ def test_training_gradient_checkpointing(impl, model_id, use_reentrant):
     nonzero_ckpt = {n for n, p in params if p.grad.abs().sum() > 0}
     assert nonzero_normal == nonzero_ckpt
     for name, param in params:
-        torch.testing.assert_close(param.grad, normal[name], rtol=1e-4, atol=1e-5)
+        # norm-relative as every fp32 parity check: the loss is sum(logits**2), so the gradient's entries run
+        # into the hundreds and the fast path's other summation order moves single entries by ~1e-4 (5.7e-7 of the
+        # norm on OPT)
+        assert rel_err(param.grad, normal[name]) < 1e-5
     for name, param in model.named_parameters():
         if "prompt_encoder." in name:
             assert param.grad is not None

@@ -9,14 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import (FAMILIES, TRAINING_PASSES, force_training_pass, padded_batch, pair, peft_prompt, prompt_config,
-                    random_bloom, tiny_causal_lm)
+from models import (
+    FAMILIES,
+    TRAINING_PASSES,
+    force_training_pass,
+    padded_batch,
+    pair,
+    peft_prompt,
+    prompt_config,
+    random_bloom,
+    tiny_causal_lm,
+)
+from tolerance import rel_err
 
 import fastprompt
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # ------------------------------------------------------------------ reporting
