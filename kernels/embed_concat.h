@@ -1,8 +1,8 @@
 // Shared by the CPU and CUDA backends of fastprompt::embed_concat: argument
-// checks, output layout and the token grouping used by the embedding-table
-// gradient. Everything here is host code built from ATen calls, so both
-// translation units agree on shapes and dtypes by construction; the Python
-// fake kernels in fastprompt/ops/native.py mirror the same rules.
+// checks and output layout. Everything here is host code built from ATen
+// calls, so both translation units agree on shapes and dtypes by
+// construction; the Python fake kernels in fastprompt/ops/native.py mirror
+// the same rules.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -92,44 +92,6 @@ inline void check_embed_concat_backward_inputs(const at::Tensor& grad_out, const
                     stats->scalar_type() == acc_dtype && stats->device() == grad_out.device(),
                 "embed_concat_bwd: mean/rstd must be the forward's [B, P+T] ", acc_dtype, " statistics");
   }
-}
-
-// Backward results in the parameters' dtypes. Gradients a backend did not
-// compute (undefined tensors) come back as empty [0] tensors of the dtype
-// they would have had, LayerNorm ones defaulting to weight's; the Python
-// autograd glue maps those to None.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> package_gradients(
-    const at::Tensor& weight, const at::Tensor& prompt, const std::optional<at::Tensor>& ln_weight,
-    const std::optional<at::Tensor>& ln_bias, const at::Tensor& grad_prompt, const at::Tensor& grad_table,
-    const at::Tensor& grad_gamma, const at::Tensor& grad_beta) {
-  const auto cast_or_empty = [&](const at::Tensor& grad, at::ScalarType dtype) {
-    return grad.defined() ? grad.to(dtype) : at::empty({0}, weight.options().dtype(dtype));
-  };
-  return {
-      cast_or_empty(grad_prompt, prompt.scalar_type()),
-      cast_or_empty(grad_table, weight.scalar_type()),
-      cast_or_empty(grad_gamma, ln_weight.has_value() ? ln_weight->scalar_type() : weight.scalar_type()),
-      cast_or_empty(grad_beta, ln_bias.has_value() ? ln_bias->scalar_type() : weight.scalar_type()),
-  };
-}
-
-// Flat token positions grouped by vocabulary id, so that each table row's
-// gradient is summed by exactly one worker in a fixed order: race-free and
-// deterministic without atomics or a [V, H] fp32 accumulator.
-struct TokensById {
-  at::Tensor ids;        // [U] distinct ids, ascending
-  at::Tensor offsets;    // [U + 1] segment bounds into `positions`
-  at::Tensor positions;  // [B*T] flat token positions (b*T + t), sorted by id
-};
-
-inline TokensById group_tokens_by_id(const at::Tensor& input_ids) {
-  const at::Tensor flat = input_ids.reshape({-1}).to(at::kLong);
-  auto [sorted_ids, positions] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const auto segments = at::unique_consecutive(sorted_ids, /*return_inverse=*/false, /*return_counts=*/true);
-  const at::Tensor& ids = std::get<0>(segments);
-  const at::Tensor& counts = std::get<2>(segments);
-  at::Tensor offsets = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
-  return {ids.contiguous(), offsets.contiguous(), positions.contiguous()};
 }
 
 }  // namespace fastprompt

@@ -10,9 +10,10 @@
 // Backward relies on two facts: LayerNorm's input gradient is linear in the
 // output gradient, and the P prompt rows are identical across the batch. So
 // grad_out is first summed over the batch (fp32) and one LayerNorm backward
-// per prompt row yields grad_prompt, with no [B, P, H] temporary. Token rows
-// are read only when the embedding table or the LayerNorm parameters need a
-// gradient.
+// per prompt row yields grad_prompt, with no [B, P, H] temporary. grad_prompt
+// is the only gradient: the table and the LayerNorm parameters are frozen
+// (fastprompt/ops/frozen.py refuses them requiring grad), so token rows are
+// never read.
 //
 // Threads: every parallel region asks for at::get_num_threads(), so
 // torch.set_num_threads governs this library exactly as it governs torch. The
@@ -58,10 +59,6 @@ const scalar_t* source_row(int64_t row, const EmbedConcatSizes& sizes, const int
   return table + ids[item * sizes.tokens + position - sizes.prompt_rows] * sizes.hidden;
 }
 
-int64_t token_output_row(int64_t flat_token, const EmbedConcatSizes& sizes) {
-  return (flat_token / sizes.tokens) * sizes.rows_per_item() + sizes.prompt_rows + flat_token % sizes.tokens;
-}
-
 // fp32/fp64 rows are used in place; 16-bit rows are widened once into
 // `scratch`, so the statistics and normalisation passes read L1-resident
 // accumulate-type values instead of converting three times. Always inlined,
@@ -102,14 +99,13 @@ template <typename acc_t, typename Term>
 
 // The two row means in LayerNorm's input gradient
 //   dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)).
-template <typename grad_t, typename acc_t>
-void layer_norm_grad_means(const grad_t* grad, const acc_t* x, acc_t mean, acc_t rstd, const acc_t* gamma,
+template <typename acc_t>
+void layer_norm_grad_means(const acc_t* grad, const acc_t* x, acc_t mean, acc_t rstd, const acc_t* gamma,
                            int64_t hidden, acc_t& mean_grad, acc_t& mean_grad_xhat) {
   const acc_t count = static_cast<acc_t>(hidden);
-  mean_grad = lane_sum<acc_t>(hidden, [grad, gamma](int64_t h) { return static_cast<acc_t>(grad[h]) * gamma[h]; }) /
-              count;
+  mean_grad = lane_sum<acc_t>(hidden, [grad, gamma](int64_t h) { return grad[h] * gamma[h]; }) / count;
   mean_grad_xhat = lane_sum<acc_t>(hidden, [grad, gamma, x, mean, rstd](int64_t h) {
-                     return static_cast<acc_t>(grad[h]) * gamma[h] * (x[h] - mean) * rstd;
+                     return grad[h] * gamma[h] * (x[h] - mean) * rstd;
                    }) /
                    count;
 }
@@ -235,115 +231,6 @@ void prompt_layer_norm_backward(const acc_t* summed, const scalar_t* prompt, con
   }
 }
 
-// grad_gamma = sum over all rows of g * xhat, grad_beta = sum of g. Prompt
-// rows contribute through the batch-summed gradient (P rows, not B*P).
-// Column blocks own disjoint outputs, so there is no cross-thread reduction
-// and the summation order is fixed.
-template <typename scalar_t, typename acc_t>
-void layer_norm_param_grads(const scalar_t* grad_out, const acc_t* summed, const int64_t* ids,
-                            const scalar_t* table, const scalar_t* prompt, const acc_t* mean, const acc_t* rstd,
-                            const EmbedConcatSizes& sizes, acc_t* grad_gamma, acc_t* grad_beta) {
-  const int64_t hidden = sizes.hidden;
-  const int64_t token_count = sizes.batch * sizes.tokens;
-  const int64_t blocks = column_block_count(hidden);
-#pragma omp parallel for num_threads(team_size((sizes.prompt_rows + token_count) * hidden)) schedule(static)
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int64_t begin = block * kColumnBlock;
-    const int64_t width = std::min(kColumnBlock, hidden - begin);
-    acc_t* dgamma = grad_gamma + begin;
-    acc_t* dbeta = grad_beta + begin;
-    for (int64_t row = 0; row < sizes.prompt_rows; ++row) {
-      const acc_t* grad = summed + row * hidden + begin;
-      const scalar_t* x = prompt + row * hidden + begin;
-#pragma omp simd
-      for (int64_t h = 0; h < width; ++h) {
-        dgamma[h] += grad[h] * (static_cast<acc_t>(x[h]) - mean[row]) * rstd[row];
-        dbeta[h] += grad[h];
-      }
-    }
-    for (int64_t token = 0; token < token_count; ++token) {
-      const int64_t row = token_output_row(token, sizes);
-      const scalar_t* grad = grad_out + row * hidden + begin;
-      const scalar_t* x = table + ids[token] * hidden + begin;
-      const acc_t row_mean = mean[row];
-      const acc_t row_rstd = rstd[row];
-#pragma omp simd
-      for (int64_t h = 0; h < width; ++h) {
-        const acc_t g = static_cast<acc_t>(grad[h]);
-        dgamma[h] += g * (static_cast<acc_t>(x[h]) - row_mean) * row_rstd;
-        dbeta[h] += g;
-      }
-    }
-  }
-}
-
-// Scatter-add of the token rows' input gradients into the table. Each
-// (distinct id, column block) task sums that id's tokens in a fixed order and
-// writes its slice once. With LayerNorm, a first row-parallel pass computes
-// the two per-row means the elementwise gradient needs.
-template <typename scalar_t, typename acc_t>
-void table_grad(const scalar_t* grad_out, const int64_t* ids, const scalar_t* table, const acc_t* gamma,
-                const acc_t* mean, const acc_t* rstd, const TokensById& groups, const EmbedConcatSizes& sizes,
-                scalar_t* grad_table) {
-  const int64_t hidden = sizes.hidden;
-  const int64_t token_count = sizes.batch * sizes.tokens;
-  const int threads = team_size(token_count * hidden);
-  const bool layer_norm = gamma != nullptr;
-
-  std::vector<acc_t> mean_grad(layer_norm ? token_count : 0);
-  std::vector<acc_t> mean_grad_xhat(layer_norm ? token_count : 0);
-  if (layer_norm) {
-#pragma omp parallel num_threads(threads)
-    {
-      std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : hidden);
-#pragma omp for schedule(static)
-      for (int64_t token = 0; token < token_count; ++token) {
-        const int64_t row = token_output_row(token, sizes);
-        const acc_t* x = widen_row(table + ids[token] * hidden, hidden, scratch.data());
-        layer_norm_grad_means(grad_out + row * hidden, x, mean[row], rstd[row], gamma, hidden, mean_grad[token],
-                              mean_grad_xhat[token]);
-      }
-    }
-  }
-
-  const int64_t* unique_ids = groups.ids.const_data_ptr<int64_t>();
-  const int64_t* offsets = groups.offsets.const_data_ptr<int64_t>();
-  const int64_t* positions = groups.positions.const_data_ptr<int64_t>();
-  const int64_t blocks = column_block_count(hidden);
-  const int64_t tasks = groups.ids.numel() * blocks;
-  // Dynamic: one id (padding, say) may own most of the tokens.
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t group = task / blocks;
-    const int64_t begin = (task % blocks) * kColumnBlock;
-    const int64_t width = std::min(kColumnBlock, hidden - begin);
-    const int64_t id = unique_ids[group];
-    const scalar_t* x = table + id * hidden + begin;
-    acc_t sum[kColumnBlock] = {};
-    for (int64_t k = offsets[group]; k < offsets[group + 1]; ++k) {
-      const int64_t token = positions[k];
-      const int64_t row = token_output_row(token, sizes);
-      const scalar_t* grad = grad_out + row * hidden + begin;
-      if (!layer_norm) {
-#pragma omp simd
-        for (int64_t h = 0; h < width; ++h) sum[h] += static_cast<acc_t>(grad[h]);
-        continue;
-      }
-      const acc_t row_mean = mean[row];
-      const acc_t row_rstd = rstd[row];
-      const acc_t c_grad = mean_grad[token];
-      const acc_t c_grad_xhat = mean_grad_xhat[token];
-#pragma omp simd
-      for (int64_t h = 0; h < width; ++h) {
-        const acc_t xhat = (static_cast<acc_t>(x[h]) - row_mean) * row_rstd;
-        sum[h] += row_rstd * (static_cast<acc_t>(grad[h]) * gamma[begin + h] - c_grad - xhat * c_grad_xhat);
-      }
-    }
-    scalar_t* dst = grad_table + id * hidden + begin;
-    for (int64_t h = 0; h < width; ++h) dst[h] = static_cast<scalar_t>(sum[h]);
-  }
-}
-
 // int64, contiguous, and in range: checked here, serially, because an
 // exception must not escape an OpenMP region.
 at::Tensor checked_token_ids(const at::Tensor& input_ids, int64_t vocab) {
@@ -385,67 +272,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_concat_fwd_cpu(
   return {out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_concat_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& input_ids, const at::Tensor& weight, const at::Tensor& prompt,
-    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
-    const at::Tensor& rstd, bool need_grad_prompt, bool need_grad_weight, bool need_grad_ln) {
-  const EmbedConcatSizes sizes = check_embed_concat_inputs(input_ids, weight, prompt, ln_weight, ln_bias);
+at::Tensor embed_concat_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input_ids, const at::Tensor& weight,
+                                const at::Tensor& prompt, const std::optional<at::Tensor>& ln_weight,
+                                const at::Tensor& mean, const at::Tensor& rstd) {
+  const EmbedConcatSizes sizes = check_embed_concat_inputs(input_ids, weight, prompt, ln_weight, std::nullopt);
   const bool layer_norm = ln_weight.has_value();
-  const bool want_ln_grads = need_grad_ln && layer_norm;
   const at::ScalarType acc_dtype = accumulate_dtype(weight.scalar_type());
   check_embed_concat_backward_inputs(grad_out, mean, rstd, sizes, layer_norm, acc_dtype);
 
   // Zero-initialised, so an empty batch (no statistics rows, nothing to
-  // launch) yields zero gradients.
+  // launch) yields a zero gradient.
   const auto acc_options = weight.options().dtype(acc_dtype);
-  const bool need_summed = need_grad_prompt || want_ln_grads;
-  at::Tensor summed = need_summed ? at::zeros({sizes.prompt_rows, sizes.hidden}, acc_options) : at::Tensor();
-  at::Tensor grad_prompt;
-  if (need_grad_prompt) grad_prompt = layer_norm ? at::zeros_like(summed) : summed;
-  at::Tensor grad_gamma = want_ln_grads ? at::zeros({sizes.hidden}, acc_options) : at::Tensor();
-  at::Tensor grad_beta = want_ln_grads && ln_bias.has_value() ? at::zeros({sizes.hidden}, acc_options) : at::Tensor();
-  at::Tensor grad_table = need_grad_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor summed = at::zeros({sizes.prompt_rows, sizes.hidden}, acc_options);
+  at::Tensor grad_prompt = layer_norm ? at::zeros_like(summed) : summed;
 
-  if (sizes.batch > 0 && (need_summed || need_grad_weight)) {
+  if (sizes.batch > 0) {
     const at::Tensor grad = grad_out.to(weight.scalar_type()).contiguous();
-    const at::Tensor ids = checked_token_ids(input_ids, sizes.vocab);
-    const at::Tensor table = weight.contiguous();
     const at::Tensor prompt_rows = prompt.to(weight.scalar_type()).contiguous();
-    at::Tensor gamma;
-    at::Tensor beta;
-    if (layer_norm) std::tie(gamma, beta) = layer_norm_params(*ln_weight, ln_bias, acc_dtype);
+    const at::Tensor gamma = layer_norm ? ln_weight->to(acc_dtype).contiguous() : at::Tensor();
     const at::Tensor row_mean = mean.contiguous();
     const at::Tensor row_rstd = rstd.contiguous();
-    // LayerNorm without a bias still needs somewhere to sum grad_beta.
-    const at::Tensor beta_sums = want_ln_grads && !grad_beta.defined() ? at::zeros_like(grad_gamma) : grad_beta;
-    const TokensById groups = need_grad_weight ? group_tokens_by_id(ids) : TokensById{};
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "embed_concat_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
-      const int64_t* ids_ptr = ids.const_data_ptr<int64_t>();
-      const scalar_t* table_ptr = table.const_data_ptr<scalar_t>();
-      const scalar_t* prompt_ptr = prompt_rows.const_data_ptr<scalar_t>();
-      const acc_t* gamma_ptr = layer_norm ? gamma.const_data_ptr<acc_t>() : nullptr;
-      const acc_t* mean_ptr = layer_norm ? row_mean.const_data_ptr<acc_t>() : nullptr;
-      const acc_t* rstd_ptr = layer_norm ? row_rstd.const_data_ptr<acc_t>() : nullptr;
-      if (need_summed) sum_prompt_grad_over_batch(grad_ptr, sizes, summed.mutable_data_ptr<acc_t>());
-      if (need_grad_prompt && layer_norm) {
-        prompt_layer_norm_backward(summed.const_data_ptr<acc_t>(), prompt_ptr, mean_ptr, rstd_ptr, gamma_ptr, sizes,
-                                   grad_prompt.mutable_data_ptr<acc_t>());
-      }
-      if (want_ln_grads) {
-        layer_norm_param_grads(grad_ptr, summed.const_data_ptr<acc_t>(), ids_ptr, table_ptr, prompt_ptr, mean_ptr,
-                               rstd_ptr, sizes, grad_gamma.mutable_data_ptr<acc_t>(),
-                               beta_sums.mutable_data_ptr<acc_t>());
-      }
-      if (need_grad_weight) {
-        table_grad(grad_ptr, ids_ptr, table_ptr, gamma_ptr, mean_ptr, rstd_ptr, groups, sizes,
-                   grad_table.mutable_data_ptr<scalar_t>());
+      sum_prompt_grad_over_batch(grad.const_data_ptr<scalar_t>(), sizes, summed.mutable_data_ptr<acc_t>());
+      if (layer_norm) {
+        prompt_layer_norm_backward(summed.const_data_ptr<acc_t>(), prompt_rows.const_data_ptr<scalar_t>(),
+                                   row_mean.const_data_ptr<acc_t>(), row_rstd.const_data_ptr<acc_t>(),
+                                   gamma.const_data_ptr<acc_t>(), sizes, grad_prompt.mutable_data_ptr<acc_t>());
       }
     });
   }
-  return package_gradients(weight, prompt, ln_weight, ln_bias, grad_prompt, grad_table, grad_gamma, grad_beta);
+  return grad_prompt.to(prompt.scalar_type());
 }
 
 }  // namespace
@@ -456,8 +314,7 @@ TORCH_LIBRARY(fastprompt, m) {
       "float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def(
       "embed_concat_bwd(Tensor grad_out, Tensor input_ids, Tensor weight, Tensor prompt, Tensor? ln_weight, "
-      "Tensor? ln_bias, Tensor mean, Tensor rstd, bool need_grad_prompt, bool need_grad_weight, "
-      "bool need_grad_ln) -> (Tensor grad_prompt, Tensor grad_weight, Tensor grad_ln_weight, Tensor grad_ln_bias)");
+      "Tensor mean, Tensor rstd) -> Tensor grad_prompt");
 }
 
 TORCH_LIBRARY_IMPL(fastprompt, CPU, m) {

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from .frozen import check_frozen
 from .reference import embed_concat_reference
 
 IMPL_ENV_VAR = "FASTPROMPT_EMBED_IMPL"
@@ -103,6 +104,7 @@ def _validate(input_ids, weight, prompt, ln_weight, ln_bias) -> None:
     for name, value in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if value is not None and tuple(value.shape) != (hidden,):
             raise ValueError(f"{name} must have shape ({hidden},), got {tuple(value.shape)}")
+    check_frozen(weight, ln_weight, ln_bias)
     devices = {t.device for t in named.values() if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -129,7 +131,8 @@ def embed_concat(
     """`[prompt; weight[input_ids]]` per batch item, optionally LayerNorm'ed: [B, P+T, H].
 
     Semantics are those of `reference.embed_concat_reference`; `impl` picks the backend
-    ("triton", "torch", "native", or None for the env var / device default).
+    ("triton", "torch", "native", or None for the env var / device default). Only `prompt` is
+    differentiated: a table or LayerNorm parameter that requires grad is a ValueError (`frozen.py`).
     """
     _validate(input_ids, weight, prompt, ln_weight, ln_bias)
     chosen = resolve_impl(impl, weight.device)

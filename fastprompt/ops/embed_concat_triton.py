@@ -4,21 +4,18 @@ Trade-off. The unfused path (`reference.embed_concat_reference`) writes the gath
 copies them again into the concatenated tensor, upcasts that to fp32 for LayerNorm and writes the
 result once more; its backward runs the LayerNorm backward over all B*(P+T) rows and only then
 slices and sums the prompt part. Here the forward is one program per output row that reads its
-source row (prompt row or `weight[id]`), normalises it in registers and writes the output once,
-saving only the fp32 mean/rstd per row (8 bytes) when LayerNorm is on.
+source row (prompt row or `weight[id]`), normalises it in registers and writes the output once.
 
-The backward exploits two facts. LayerNorm's backward is linear in the incoming gradient for a
-fixed input, and a prompt row is the same input for every batch item, so the prompt gradient is
-one LayerNorm backward applied to the batch-sum of the output gradient: one program per prompt
-row loops over the batch accumulating in fp32, so no [B, P, H] temporary exists. Token rows cost
-nothing unless something upstream of them trains: with a frozen embedding and frozen LayerNorm
-(prompt tuning's usual case) their kernel is not launched at all.
+The backward computes the prompt's gradient only: the table and the LayerNorm parameters are
+frozen (`frozen.check_frozen`), so token rows cost nothing. It exploits two facts. LayerNorm's
+backward is linear in the incoming gradient for a fixed input, and a prompt row is the same input
+for every batch item, so the prompt gradient is one LayerNorm backward applied to the batch-sum of
+the output gradient: one program per prompt row loops over the batch accumulating in fp32, so no
+[B, P, H] temporary exists.
 
 What we give up: a whole row must fit one program (H <= 65536), and the prompt backward has only
 P programs, so for large B it is latency-bound rather than bandwidth-bound; it still reads just
-B*P*H gradient elements, far less than the unfused backward moves. The embedding gradient, when
-asked for, is an fp32 scatter-add with atomics (order-dependent rounding, fp32 buffer of the
-embedding's size) cast back to the embedding dtype.
+B*P*H gradient elements, far less than the unfused backward moves.
 """
 
 from __future__ import annotations
@@ -27,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from .frozen import check_frozen
 
 # A row lives in one program's registers; past this it spills heavily (Triton's hard cap on a block
 # is 2**20 elements). Wider rows would need a split reduction.
@@ -69,8 +68,7 @@ def _layer_norm_input_grad(x_hat, weighted_grad, rstd, hidden):
 
 @triton.jit
 def _embed_concat_fwd_kernel(
-    ids_ptr, weight_ptr, prompt_ptr, ln_weight_ptr, ln_bias_ptr,
-    out_ptr, mean_ptr, rstd_ptr,
+    ids_ptr, weight_ptr, prompt_ptr, ln_weight_ptr, ln_bias_ptr, out_ptr,
     n_prompt, n_tokens, hidden, weight_row_stride, eps,
     HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -96,8 +94,6 @@ def _embed_concat_fwd_kernel(
 
     if HAS_LN:
         mean, rstd = _layer_norm_stats(x, col_mask, hidden, eps)
-        tl.store(mean_ptr + row, mean)
-        tl.store(rstd_ptr + row, rstd)
         ln_w = tl.load(ln_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         y = (x - mean) * rstd * ln_w
         if HAS_BIAS:
@@ -109,11 +105,9 @@ def _embed_concat_fwd_kernel(
 
 @triton.jit
 def _prompt_grad_kernel(
-    grad_out_ptr, prompt_ptr, ln_weight_ptr,
-    grad_prompt_ptr, ln_weight_partial_ptr, ln_bias_partial_ptr,
+    grad_out_ptr, prompt_ptr, ln_weight_ptr, grad_prompt_ptr,
     batch, n_prompt, n_tokens, hidden, eps,
-    HAS_LN: tl.constexpr, COMPUTE_DPROMPT: tl.constexpr, COMPUTE_DLN: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    HAS_LN: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     p = tl.program_id(0)
     seq = n_prompt + n_tokens
@@ -126,72 +120,18 @@ def _prompt_grad_kernel(
         grad_sum += tl.load(grad_out_ptr + offset + cols, mask=col_mask, other=0.0).to(tl.float32)
 
     if HAS_LN:
-        # Statistics are recomputed from the prompt rather than read from batch item 0's saved row:
-        # the row is identical for every item, and this keeps B = 0 free of special cases.
+        # Statistics are recomputed from the prompt: the forward saves none, the row is identical
+        # for every item, and this keeps B = 0 free of special cases.
         x = tl.load(prompt_ptr + p * hidden + cols, mask=col_mask, other=0.0)
         x = _cast_rne(x, grad_out_ptr.dtype.element_ty).to(tl.float32)
         mean, rstd = _layer_norm_stats(x, col_mask, hidden, eps)
         x_hat = tl.where(col_mask, (x - mean) * rstd, 0.0)
-        if COMPUTE_DLN:
-            tl.store(ln_weight_partial_ptr + p * hidden + cols, grad_sum * x_hat, mask=col_mask)
-            tl.store(ln_bias_partial_ptr + p * hidden + cols, grad_sum, mask=col_mask)
-        if COMPUTE_DPROMPT:
-            ln_w = tl.load(ln_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            grad_prompt = _layer_norm_input_grad(x_hat, ln_w * grad_sum, rstd, hidden)
+        ln_w = tl.load(ln_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        grad_prompt = _layer_norm_input_grad(x_hat, ln_w * grad_sum, rstd, hidden)
     else:
         grad_prompt = grad_sum
-    if COMPUTE_DPROMPT:
-        tl.store(grad_prompt_ptr + p * hidden + cols,
-                 _cast_rne(grad_prompt, grad_prompt_ptr.dtype.element_ty), mask=col_mask)
-
-
-@triton.jit
-def _token_grad_kernel(
-    grad_out_ptr, ids_ptr, weight_ptr, ln_weight_ptr, mean_ptr, rstd_ptr,
-    grad_weight_ptr, ln_weight_partial_ptr, ln_bias_partial_ptr,
-    n_prompt, n_tokens, hidden, weight_row_stride, n_token_rows, rows_per_program,
-    HAS_LN: tl.constexpr, COMPUTE_DWEIGHT: tl.constexpr, COMPUTE_DLN: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    seq = n_prompt + n_tokens
-    cols = tl.arange(0, BLOCK_H)
-    col_mask = cols < hidden
-    if HAS_LN:
-        ln_w = tl.load(ln_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    ln_weight_grad = tl.zeros([BLOCK_H], dtype=tl.float32)
-    ln_bias_grad = tl.zeros([BLOCK_H], dtype=tl.float32)
-
-    # Each program owns a contiguous run of token rows so LayerNorm parameter gradients are
-    # accumulated in registers and written once per program, not once per row.
-    for i in range(0, rows_per_program):
-        token_row = pid * rows_per_program + i
-        valid = token_row < n_token_rows
-        row_mask = cols < tl.where(valid, hidden, 0)
-        out_row = ((token_row // n_tokens) * seq + n_prompt + token_row % n_tokens).to(tl.int64)
-        grad = tl.load(grad_out_ptr + out_row * hidden + cols, mask=row_mask, other=0.0)
-        grad = grad.to(tl.float32)
-        token_id = tl.load(ids_ptr + token_row, mask=valid, other=0).to(tl.int64)
-        if HAS_LN:
-            x = tl.load(weight_ptr + token_id * weight_row_stride + cols,
-                        mask=row_mask, other=0.0).to(tl.float32)
-            mean = tl.load(mean_ptr + out_row, mask=valid, other=0.0)
-            rstd = tl.load(rstd_ptr + out_row, mask=valid, other=0.0)
-            x_hat = tl.where(col_mask, (x - mean) * rstd, 0.0)
-            if COMPUTE_DLN:
-                ln_weight_grad += grad * x_hat
-                ln_bias_grad += grad
-            if COMPUTE_DWEIGHT:
-                grad_x = _layer_norm_input_grad(x_hat, ln_w * grad, rstd, hidden)
-        else:
-            grad_x = grad
-        if COMPUTE_DWEIGHT:
-            tl.atomic_add(grad_weight_ptr + token_id * hidden + cols, grad_x, mask=row_mask, sem="relaxed")
-
-    if COMPUTE_DLN:
-        partial_row = (n_prompt + pid) * hidden
-        tl.store(ln_weight_partial_ptr + partial_row + cols, ln_weight_grad, mask=col_mask)
-        tl.store(ln_bias_partial_ptr + partial_row + cols, ln_bias_grad, mask=col_mask)
+    tl.store(grad_prompt_ptr + p * hidden + cols,
+             _cast_rne(grad_prompt, grad_prompt_ptr.dtype.element_ty), mask=col_mask)
 
 
 def interpreted() -> bool:
@@ -209,22 +149,6 @@ def _launch_settings(hidden: int) -> tuple[int, int]:
     return block, num_warps
 
 
-# The token-gradient kernel keeps two fp32 LayerNorm-gradient accumulators
-# beside the row. At 16 warps ptxas gives each thread 64 registers for them
-# and spills on sm_80-sm_89 from BLOCK_H 4096 (tests/test_triton_aot_compile.py);
-# 8 warps leave it room (about 128 registers, no spill).
-TOKEN_GRAD_MAX_WARPS = 8
-
-
-def _token_programs(n_token_rows: int, device: torch.device) -> int:
-    # A few programs per SM keeps the machine busy while bounding the number of LN partial rows.
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = torch.get_num_threads()
-    return max(1, min(n_token_rows, target))
-
-
 def embed_concat_forward(
     input_ids: torch.Tensor,
     weight: torch.Tensor,
@@ -232,118 +156,58 @@ def embed_concat_forward(
     ln_weight: torch.Tensor | None,
     ln_bias: torch.Tensor | None,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the forward kernel. Returns (out [B, P+T, H], mean, rstd); stats are None without LN."""
+) -> torch.Tensor:
+    """Launch the forward kernel. Returns out [B, P+T, H]."""
     batch, n_tokens = input_ids.shape
     n_prompt, hidden = prompt.shape
     block, num_warps = _launch_settings(hidden)
     out = torch.empty(batch, n_prompt + n_tokens, hidden, dtype=weight.dtype, device=weight.device)
     n_rows = batch * (n_prompt + n_tokens)
-    has_ln = ln_weight is not None
-    mean = torch.empty(n_rows, dtype=torch.float32, device=weight.device) if has_ln else None
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=weight.device) if has_ln else None
     if n_rows:
         _embed_concat_fwd_kernel[(n_rows,)](
-            input_ids, weight, prompt, ln_weight, ln_bias,
-            out, mean, rstd,
+            input_ids, weight, prompt, ln_weight, ln_bias, out,
             n_prompt, n_tokens, hidden, weight.stride(0), eps,
-            HAS_LN=has_ln, HAS_BIAS=ln_bias is not None, BLOCK_H=block, num_warps=num_warps,
+            HAS_LN=ln_weight is not None, HAS_BIAS=ln_bias is not None, BLOCK_H=block, num_warps=num_warps,
         )
-    return out, mean, rstd
+    return out
 
 
 def embed_concat_backward(
     grad_out: torch.Tensor,
-    input_ids: torch.Tensor,
-    weight: torch.Tensor,
     prompt: torch.Tensor,
     ln_weight: torch.Tensor | None,
-    ln_bias: torch.Tensor | None,
-    mean: torch.Tensor | None,
-    rstd: torch.Tensor | None,
     eps: float,
-    need_weight_grad: bool,
-    need_prompt_grad: bool,
-    need_ln_grad: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward kernels. Returns (grad_weight, grad_prompt, grad_ln_weight, grad_ln_bias).
-
-    Only what is asked for is computed; `need_ln_grad` covers both LayerNorm parameters.
-    """
+) -> torch.Tensor:
+    """Launch the prompt-gradient kernel. Returns grad_prompt [P, H] in prompt's dtype."""
     grad_out = grad_out.contiguous()
-    batch, n_tokens = input_ids.shape
+    batch, rows_per_item, _ = grad_out.shape
     n_prompt, hidden = prompt.shape
     block, num_warps = _launch_settings(hidden)
-    device = grad_out.device
-    has_ln = ln_weight is not None
-    need_ln_grad = need_ln_grad and has_ln
-    n_token_rows = batch * n_tokens
-    token_programs = _token_programs(n_token_rows, device) if n_token_rows else 0
-
-    grad_prompt = torch.empty_like(prompt) if need_prompt_grad else None
-    ln_weight_partial = ln_bias_partial = None
-    if need_ln_grad:
-        ln_weight_partial = torch.empty(n_prompt + token_programs, hidden, dtype=torch.float32, device=device)
-        ln_bias_partial = torch.empty_like(ln_weight_partial)
-
-    if n_prompt and (need_prompt_grad or need_ln_grad):
+    grad_prompt = torch.empty_like(prompt)
+    if n_prompt:
         _prompt_grad_kernel[(n_prompt,)](
-            grad_out, prompt, ln_weight,
-            grad_prompt, ln_weight_partial, ln_bias_partial,
-            batch, n_prompt, n_tokens, hidden, eps,
-            HAS_LN=has_ln, COMPUTE_DPROMPT=need_prompt_grad, COMPUTE_DLN=need_ln_grad,
-            BLOCK_H=block, num_warps=num_warps,
+            grad_out, prompt, ln_weight, grad_prompt,
+            batch, n_prompt, rows_per_item - n_prompt, hidden, eps,
+            HAS_LN=ln_weight is not None, BLOCK_H=block, num_warps=num_warps,
         )
-
-    grad_weight_fp32 = None
-    if need_weight_grad:
-        grad_weight_fp32 = torch.zeros(weight.shape, dtype=torch.float32, device=device)
-    if token_programs and (need_weight_grad or need_ln_grad):
-        _token_grad_kernel[(token_programs,)](
-            grad_out, input_ids, weight, ln_weight, mean, rstd,
-            grad_weight_fp32, ln_weight_partial, ln_bias_partial,
-            n_prompt, n_tokens, hidden, weight.stride(0), n_token_rows,
-            triton.cdiv(n_token_rows, token_programs),
-            HAS_LN=has_ln, COMPUTE_DWEIGHT=need_weight_grad, COMPUTE_DLN=need_ln_grad,
-            BLOCK_H=block, num_warps=min(num_warps, TOKEN_GRAD_MAX_WARPS),
-        )
-
-    grad_weight = None if grad_weight_fp32 is None else grad_weight_fp32.to(weight.dtype)
-    grad_ln_weight = grad_ln_bias = None
-    if need_ln_grad:
-        grad_ln_weight = ln_weight_partial.sum(0).to(ln_weight.dtype)
-        if ln_bias is not None:
-            grad_ln_bias = ln_bias_partial.sum(0).to(ln_bias.dtype)
-    return grad_weight, grad_prompt, grad_ln_weight, grad_ln_bias
+    return grad_prompt
 
 
 class EmbedConcatTriton(torch.autograd.Function):
+    """Differentiable in `prompt` only; `embed_concat_triton` refuses a table or LayerNorm parameter
+    that requires grad before applying it."""
+
     @staticmethod
     def forward(ctx, input_ids, weight, prompt, ln_weight, ln_bias, eps):
-        out, mean, rstd = embed_concat_forward(input_ids, weight, prompt, ln_weight, ln_bias, eps)
-        ctx.save_for_backward(input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd)
+        ctx.save_for_backward(prompt, ln_weight)
         ctx.eps = eps
-        return out
+        return embed_concat_forward(input_ids, weight, prompt, ln_weight, ln_bias, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
-        _, need_weight, need_prompt, need_ln_weight, need_ln_bias, _ = ctx.needs_input_grad
-        grad_weight, grad_prompt, grad_ln_weight, grad_ln_bias = embed_concat_backward(
-            grad_out, input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd, ctx.eps,
-            need_weight_grad=need_weight,
-            need_prompt_grad=need_prompt,
-            need_ln_grad=need_ln_weight or need_ln_bias,
-        )
-        return (
-            None,
-            grad_weight,
-            grad_prompt,
-            grad_ln_weight if need_ln_weight else None,
-            grad_ln_bias if need_ln_bias else None,
-            None,
-        )
+        prompt, ln_weight = ctx.saved_tensors
+        return None, None, embed_concat_backward(grad_out, prompt, ln_weight, ctx.eps), None, None, None
 
 
 def embed_concat_triton(
@@ -357,6 +221,7 @@ def embed_concat_triton(
     """Fused `embed_concat_reference`; inputs are assumed validated (see `dispatch.embed_concat`)."""
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"embed_concat_triton supports fp32, fp16 and bf16 weights, got {weight.dtype}")
+    check_frozen(weight, ln_weight, ln_bias)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     return EmbedConcatTriton.apply(

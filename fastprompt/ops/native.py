@@ -13,9 +13,9 @@ once eagerly before ``torch.compile`` traces ``embed_concat_native`` (the
 dispatcher does): the load itself is file-system work dynamo cannot trace.
 
 Autograd is ``torch.library.register_autograd`` on the forward op, so eager
-and compiled code share one backward: the C++ backward computes only the
-gradients asked for (``ctx.needs_input_grad``) and returns empty tensors for
-the rest, which become ``None`` here.
+and compiled code share one backward. It differentiates the prompt only:
+``embed_concat_native`` refuses a table or LayerNorm parameter that requires
+grad (``frozen.py``) before the op runs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from .frozen import check_frozen
 
 LIBRARY_PATH = Path(__file__).resolve().parent.parent / "_native" / "libfastprompt_native.so"
 
@@ -49,6 +51,7 @@ def embed_concat_native(
     """Same contract as ``fastprompt.ops.reference.embed_concat_reference``."""
     if not available():
         raise RuntimeError(f"fastprompt native backend unavailable: {load_error()}")
+    check_frozen(weight, ln_weight, ln_bias)
     if ln_weight is None:
         # The reference applies no LayerNorm, hence no bias, without ln_weight.
         ln_bias = None
@@ -100,44 +103,21 @@ def _fake_forward(input_ids, weight, prompt, ln_weight, ln_bias, eps):
     return out, weight.new_empty(stats_shape, dtype=stats_dtype), weight.new_empty(stats_shape, dtype=stats_dtype)
 
 
-def _fake_backward(
-    grad_out, input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd,
-    need_grad_prompt, need_grad_weight, need_grad_ln,
-):
-    layer_norm_grads = need_grad_ln and ln_weight is not None
-    gamma_dtype = weight.dtype if ln_weight is None else ln_weight.dtype
-    beta_dtype = weight.dtype if ln_bias is None else ln_bias.dtype
-    hidden = weight.shape[1]
-    return (
-        weight.new_empty(prompt.shape if need_grad_prompt else (0,), dtype=prompt.dtype),
-        weight.new_empty(weight.shape if need_grad_weight else (0,)),
-        weight.new_empty((hidden,) if layer_norm_grads else (0,), dtype=gamma_dtype),
-        weight.new_empty((hidden,) if layer_norm_grads and ln_bias is not None else (0,), dtype=beta_dtype),
-    )
+def _fake_backward(grad_out, input_ids, weight, prompt, ln_weight, mean, rstd):
+    return weight.new_empty(prompt.shape, dtype=prompt.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    input_ids, weight, prompt, ln_weight, ln_bias, _eps = inputs
+    input_ids, weight, prompt, ln_weight, _ln_bias, _eps = inputs
     _out, mean, rstd = output
-    ctx.save_for_backward(input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd)
+    ctx.save_for_backward(input_ids, weight, prompt, ln_weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
-    _, need_weight, need_prompt, need_ln_weight, need_ln_bias, _ = ctx.needs_input_grad
-    grad_prompt, grad_weight, grad_ln_weight, grad_ln_bias = torch.ops.fastprompt.embed_concat_bwd(
-        grad_out, input_ids, weight, prompt, ln_weight, ln_bias, mean, rstd,
-        need_prompt, need_weight, need_ln_weight or need_ln_bias,
-    )
-    return (
-        None,
-        grad_weight if need_weight else None,
-        grad_prompt if need_prompt else None,
-        grad_ln_weight if need_ln_weight else None,
-        grad_ln_bias if need_ln_bias else None,
-        None,
-    )
+    input_ids, weight, prompt, ln_weight, mean, rstd = ctx.saved_tensors
+    grad_prompt = torch.ops.fastprompt.embed_concat_bwd(grad_out, input_ids, weight, prompt, ln_weight, mean, rstd)
+    return None, None, grad_prompt, None, None, None
 
 
 def _register_python_side() -> None:

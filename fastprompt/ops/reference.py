@@ -10,6 +10,10 @@ import it from here; nothing else re-implements it.
 LayerNorm statistics are taken in fp32 and the result is cast back to the
 embedding dtype, which is what BLOOM's `word_embeddings_layernorm` does under
 autocast-free bf16/fp16 (nn.LayerNorm upcasts internally on CUDA and CPU).
+
+Gradients are plain autograd's. The backends differentiate `prompt` only (the
+table and LayerNorm are frozen, `frozen.py`), so that is the one gradient they
+are checked against.
 """
 
 from __future__ import annotations

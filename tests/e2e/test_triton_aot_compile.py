@@ -40,6 +40,9 @@ def compile_in_subprocesses(workdir: Path) -> tuple[list[dict], int]:
     if ALL_DTYPES:
         command.append("--all-dtypes")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    # A script's own directory, not the working directory, heads its sys.path: without this, the
+    # fastprompt it compiles is whichever one is installed, not this checkout's.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
     running = []
     for shard in range(shards):
         # Files, not pipes: a shard blocked on a full pipe would stall while we wait on another.

@@ -62,37 +62,45 @@ def test_forward_matches_reference(shape, dtype, layer_norm):
     )
 
 
-TRAINABLE = {
-    "prompt": ("prompt",),
-    "prompt+ln": ("prompt", "ln_weight", "ln_bias"),
-    "all": ("prompt", "ln_weight", "ln_bias", "weight"),
-}
-
-
-@pytest.mark.parametrize(
-    "layer_norm, trainable",
-    [("none", "prompt"), ("none", "all"), ("weight+bias", "prompt"), ("weight+bias", "prompt+ln"),
-     ("weight+bias", "all"), ("weight", "all")],
-)
+@pytest.mark.parametrize("layer_norm", LAYER_NORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_backward_matches_reference(shape, dtype, layer_norm, trainable):
+def test_prompt_grad_matches_reference(shape, dtype, layer_norm):
     inputs = make_inputs(shape, dtype, layer_norm)
-    names = TRAINABLE[trainable]
     grad_out = torch.randn(shape[0], shape[1] + shape[2], shape[3], device=DEVICE).to(dtype)
 
-    op_cases.assert_backward_matches_reference(run_triton, inputs, names, grad_out)
+    op_cases.assert_prompt_grad_matches_reference(run_triton, inputs, grad_out)
 
 
-def test_frozen_table_and_layer_norm_launch_no_token_kernel(monkeypatch):
-    class NotLaunchable:
-        def __getitem__(self, grid):
-            raise AssertionError("token-row backward kernel launched with nothing to train there")
+def must_not_run(*args, **kwargs):
+    raise AssertionError("the op computed something for inputs it refuses")
 
-    monkeypatch.setattr(triton_op, "_token_grad_kernel", NotLaunchable())
-    inputs = leaves(make_inputs((2, 3, 5, 64), torch.float32, "weight+bias"), ("prompt",))
-    run_triton(**inputs).sum().backward()
-    assert inputs["prompt"].grad is not None
+
+class NotLaunchable:
+    def __getitem__(self, grid):
+        return must_not_run
+
+
+@pytest.mark.parametrize("name", ["weight", "ln_weight", "ln_bias"])
+@pytest.mark.parametrize("entry", ["embed_concat_triton", "dispatch-triton", "dispatch-torch"])
+def test_trainable_table_or_layer_norm_is_refused_before_computing(monkeypatch, entry, name):
+    monkeypatch.setattr(triton_op, "_embed_concat_fwd_kernel", NotLaunchable())
+    monkeypatch.setattr(dispatch, "embed_concat_reference", must_not_run)
+    run = {
+        "embed_concat_triton": triton_op.embed_concat_triton,
+        "dispatch-triton": run_triton,
+        "dispatch-torch": lambda **inputs: embed_concat(**inputs, impl="torch"),
+    }[entry]
+    inputs = leaves(make_inputs((2, 3, 5, 16), torch.float32, "weight+bias"), ("prompt", name))
+    with pytest.raises(ValueError, match=rf"table and the LayerNorm parameters as frozen.*: {name}\."):
+        run(**inputs)
+
+
+def test_trainable_table_or_layer_norm_is_fine_under_no_grad():
+    # Nothing is differentiated under no_grad, so no gradient can go missing.
+    inputs = leaves(make_inputs((2, 3, 5, 16), torch.float32, "weight+bias"), ("weight", "ln_weight", "ln_bias"))
+    with torch.no_grad():
+        torch.testing.assert_close(run_triton(**inputs), embed_concat_reference(**inputs), atol=1e-5, rtol=0)
 
 
 def test_fp32_prompt_with_bf16_embedding():
