@@ -64,6 +64,15 @@ class BloomPath:
             for block in transformer.h
         )
 
+    def fused_inputs_frozen(self) -> bool:
+        """Whether the table and LayerNorm parameters the fused embedding op
+        reads get no gradient in this call: its backward computes the prompt's
+        gradient only (a trainable one, PEFT's ``modules_to_save`` for one,
+        needs the modules called as PEFT calls them)."""
+        norm = self.decoder.embedding_layernorm
+        return not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (self.decoder.word_embeddings.weight, norm.weight, norm.bias))
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 

@@ -325,3 +325,22 @@ def test_fast_path_and_last_call_say_what_runs(caplog):
     assert close(loss, want_loss) and close(grad, want_grad)
     assert ours.last_call.run == "whole" and "dropout" in ours.last_call.reason
     assert sum("dropout" in record.getMessage() for record in caplog.records) == 1
+
+
+@pytest.mark.parametrize("trainable", ["modules_to_save", "table"])
+def test_bloom_with_a_trainable_embedding_module_matches_peft(trainable):
+    """The fused op computes the prompt's gradient only: BLOOM with a trainable
+    table or embedding LayerNorm runs the generic path, which calls them as PEFT does."""
+    extra = {"modules_to_save": ["word_embeddings_layernorm"]} if trainable == "modules_to_save" else {}
+    ours, ref = pair(lambda: tiny_causal_lm("bloom"), prompt_config(8, **extra))
+    if trainable == "table":
+        for model in (ours, ref):
+            model.get_base_model().transformer.word_embeddings.weight.requires_grad_(True)
+    ids, mask, labels = padded_batch(3, 10, 512)
+    loss, grad = loss_and_grad(ours, ids, mask, labels)
+    want_loss, want_grad = loss_and_grad(ref, ids, mask, labels)
+    assert close(loss, want_loss) and close(grad, want_grad)
+    trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad and "prompt_encoder" not in n]
+    want = dict((n, p) for n, p in ref.named_parameters() if p.requires_grad and "prompt_encoder" not in n)
+    assert trained and all(close(p.grad, want[n].grad) for n, p in trained)
+    assert ours.last_call.path == "generic:bloom"
