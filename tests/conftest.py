@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# FASTPROMPT_TEST_THREADS overrides (bench/gpu_check.sh --dry-run: 1, since on a busy 2-core machine a
+# tiny model's test waited seconds on its second thread where one thread took a tenth of a second).
+torch.set_num_threads(int(os.environ.get("FASTPROMPT_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
 @pytest.fixture(scope="session")
