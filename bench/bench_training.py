@@ -4,7 +4,8 @@ round by round (``harness.py``), losses checked equal every round.
 Per case, ``extra_info`` gets: the model's label, the data source, median step
 times, the speedup (total PEFT time over total fastprompt time, same rounds)
 beside the FLOP bound of those same batches (``flop_count.py``), trained
-tokens/s, and each contender's peak memory (``peak_memory.py``).
+tokens/s, and each contender's peak memory (``peak_memory.py``; not on CPU
+with ``FASTPROMPT_BENCH_MEMORY_PROBE=0``).
 
     python -m pytest bench/bench_training.py --benchmark-json=bench/results/training.json
 
@@ -59,11 +60,13 @@ def test_training_step(benchmark, case):
 
     if on_cuda:
         memory = {name: peak_memory.cuda_peak_bytes(*pair, batches[0]) for name, pair in contenders.items()}
-    else:
+    elif peak_memory.cpu_probes():
         # Free this process's models first: the probes build their own.
         contenders.clear()
         gc.collect()
         memory = {name: peak_memory.measure(case, name, SETTING, harness.THREADS) for name in CONTENDERS}
+    else:
+        memory = None
 
     benchmark.extra_info.update(
         model=model_shapes.setting_label(SETTING),
@@ -72,8 +75,13 @@ def test_training_step(benchmark, case):
         flop_bound=bound,
         tokens_per_step=tokens / len(timed),
         **{f"{name}_tokens_per_s": tokens / contest.total(name) for name in CONTENDERS},
-        **{f"{name}_peak_mib": memory[name] / 2**20 for name in CONTENDERS},
-        memory_ratio=memory["fastprompt"] / memory["peft"],
-        memory_method=peak_memory.CUDA_METHOD if on_cuda else peak_memory.CPU_METHOD,
     )
+    if memory is None:
+        benchmark.extra_info.update(memory_method=peak_memory.NOT_MEASURED)
+    else:
+        benchmark.extra_info.update(
+            **{f"{name}_peak_mib": memory[name] / 2**20 for name in CONTENDERS},
+            memory_ratio=memory["fastprompt"] / memory["peft"],
+            memory_method=peak_memory.CUDA_METHOD if on_cuda else peak_memory.CPU_METHOD,
+        )
 

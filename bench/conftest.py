@@ -5,6 +5,7 @@ keeps the git commit in ``commit_info``; the rest goes into ``machine_info``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 
@@ -12,7 +13,7 @@ import torch
 
 import fastprompt  # noqa: F401  (first: it quiets bitsandbytes' optional-kernel warning before peft imports it)
 from harness import THREADS
-from model_shapes import setting_from_env, setting_label
+from model_shapes import dims, setting_from_env, setting_label
 
 _session: dict = {}
 
@@ -42,5 +43,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "versions": _versions(),
         "embed_concat_backend": backend_info(),
-        "setting": {**setting, "label": setting_label(setting)},
+        # The sizes too, so that bench/gpu_summary.py reads them here rather than importing transformers.
+        "setting": {**setting, "label": setting_label(setting), "dims": dataclasses.asdict(dims(setting["model"]))},
     }

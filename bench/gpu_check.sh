@@ -3,14 +3,22 @@
 #
 #   bash bench/gpu_check.sh            on a CUDA machine: under 8 minutes on one H200 (the step
 #                                      limits below add up to 7.4 minutes)
-#   bash bench/gpu_check.sh --dry-run  the same steps on CPU with tiny shapes and one round each,
-#                                      so the plumbing is tested without a GPU (tests/e2e/test_gpu_check.py)
+#   bash bench/gpu_check.sh --dry-run  the same steps, scripts and summary on CPU as a plumbing test
+#                                      (tests/e2e/test_gpu_check.py): a tiny model, one round, one case
+#                                      per benchmark suite, small test selections. About 50 CPU-seconds,
+#                                      nearly all of it ten interpreters importing torch (most of them
+#                                      transformers and peft too): its wall time on a 2-core machine
+#                                      is that plus whatever else the machine runs meanwhile
 #
 # Results land in $OUT (default ./gpu_out): a log, JUnit XML or benchmark JSON per step, env.json,
 # and summary.md + summary.json (bench/gpu_summary.py). Every step runs even if an earlier one
 # failed (a failed kernel test must not cost the benchmark numbers); the script exits non-zero if
 # any failed. The GPU image has no bitsandbytes (the 8-bit steps): carry its wheel in .whl/, made with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+# Without it the 8-bit steps are skipped, one line each, and recorded as skipped (not failed).
+#
+#   GPU_CHECK_STEPS="env training_int8"  runs only the named steps (and the summary), e.g. to rerun
+#                                      one step within a device budget
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,13 +26,25 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 : > "$OUT/steps.tsv"
 
+# The benchmark cases a run selects per suite (a pytest -k expression); none on the GPU: every case.
+declare -A BENCH_CASES=()
 if [[ "${1:-}" == "--dry-run" ]]; then
     DEVICE=cpu MODEL=bloom-tiny
-    # The limits are the GPU run's budget. On CPU a step's time is mostly interpreter and torch
-    # start-up (the memory probe starts a process per contender and case), which a busy CI
-    # machine stretches: the dry run tests plumbing, not the budget, so it allows three times more.
+    # The limits are the GPU run's budget. On CPU a step's time is mostly interpreter, torch and
+    # peft start-up (seconds per step), which a busy CI machine stretches: the dry run tests
+    # plumbing, not the budget, so it allows three times more.
     LIMIT_SCALE=3
     export FASTPROMPT_BENCH_ROUNDS=1 FASTPROMPT_BENCH_DEMO_DATA=1
+    # Tiny shapes gain nothing from a second thread, and on a busy 2-core machine one waiting for
+    # the other made decode steps and tiny tests 10 to 50 times slower.
+    export FASTPROMPT_BENCH_THREADS=1  # the tests run one thread (tests/conftest.py)
+    # No per-contender peak-memory probe processes (bench/peak_memory.py; the GPU measures in-process).
+    export FASTPROMPT_BENCH_MEMORY_PROBE=0
+    # The static-cache contender runs its step uncompiled: inductor's first compile on a CPU takes
+    # half a minute. The compiled step's tokens are tested in tests/parity/test_generation.py.
+    export TORCH_COMPILE_DISABLE=1
+    BENCH_CASES=([bench_ops.py]="cpu-float32-B8P20T64H512V46145" [bench_training.py]="tutorial"
+                 [bench_generation.py]="P8-T64-B1")
     KERNEL_TESTS=(tests/unit/ops/test_ops_embed_concat.py -k "bad_inputs")
     PARITY_TESTS=(tests/parity/test_parity_peft.py -k "fp32 and bloom and 3-8-12-left")
     GENERATION_TESTS=(tests/parity/test_generation.py -k "equal_the_peft_intended_path and bloom")
@@ -44,10 +64,23 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="${PWD}:${PWD}/bench:${PYTHONPATH:-}"
 
-failed=()
+# Why the 8-bit steps cannot run here, or empty (find_spec: whether it is there, without importing it).
+NO_BITSANDBYTES=""
+if ! python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("bitsandbytes") is None)'; then
+    NO_BITSANDBYTES="bitsandbytes is not installed (carry its wheel in .whl/)"
+fi
+
+failed=() skipped=()
+selected() {  # selected NAME: whether GPU_CHECK_STEPS (when set) names the step; the summary always runs
+    [[ -z "${GPU_CHECK_STEPS:-}" || "$1" == summary || " ${GPU_CHECK_STEPS} " == *" $1 "* ]]
+}
+record() {  # record NAME STATUS SECONDS LIMIT [NOTE]: one line of steps.tsv
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >> "${OUT}/steps.tsv"
+}
 step() {
     local name=$1 seconds=$2
     shift 2
+    selected "${name}" || return 0
     echo "=== ${name} (limit ${seconds}s): $*"
     local start=$SECONDS status=ok
     if ! timeout "$((seconds * LIMIT_SCALE))" "$@" > "${OUT}/${name}.log" 2>&1; then
@@ -56,7 +89,14 @@ step() {
     fi
     tail -n 5 "${OUT}/${name}.log"
     echo "=== ${name}: ${status} in $((SECONDS - start))s"
-    printf '%s\t%s\t%s\t%s\n' "${name}" "${status}" "$((SECONDS - start))" "${seconds}" >> "${OUT}/steps.tsv"
+    record "${name}" "${status}" "$((SECONDS - start))" "${seconds}"
+}
+skip() {  # skip NAME SECONDS REASON: one line, recorded as skipped (the summary tells it from a failure)
+    local name=$1 seconds=$2 reason=$3
+    selected "${name}" || return 0
+    echo "${name}: skipped: ${reason}" | tee "${OUT}/${name}.log"
+    skipped+=("${name}")
+    record "${name}" skipped 0 "${seconds}" "${reason}"
 }
 tests() {  # tests NAME SECONDS PYTEST_ARGS...: JUnit XML for the summary
     local name=$1 seconds=$2
@@ -66,8 +106,16 @@ tests() {  # tests NAME SECONDS PYTEST_ARGS...: JUnit XML for the summary
 bench() {  # bench NAME SECONDS DTYPE SUITE [EXTRA_ENV...]
     local name=$1 seconds=$2 dtype=$3 suite=$4
     shift 4
+    if [[ "${dtype}" == int8 && -n "${NO_BITSANDBYTES}" ]]; then
+        skip "${name}" "${seconds}" "${NO_BITSANDBYTES}"
+        return 0
+    fi
+    local cases=()
+    if [[ -n "${BENCH_CASES[${suite}]:-}" ]]; then
+        cases=(-k "${BENCH_CASES[${suite}]}")
+    fi
     step "${name}" "${seconds}" env FASTPROMPT_BENCH_DTYPE="${dtype}" "$@" \
-        python -m pytest -q -p no:cacheprovider "bench/${suite}" --benchmark-json="${OUT}/${name}.json"
+        python -m pytest -q -p no:cacheprovider "bench/${suite}" "${cases[@]}" --benchmark-json="${OUT}/${name}.json"
 }
 
 # --- correctness: kernels on the device, then the model against real PEFT on the device
@@ -90,4 +138,4 @@ if ((${#failed[@]})); then
     echo "failed steps: ${failed[*]}"
     exit 1
 fi
-echo "all steps passed; results in ${OUT}"
+echo "all steps passed${skipped[*]:+ (skipped: ${skipped[*]})}; results in ${OUT}"

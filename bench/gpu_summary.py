@@ -5,7 +5,8 @@ versions, copy bandwidth), ``steps.tsv`` (each step's status and time), the
 JUnit XML of the test steps and the pytest-benchmark JSON of the speed steps —
 and writes ``summary.md`` and ``summary.json`` beside them:
 
-* every step, ok or failed, with its time;
+* every step, ok, failed or skipped (with why: the 8-bit steps without
+  bitsandbytes), with its time; a skipped step is not a failed one;
 * the test steps' counts (passed / failed / skipped / expected failures);
 * the fused op's GB/s as a share of the device's copy bandwidth;
 * the benchmark tables (``report.py``), and for generation the decode rate
@@ -24,8 +25,8 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-import model_shapes
 import report
+from flop_count import Dims
 
 # Bytes a decode step reads per weight: bitsandbytes keeps linear layers in
 # int8 and the (tied) vocabulary matrix in fp16.
@@ -33,11 +34,16 @@ WEIGHT_BYTES = {"float32": (4, 4), "bfloat16": (2, 2), "float16": (2, 2), "int8"
 
 
 def read_steps(folder: Path) -> list[dict]:
+    """``steps.tsv``: name, status (ok | FAILED | skipped), seconds, limit and a
+    note (why a step was skipped; empty otherwise)."""
     steps = []
     path = folder / "steps.tsv"
     for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        name, status, seconds, limit = line.split("\t")
-        steps.append({"step": name, "status": status, "seconds": int(seconds), "limit_s": int(limit)})
+        name, status, seconds, limit, *note = line.split("\t")
+        step = {"step": name, "status": status, "seconds": int(seconds), "limit_s": int(limit)}
+        if note and note[0]:
+            step["note"] = note[0]
+        steps.append(step)
     return steps
 
 
@@ -87,13 +93,24 @@ def op_bandwidth(folder: Path, copy_gb_s: float) -> list[dict]:
     return rows
 
 
+def _dims(setting: dict) -> Dims | None:
+    """The model's sizes as the results file recorded them (``bench/conftest.py``);
+    for files without them, from ``model_shapes`` (which imports torch and
+    transformers: seconds, so only then)."""
+    if "dims" in setting:
+        return Dims(**setting["dims"])
+    import model_shapes
+
+    return model_shapes.dims(setting["model"]) if setting.get("model") in model_shapes.SHAPES else None
+
+
 def decode_bounds(folder: Path, copy_gb_s: float) -> list[dict]:
     rows = []
     for path in _benchmark_files(folder):
         setting, benchmarks = _benchmark_rows(path)
-        if not setting or setting.get("model") not in model_shapes.SHAPES:
+        dims = _dims(setting) if setting else None
+        if dims is None:
             continue
-        dims = model_shapes.dims(setting["model"])
         linear_bytes, vocab_bytes = WEIGHT_BYTES[setting["dtype"]]
         weight_bytes = dims.layers * dims.layer_weights * linear_bytes + dims.vocab * dims.hidden * vocab_bytes
         for row in benchmarks:
@@ -126,11 +143,16 @@ def summarise(folder: Path) -> tuple[dict, str]:
     env = json.loads((folder / "env.json").read_text()) if (folder / "env.json").exists() else {}
     copy_gb_s = env.get("copy_bandwidth_GB/s") or float("nan")
     steps = read_steps(folder)
+    failed = [step["step"] for step in steps if step["status"] not in ("ok", "skipped")]
+    skipped = [step["step"] for step in steps if step["status"] == "skipped"]
     summary = {
         "device": env.get("device"),
         "versions": env.get("versions"),
         "copy_bandwidth_GB/s": env.get("copy_bandwidth_GB/s"),
-        "all_steps_ok": bool(steps) and all(step["status"] == "ok" for step in steps),
+        # No step failed (skipped ones are listed apart: they measured nothing, but broke nothing).
+        "all_steps_ok": bool(steps) and not failed,
+        "failed_steps": failed,
+        "skipped_steps": skipped,
         "steps": steps,
         "tests": read_tests(folder),
         "op_bandwidth": op_bandwidth(folder, copy_gb_s),
@@ -143,7 +165,8 @@ def summarise(folder: Path) -> tuple[dict, str]:
         f"- device: {summary['device']}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in (summary['versions'] or {}).items())}",
         f"- copy bandwidth: {summary['copy_bandwidth_GB/s']} GB/s (read + write of a large device copy)",
-        f"- all steps ok: {summary['all_steps_ok']}",
+        f"- all steps ok: {summary['all_steps_ok']}"
+        + "".join(f"; {kind}: {', '.join(names)}" for kind, names in (("failed", failed), ("skipped", skipped)) if names),
         "",
         "## Steps",
         *_markdown_table(steps),

@@ -18,6 +18,11 @@ CUDA: in the timing process, ``torch.cuda.max_memory_allocated`` over the
 memory allocated before the step (the caching allocator's peak is exact and
 resettable).
 
+``FASTPROMPT_BENCH_MEMORY_PROBE=0`` starts no CPU probe (``cpu_probes()``):
+each probe is a fresh interpreter importing torch and peft, seconds per
+contender and case, too slow for a plumbing run (``bench/gpu_check.sh
+--dry-run``). The CUDA measurement, in-process, is unaffected.
+
     python bench/peak_memory.py --case classify --contender peft
 (with MALLOC_ENV set) prints one JSON line.
 """
@@ -42,6 +47,13 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
 CPU_METHOD = ("CPU: peak resident set (VmHWM, reset before the step) minus resident set before it, one process "
               "per contender after a warm-up step, glibc MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0")
 CUDA_METHOD = "CUDA: max_memory_allocated during the step minus memory allocated before it"
+PROBE_ENV = "FASTPROMPT_BENCH_MEMORY_PROBE"
+NOT_MEASURED = f"not measured ({PROBE_ENV}=0: no CPU probe processes)"
+
+
+def cpu_probes() -> bool:
+    """Whether CPU runs measure peak memory (one probe process per contender and case)."""
+    return os.environ.get(PROBE_ENV, "1") != "0"
 
 
 def cuda_peak_bytes(model, optimizer, batch) -> int:

@@ -319,6 +319,7 @@ def test_greedy_bf16_first_tokens_equal_peft(batch, virtual, length):
 
 @pytest.mark.parametrize("family", ["bloom", "llama"])
 def test_int8_greedy_matches_peft_on_the_same_8bit_model(family, tmp_path):
+    pytest.importorskip("bitsandbytes")  # skipped, not failed, where it is missing (the GPU image, unless carried)
     lively(family).save_pretrained(tmp_path)
     ours, ref = pair(lambda: fastprompt.load_model(str(tmp_path), load_in_8bit=True, device_map={"": DEVICE}),
                      prompt_config(8))

@@ -240,7 +240,8 @@ def eight_bit(family, directory):
 @pytest.mark.parametrize("family,plan", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "qwen2")])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_int8_matches_peft_on_the_same_8bit_model(monkeypatch, tmp_path, family, plan, mode):
-    from bitsandbytes.nn import Linear8bitLt
+    # Skipped, not failed, where bitsandbytes is missing (the GPU image unless its wheel is carried).
+    Linear8bitLt = pytest.importorskip("bitsandbytes.nn").Linear8bitLt
 
     ours, ref = pair(lambda: eight_bit(family, tmp_path / family), prompt_config(8))
     force_training_pass(monkeypatch, ours, plan)
