@@ -7,7 +7,7 @@ NATIVE_BUILD_DIR ?= build/native
 NATIVE_CMAKE_ARGS ?=
 BENCH_RESULTS ?= bench/results
 
-.PHONY: install demo test bench native clean-native
+.PHONY: install demo test lint format bench native clean-native
 
 install:
 	$(PYTHON) -m pip install -qq "torch==2.13.0" -e ".[dev]"
@@ -23,6 +23,15 @@ TEST_WORKERS ?= 2
 
 test: install native
 	$(PYTHON) -m pytest tests -n $(TEST_WORKERS)
+
+# Style: ruff's linter and formatter, as configured in pyproject.toml; CI runs `make lint`.
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: install
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
 
 # fastprompt vs PEFT, contenders alternated round by round (bench/harness.py). Results and the
 # scaling plot go to $(BENCH_RESULTS)/<model>/, then the tables are printed. The tutorial case
