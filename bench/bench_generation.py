@@ -58,8 +58,12 @@ ROUNDS = 5 if SHAPE.quick else 2
 # The decode-variant contenders cost two more generations per round: worth it
 # where a round is quick (and on a GPU, where the compiled step matters most).
 # FASTPROMPT_BENCH_DECODE_VARIANTS=0/1 overrides (gpu_check.sh: not for 8-bit).
-DECODE_VARIANTS = os.environ.get("FASTPROMPT_BENCH_DECODE_VARIANTS",
-                                 "1" if SHAPE.quick or SETTING["device"].startswith("cuda") else "0") == "1"
+DECODE_VARIANTS = (
+    os.environ.get(
+        "FASTPROMPT_BENCH_DECODE_VARIANTS", "1" if SHAPE.quick or SETTING["device"].startswith("cuda") else "0"
+    )
+    == "1"
+)
 
 
 class FirstTokenClock(BaseStreamer):
@@ -154,7 +158,9 @@ def test_generation(benchmark, case):
     fast_model = fastprompt.get_peft_model(base, config)
     torch.manual_seed(0)
     peft_model = peft.get_peft_model(base, config)
-    ids, mask = (t.to(SETTING["device"]) for t in left_padded_inputs(spec["batch"], spec["length"], SHAPE.config.vocab_size))
+    ids, mask = (
+        t.to(SETTING["device"]) for t in left_padded_inputs(spec["batch"], spec["length"], SHAPE.config.vocab_size)
+    )
 
     def warm(streamer):
         return fast_model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **GREEDY)
@@ -164,13 +170,15 @@ def test_generation(benchmark, case):
         return warm(streamer)
 
     def static(streamer):
-        return fast_model.generate(input_ids=ids, attention_mask=mask, streamer=streamer,
-                                   cache_implementation="static", **GREEDY)
+        return fast_model.generate(
+            input_ids=ids, attention_mask=mask, streamer=streamer, cache_implementation="static", **GREEDY
+        )
 
     def transformers_loop(streamer):
         # PEFT's generate method on our model: transformers' loop, our cached prefix.
-        return peft.PeftModelForCausalLM.generate(fast_model, input_ids=ids, attention_mask=mask,
-                                                  streamer=streamer, **GREEDY)
+        return peft.PeftModelForCausalLM.generate(
+            fast_model, input_ids=ids, attention_mask=mask, streamer=streamer, **GREEDY
+        )
 
     contenders = {
         "fastprompt": lambda _: timed(warm),

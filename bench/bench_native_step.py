@@ -46,7 +46,9 @@ def test_training_step_native_vs_torch_embedding(benchmark, monkeypatch):
 
         return run
 
-    contest = harness.Alternation({impl: step(impl) for impl in IMPLS}, reference="torch", check=loss_check(SETTING["dtype"]))
+    contest = harness.Alternation(
+        {impl: step(impl) for impl in IMPLS}, reference="torch", check=loss_check(SETTING["dtype"])
+    )
     contest.run(benchmark, rounds)
     benchmark.extra_info.update(
         model=model_shapes.setting_label(SETTING),

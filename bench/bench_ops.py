@@ -52,8 +52,10 @@ class EmbedCase:
     @property
     def id(self) -> str:
         norm = "" if self.layer_norm else "-noLN"
-        return (f"{self.device}-{str(self.dtype).removeprefix('torch.')}-B{self.batch}P{self.prompt}"
-                f"T{self.tokens}H{self.hidden}V{self.vocab}{norm}")
+        return (
+            f"{self.device}-{str(self.dtype).removeprefix('torch.')}-B{self.batch}P{self.prompt}"
+            f"T{self.tokens}H{self.hidden}V{self.vocab}{norm}"
+        )
 
     def forward_bytes(self) -> int:
         size = self.dtype.itemsize
@@ -129,6 +131,7 @@ def contest(benchmark, case: EmbedCase, backward: bool, rounds: int) -> None:
         def call(op):
             return torch.autograd.grad(op(prompt=prompt, **tensors), prompt, grad_out)[0]
     else:
+
         def call(op):
             with torch.no_grad():
                 return op(**tensors)

@@ -48,13 +48,17 @@ def test_scaling(benchmark, pristine_base, point):
     )
     contest.run(benchmark, rounds)
     bound = flop_count.training_bound(
-        model_shapes.dims(SETTING["model"]), [step_shape(batches[i], prompt) for i in contest.timed_rounds],
+        model_shapes.dims(SETTING["model"]),
+        [step_shape(batches[i], prompt) for i in contest.timed_rounds],
         SHAPE.fast_path,
     )
     benchmark.extra_info.update(
         model=model_shapes.setting_label(SETTING),
         data="random token ids (seed 0)",
-        sweep=sweep, prompt=prompt, batch=batch, tokens=TOKENS,
+        sweep=sweep,
+        prompt=prompt,
+        batch=batch,
+        tokens=TOKENS,
         **contest.summary("step"),
         flop_bound=bound,
     )

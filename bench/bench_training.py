@@ -24,7 +24,15 @@ import model_shapes
 import peak_memory
 import pytest
 from training_cases import (
-    CASES, CONTENDERS, data_source, loss_check, make_batches, make_contender, step_shape, train_step, trained_tokens,
+    CASES,
+    CONTENDERS,
+    data_source,
+    loss_check,
+    make_batches,
+    make_contender,
+    step_shape,
+    train_step,
+    trained_tokens,
 )
 
 SETTING = model_shapes.setting_from_env()
@@ -84,4 +92,3 @@ def test_training_step(benchmark, case):
             memory_ratio=memory["fastprompt"] / memory["peft"],
             memory_method=peak_memory.CUDA_METHOD if on_cuda else peak_memory.CPU_METHOD,
         )
-

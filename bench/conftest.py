@@ -10,10 +10,10 @@ import os
 import platform
 
 import torch
-
-import fastprompt  # noqa: F401  (first: it quiets bitsandbytes' optional-kernel warning before peft imports it)
 from harness import THREADS
 from model_shapes import dims, setting_from_env, setting_label
+
+import fastprompt  # noqa: F401  (first: it quiets bitsandbytes' optional-kernel warning before peft imports it)
 
 _session: dict = {}
 

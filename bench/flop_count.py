@@ -31,8 +31,8 @@ code, so its bound is 1.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,26 @@ class Dims:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         if config.model_type == "bloom":
-            return cls(config.hidden_size, config.num_hidden_layers, heads, heads, head_dim,
-                       4 * config.hidden_size, 2, config.vocab_size)
-        return cls(config.hidden_size, config.num_hidden_layers, heads, config.num_key_value_heads, head_dim,
-                   config.intermediate_size, 3, config.vocab_size)
+            return cls(
+                config.hidden_size,
+                config.num_hidden_layers,
+                heads,
+                heads,
+                head_dim,
+                4 * config.hidden_size,
+                2,
+                config.vocab_size,
+            )
+        return cls(
+            config.hidden_size,
+            config.num_hidden_layers,
+            heads,
+            config.num_key_value_heads,
+            head_dim,
+            config.intermediate_size,
+            3,
+            config.vocab_size,
+        )
 
     @property
     def layer_weights(self) -> int:

@@ -57,8 +57,12 @@ def read_tests(folder: Path) -> dict:
         for suite in suites:
             for key in total:
                 total[key] += int(suite.get(key, 0))
-        xfailed = sum(1 for case in root.iter("testcase") for skip in case.findall("skipped")
-                      if (skip.get("type") or "").endswith("xfail"))
+        xfailed = sum(
+            1
+            for case in root.iter("testcase")
+            for skip in case.findall("skipped")
+            if (skip.get("type") or "").endswith("xfail")
+        )
         counts[path.stem] = {
             "passed": total["tests"] - total["failures"] - total["errors"] - total["skipped"],
             "failed": total["failures"] + total["errors"],
@@ -76,8 +80,10 @@ def _benchmark_files(folder: Path) -> list[Path]:
 def _benchmark_rows(path: Path) -> tuple[dict, list[dict]]:
     data = json.loads(path.read_text())
     setting = data.get("machine_info", {}).get("fastprompt_bench", {}).get("setting", {})
-    rows = [{"case": bench["name"].removeprefix("test_"), **bench.get("extra_info", {})}
-            for bench in data.get("benchmarks", [])]
+    rows = [
+        {"case": bench["name"].removeprefix("test_"), **bench.get("extra_info", {})}
+        for bench in data.get("benchmarks", [])
+    ]
     return setting, rows
 
 
@@ -88,8 +94,15 @@ def op_bandwidth(folder: Path, copy_gb_s: float) -> list[dict]:
         for row in benchmarks:
             for key, value in row.items():
                 if key.endswith("_GB/s"):
-                    rows.append({"file": path.stem, "case": row["case"], "contender": key.removesuffix("_GB/s"),
-                                 "GB/s": round(value, 1), "of_copy_bandwidth": round(value / copy_gb_s, 3)})
+                    rows.append(
+                        {
+                            "file": path.stem,
+                            "case": row["case"],
+                            "contender": key.removesuffix("_GB/s"),
+                            "GB/s": round(value, 1),
+                            "of_copy_bandwidth": round(value / copy_gb_s, 3),
+                        }
+                    )
     return rows
 
 
@@ -120,8 +133,11 @@ def decode_bounds(folder: Path, copy_gb_s: float) -> list[dict]:
             rows_per_step = int(batch.group(1))
             bound = rows_per_step * copy_gb_s * 1e9 / weight_bytes
             entry = {"file": path.stem, "case": row["case"], "bound_tokens_per_s": round(bound, 1)}
-            for name, key in (("fastprompt", "fastprompt_decode_s"), ("fastprompt_static", "fastprompt_static_decode_s"),
-                              ("peft_intended", "peft_intended_decode_s")):
+            for name, key in (
+                ("fastprompt", "fastprompt_decode_s"),
+                ("fastprompt_static", "fastprompt_static_decode_s"),
+                ("peft_intended", "peft_intended_decode_s"),
+            ):
                 if key in row:
                     rate = rows_per_step / row[key]
                     entry[f"{name}_tokens_per_s"] = round(rate, 1)
@@ -166,7 +182,9 @@ def summarise(folder: Path) -> tuple[dict, str]:
         f"- versions: {', '.join(f'{k} {v}' for k, v in (summary['versions'] or {}).items())}",
         f"- copy bandwidth: {summary['copy_bandwidth_GB/s']} GB/s (read + write of a large device copy)",
         f"- all steps ok: {summary['all_steps_ok']}"
-        + "".join(f"; {kind}: {', '.join(names)}" for kind, names in (("failed", failed), ("skipped", skipped)) if names),
+        + "".join(
+            f"; {kind}: {', '.join(names)}" for kind, names in (("failed", failed), ("skipped", skipped)) if names
+        ),
         "",
         "## Steps",
         *_markdown_table(steps),

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # The same for every contender and every suite; set by bench/conftest.py.
 THREADS = int(os.environ.get("FASTPROMPT_BENCH_THREADS", min(2, os.cpu_count() or 1)))

@@ -32,7 +32,8 @@ class ModelShape:
 SHAPES = {
     "bloom-mini": ModelShape(
         BloomConfig(vocab_size=46145, hidden_size=512, n_layer=6, n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
-        quick=True, fast_path=True,
+        quick=True,
+        fast_path=True,
     ),
     # The GPU check's dry run (bench/gpu_check.sh --dry-run): its plumbing, in seconds on a CPU. The
     # vocabulary of tiny-bloom's tokenizer (512 entries: the tutorial case's ids fit) and a narrow
@@ -40,20 +41,39 @@ SHAPES = {
     # hidden 256, one 8-bit classify step of PEFT took about a minute on a busy 2-core machine).
     "bloom-tiny": ModelShape(
         BloomConfig(vocab_size=512, hidden_size=64, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0),
-        quick=True, fast_path=True,
-    ),
-    "bloom-1b4-zh": ModelShape(
-        BloomConfig(vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16, hidden_dropout=0.0, attention_dropout=0.0),
+        quick=True,
         fast_path=True,
     ),
-    "llama-3.2-1b": ModelShape(LlamaConfig(
-        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
-    ), fast_path=True),
-    "qwen2.5-0.5b": ModelShape(Qwen2Config(
-        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-        intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-    ), fast_path=True),
+    "bloom-1b4-zh": ModelShape(
+        BloomConfig(
+            vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16, hidden_dropout=0.0, attention_dropout=0.0
+        ),
+        fast_path=True,
+    ),
+    "llama-3.2-1b": ModelShape(
+        LlamaConfig(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+        ),
+        fast_path=True,
+    ),
+    "qwen2.5-0.5b": ModelShape(
+        Qwen2Config(
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+        fast_path=True,
+    ),
 }
 
 
@@ -65,9 +85,11 @@ def label(name: str) -> str:
     """What every table says about the model it measured."""
     d = dims(name)
     kind = "quick run" if SHAPES[name].quick else "real shape"
-    return (f"{name} ({kind}: {SHAPES[name].config.model_type}, hidden {d.hidden}, {d.layers} layers, "
-            f"{d.heads} heads of {d.head_dim} / {d.kv_heads} KV, MLP {d.intermediate}, vocab {d.vocab}; "
-            f"random weights)")
+    return (
+        f"{name} ({kind}: {SHAPES[name].config.model_type}, hidden {d.hidden}, {d.layers} layers, "
+        f"{d.heads} heads of {d.head_dim} / {d.kv_heads} KV, MLP {d.intermediate}, vocab {d.vocab}; "
+        f"random weights)"
+    )
 
 
 def _from_config(name: str, dtype: torch.dtype, seed: int, device: str):

@@ -44,8 +44,10 @@ from model_shapes import SHAPES, build_base  # noqa: E402
 from training_cases import CASES, CONTENDERS, make_batches, make_contender, train_step  # noqa: E402
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
-CPU_METHOD = ("CPU: peak resident set (VmHWM, reset before the step) minus resident set before it, one process "
-              "per contender after a warm-up step, glibc MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0")
+CPU_METHOD = (
+    "CPU: peak resident set (VmHWM, reset before the step) minus resident set before it, one process "
+    "per contender after a warm-up step, glibc MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=0"
+)
 CUDA_METHOD = "CUDA: max_memory_allocated during the step minus memory allocated before it"
 PROBE_ENV = "FASTPROMPT_BENCH_MEMORY_PROBE"
 NOT_MEASURED = f"not measured ({PROBE_ENV}=0: no CPU probe processes)"

@@ -58,8 +58,10 @@ def draw(rows: list[dict]):
             axis.set_xticks(x, [str(v) for v in x])
             axis.grid(True, which="major", alpha=0.3)
             axis.legend(loc="upper left")
-    heading = (f"Prompt-tuning training step, fastprompt vs PEFT, on {rows[0]['model']}; "
-               f"{rows[0]['rounds']} alternated round(s) per point, labels on the second half of T")
+    heading = (
+        f"Prompt-tuning training step, fastprompt vs PEFT, on {rows[0]['model']}; "
+        f"{rows[0]['rounds']} alternated round(s) per point, labels on the second half of T"
+    )
     fig.suptitle("\n".join(textwrap.wrap(heading, 120)), fontsize=10)
     return fig
 

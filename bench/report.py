@@ -42,8 +42,11 @@ def provenance(data: dict) -> list[str]:
     commit = data.get("commit_info", {})
     commit_line = f"commit: {commit.get('id', '?')[:12]}{' + uncommitted changes' if commit.get('dirty') else ''}"
     if not ours:
-        return [f"machine: {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))}, "
-                f"python {machine.get('python_version', '?')}", commit_line]
+        return [
+            f"machine: {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))}, "
+            f"python {machine.get('python_version', '?')}",
+            commit_line,
+        ]
     load = ours.get("load_average_1min_start_end") or ["?", "?"]
     versions = ", ".join(f"{name} {v}" for name, v in ours["versions"].items())
     return [
@@ -65,7 +68,9 @@ def _context(rows: list[dict]) -> list[str]:
         if len(cases_by_value) == 1:
             out.append(f"{key}: {next(iter(cases_by_value))}")
         elif cases_by_value:
-            out.append(f"{key}: " + "; ".join(f"{', '.join(cases)}: {value}" for value, cases in cases_by_value.items()))
+            out.append(
+                f"{key}: " + "; ".join(f"{', '.join(cases)}: {value}" for value, cases in cases_by_value.items())
+            )
     return out
 
 

@@ -75,7 +75,8 @@ def make_batches(case: str, count: int, vocab_size: int, device="cpu") -> list[d
         # benchmark model's vocabulary.
         data = load_alpaca(tutorial_data_path(), fastprompt.load_model("tiny-bloom").tokenizer)
         return [
-            {key: torch.tensor([values], device=device) for key, values in data[index].items()} for index in range(count)
+            {key: torch.tensor([values], device=device) for key, values in data[index].items()}
+            for index in range(count)
         ]
     return random_batches(count, spec["batch"], spec["length"], spec["labels"], vocab_size, device)
 

@@ -22,10 +22,10 @@ import itertools
 import random
 import tempfile
 
-import fastprompt
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
+import fastprompt
 from fastprompt.app.data import PadCollator, TokenizedData
 from fastprompt.app.train import TrainConfig, evaluate, train
 
@@ -38,8 +38,11 @@ INIT_TEXT = "Classify the sentiment of the review as positive or negative."
 
 
 def reviews(seed: int) -> list[tuple[str, str]]:
-    pairs = [(f"{subject} was {word}.", label)
-             for label, words in WORDS.items() for subject, word in itertools.product(SUBJECTS, words)]
+    pairs = [
+        (f"{subject} was {word}.", label)
+        for label, words in WORDS.items()
+        for subject, word in itertools.product(SUBJECTS, words)
+    ]
     random.Random(seed).shuffle(pairs)
     return pairs
 
@@ -54,7 +57,11 @@ def label_token_ids(tokenizer) -> dict[str, int]:
 
 def encode(text: str, label_id: int, tokenizer) -> dict[str, list[int]]:
     ids = tokenizer(f"Review: {text}\nSentiment:")["input_ids"]
-    return {"input_ids": ids + [label_id], "attention_mask": [1] * (len(ids) + 1), "labels": [-100] * len(ids) + [label_id]}
+    return {
+        "input_ids": ids + [label_id],
+        "attention_mask": [1] * (len(ids) + 1),
+        "labels": [-100] * len(ids) + [label_id],
+    }
 
 
 @torch.no_grad()
@@ -86,16 +93,26 @@ def main() -> None:
     pad_id = tokenizer.pad_token_id
 
     torch.manual_seed(0)
-    model = fastprompt.get_peft_model(base, PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens,
-        prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=INIT_TEXT, tokenizer_name_or_path=args.model,
-    ))
+    model = fastprompt.get_peft_model(
+        base,
+        PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=args.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=INIT_TEXT,
+            tokenizer_name_or_path=args.model,
+        ),
+    )
     model.eval()
     loss_before = evaluate(model, train_data, pad_id)
     accuracy_before = accuracy(model, test_data, label_ids, pad_id)
     output = args.output or tempfile.mkdtemp(prefix="fastprompt-sentiment-")
-    train(model, train_data, TrainConfig(output=output, epochs=args.epochs, lr=args.lr, save_every=0, log_every=6),
-          pad_token_id=pad_id)
+    train(
+        model,
+        train_data,
+        TrainConfig(output=output, epochs=args.epochs, lr=args.lr, save_every=0, log_every=6),
+        pad_token_id=pad_id,
+    )
     model.eval()
     loss_after = evaluate(model, train_data, pad_id)
     accuracy_after = accuracy(model, test_data, label_ids, pad_id)

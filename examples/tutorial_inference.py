@@ -11,10 +11,10 @@ anything else with fluent-looking nonsense.
 
 import sys
 
-import fastprompt
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
+import fastprompt
 from fastprompt.loading import tiny_bloom_path
 
 INIT_TEXT = "下面是一段人与机器人的对话。"
@@ -41,7 +41,9 @@ def main(argv=None) -> str:
     torch.manual_seed(0)
 
     # --- the tutorial's snippet, as written there ---
-    ipt = tokenizer("Human: {}\n{}".format("考试有哪些技巧？", "").strip() + "\n\nAssistant: ", return_tensors="pt").to(peft_model.device)
+    ipt = tokenizer("Human: {}\n{}".format("考试有哪些技巧？", "").strip() + "\n\nAssistant: ", return_tensors="pt").to(
+        peft_model.device
+    )
     answer = tokenizer.decode(peft_model.generate(**ipt, max_length=128, do_sample=True)[0], skip_special_tokens=True)
     # ---
     print(answer)

@@ -19,12 +19,12 @@ import dataclasses
 import os
 import tempfile
 
-from fastprompt import get_peft_model  # the tutorial: from peft import get_peft_model
-from fastprompt.loading import demo_data_path, resolve_model_path
-
 from datasets import Dataset, load_from_disk
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+from fastprompt import get_peft_model  # the tutorial: from peft import get_peft_model
+from fastprompt.loading import demo_data_path, resolve_model_path
 
 if os.environ.get("FASTPROMPT_TUTORIAL_BACKEND") == "peft":
     from peft import get_peft_model
@@ -50,7 +50,9 @@ tokenizer = AutoTokenizer.from_pretrained(MODEL)
 
 def process_func(example):
     MAX_LENGTH = 256
-    instruction = tokenizer("\n".join(["Human: " + example["instruction"], example["input"]]).strip() + "\n\nAssistant: ")
+    instruction = tokenizer(
+        "\n".join(["Human: " + example["instruction"], example["input"]]).strip() + "\n\nAssistant: "
+    )
     response = tokenizer(example["output"] + tokenizer.eos_token)
     input_ids = instruction["input_ids"] + response["input_ids"]
     attention_mask = instruction["attention_mask"] + response["attention_mask"]
@@ -98,5 +100,7 @@ print(f"loss on the training data: {before:.4f} -> {after:.4f}")
 assert after < before, "the loss did not fall"
 
 # --- inference, as in the tutorial
-ipt = tokenizer("Human: {}\n{}".format("考试有哪些技巧？", "").strip() + "\n\nAssistant: ", return_tensors="pt").to(model.device)
+ipt = tokenizer("Human: {}\n{}".format("考试有哪些技巧？", "").strip() + "\n\nAssistant: ", return_tensors="pt").to(
+    model.device
+)
 print(tokenizer.decode(model.generate(**ipt, max_length=128, do_sample=True)[0], skip_special_tokens=True))

@@ -35,7 +35,8 @@ def check_adapter_directory(directory, model, subfolder: str | None = None) -> N
     hidden = model.get_input_embeddings().embedding_dim
     if config.get("token_dim") != hidden:
         raise ValueError(
-            f"adapter in {str(directory)!r} has token_dim {config.get('token_dim')}, but the model's hidden size is {hidden}"
+            f"adapter in {str(directory)!r} has token_dim {config.get('token_dim')}, "
+            f"but the model's hidden size is {hidden}"
         )
     expected = (config["num_virtual_tokens"] * (config.get("num_transformer_submodules") or 1), config["token_dim"])
     shape = _prompt_shape(directory)

@@ -54,11 +54,18 @@ def _requires_grad_hook_code() -> frozenset:
     import peft
     from transformers import PreTrainedModel
 
-    owners = [PreTrainedModel.enable_input_require_grads,
-              getattr(peft.PeftModel, "_prepare_model_for_gradient_checkpointing", None),
-              getattr(getattr(peft.utils, "other", None), "prepare_model_for_kbit_training", None)]
-    return frozenset(const for owner in owners if owner is not None for const in owner.__code__.co_consts
-                     if isinstance(const, type(owner.__code__)) and const.co_name.startswith("make_inputs_require_grad"))
+    owners = [
+        PreTrainedModel.enable_input_require_grads,
+        getattr(peft.PeftModel, "_prepare_model_for_gradient_checkpointing", None),
+        getattr(getattr(peft.utils, "other", None), "prepare_model_for_kbit_training", None),
+    ]
+    return frozenset(
+        const
+        for owner in owners
+        if owner is not None
+        for const in owner.__code__.co_consts
+        if isinstance(const, type(owner.__code__)) and const.co_name.startswith("make_inputs_require_grad")
+    )
 
 
 def embedding_hooks(embedding: torch.nn.Module) -> bool:
@@ -112,8 +119,7 @@ class RandomDraws:
 
     def _states(self) -> tuple[bytes, bytes | None]:
         accelerator = torch.cuda.get_rng_state(self.device) if self.accelerator is not None else None
-        return (torch.get_rng_state().numpy().tobytes(),
-                None if accelerator is None else accelerator.numpy().tobytes())
+        return (torch.get_rng_state().numpy().tobytes(), None if accelerator is None else accelerator.numpy().tobytes())
 
     def drew(self) -> bool:
         return self._states() != self.seen

@@ -86,13 +86,15 @@ def load_model(
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["dtype"] = dtype or torch.float16
-    hub_kwargs = {k: from_pretrained_kwargs[k] for k in ("local_files_only", "revision", "token")
-                  if k in from_pretrained_kwargs}
+    hub_kwargs = {
+        k: from_pretrained_kwargs[k] for k in ("local_files_only", "revision", "token") if k in from_pretrained_kwargs
+    }
     # transformers probes the id for an adapter too, with its own arguments.
     adapter_kwargs = dict(hub_kwargs) if hub_kwargs else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **from_pretrained_kwargs,
-                                                     adapter_kwargs=adapter_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, **kwargs, **from_pretrained_kwargs, adapter_kwargs=adapter_kwargs
+        )
     except OSError as err:
         raise ValueError(f"cannot load model {str(name_or_path)!r}: {' '.join(str(err).split())}") from None
     model.requires_grad_(False)

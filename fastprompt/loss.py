@@ -84,13 +84,15 @@ def _is_plain_frozen_linear(module: torch.nn.Module) -> bool:
     """A head whose weight we may use directly: no quantisation, no hooks
     (accelerate's offload hooks bring the weight in only inside the call)."""
     return (
-        type(module) is torch.nn.Linear and not module.weight.requires_grad
+        type(module) is torch.nn.Linear
+        and not module.weight.requires_grad
         and not (has_forward_hooks(module) or has_placement_hook(module))
     )
 
 
-def linear_cross_entropy_sum(rows: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
-                             softcap: float | None = None) -> torch.Tensor:
+def linear_cross_entropy_sum(
+    rows: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
     vocab = lm_head.weight.shape[0]
     chunk = rows_per_chunk(vocab)
     if _is_plain_frozen_linear(lm_head):

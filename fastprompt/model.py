@@ -167,8 +167,10 @@ class FastPromptModel(PeftModelForCausalLM):
             raise TypeError(f"expected a peft.PeftModelForCausalLM, got {type(peft_model).__name__}")
         peft_model.__class__ = cls
         if peft_model.paths.generic is None:
-            log.warning("fastprompt: %s has no fast path; this model runs PEFT's own code (correct, not faster)",
-                        type(peft_model.get_base_model()).__name__)
+            log.warning(
+                "fastprompt: %s has no fast path; this model runs PEFT's own code (correct, not faster)",
+                type(peft_model.get_base_model()).__name__,
+            )
         return peft_model
 
     @classmethod
@@ -177,14 +179,16 @@ class FastPromptModel(PeftModelForCausalLM):
         return cls._adopt(peft_model)
 
     @classmethod
-    def from_pretrained(cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False,
-                        config=None, **kwargs):
+    def from_pretrained(
+        cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, config=None, **kwargs
+    ):
         """``peft.PeftModel.from_pretrained`` returning a FastPromptModel; takes
         every argument PEFT's does. Loads adapters written by PEFT or by us."""
         if config is None and names_a_directory(model_id):
             adapter_check.check_adapter_directory(model_id, model, kwargs.get("subfolder"))
-        loaded = PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
-                                           config=config, **kwargs)
+        loaded = PeftModel.from_pretrained(
+            model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+        )
         return cls._adopt(loaded)
 
     # ------------------------------------------------------------------ info
@@ -235,12 +239,17 @@ class FastPromptModel(PeftModelForCausalLM):
     def _record(self, path: str | None, run: str, reason: str | None) -> None:
         self._state.last_call = CallRecord(path, run, reason)
         if reason is not None:
-            self._say_once(f"this call runs PEFT's own code, not the fast path: {reason}" if path is None
-                           else f"{path} runs {run}: {reason}")
+            self._say_once(
+                f"this call runs PEFT's own code, not the fast path: {reason}"
+                if path is None
+                else f"{path} runs {run}: {reason}"
+            )
 
     def _route(self) -> Route:
         """The route of a call now; randomness an earlier call saw in this train/eval pattern counts."""
-        draws_random = bool(self._state.random_modes) and module_modes(self.get_base_model()) in self._state.random_modes
+        draws_random = (
+            bool(self._state.random_modes) and module_modes(self.get_base_model()) in self._state.random_modes
+        )
         return self.paths.choose(draws_random)
 
     def _row_adapters(self, adapter_names, rows: int) -> tuple[tuple[str, ...], torch.Tensor | None]:
@@ -258,8 +267,10 @@ class FastPromptModel(PeftModelForCausalLM):
                 raise ValueError(f"adapter_names: {name!r} is a {self.peft_config[name].peft_type} adapter")
         lengths = {self.peft_config[name].num_virtual_tokens for name in adapters}
         if len(lengths) > 1:
-            raise ValueError(f"adapter_names: rows' adapters have different num_virtual_tokens {sorted(lengths)}; "
-                             "a mixed batch needs prompts of one length")
+            raise ValueError(
+                f"adapter_names: rows' adapters have different num_virtual_tokens {sorted(lengths)}; "
+                "a mixed batch needs prompts of one length"
+            )
         if len(adapters) == 1:
             return adapters, None
         index = {name: i for i, name in enumerate(adapters)}
@@ -298,12 +309,13 @@ class FastPromptModel(PeftModelForCausalLM):
             # That was PEFT's single pass through the model's own modules already.
             return route._replace(reason=DRAWS_RANDOM), *result
         draws.undo()
-        route, batch = self._call(adapter_names, input_ids.shape[0], batch.key_mask[:, batch.num_virtual_tokens:])
+        route, batch = self._call(adapter_names, input_ids.shape[0], batch.key_mask[:, batch.num_virtual_tokens :])
         return route, *route.path.hidden_states(batch, input_ids, prefixes)
 
     # --------------------------------------------------------------- forward
-    def _refusal(self, input_ids, inputs_embeds, labels, output_attentions, output_hidden_states, return_dict,
-                 task_ids, kwargs):
+    def _refusal(
+        self, input_ids, inputs_embeds, labels, output_attentions, output_hidden_states, return_dict, task_ids, kwargs
+    ):
         """Why this call cannot take the fast path, or None."""
         if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
             return f"the active adapter is {self.active_peft_config.peft_type}, not PROMPT_TUNING"
@@ -332,20 +344,37 @@ class FastPromptModel(PeftModelForCausalLM):
             return f"extra arguments {extra}"
         return None
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
         adapter_names = kwargs.pop("adapter_names", None)
         return_logits = kwargs.pop("return_logits", False)
-        reason = self._refusal(input_ids, inputs_embeds, labels, output_attentions, output_hidden_states,
-                               return_dict, task_ids, kwargs)
+        reason = self._refusal(
+            input_ids, inputs_embeds, labels, output_attentions, output_hidden_states, return_dict, task_ids, kwargs
+        )
         if reason is not None:
             if adapter_names is not None:
                 raise ValueError(f"adapter_names needs fastprompt's fast path, which this call cannot take: {reason}")
             self._record(None, "peft", reason)
             return super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=return_dict, task_ids=task_ids, **kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                task_ids=task_ids,
+                **kwargs,
             )
         _check_inputs(input_ids, attention_mask, labels)
         if attention_mask is None:
@@ -357,11 +386,18 @@ class FastPromptModel(PeftModelForCausalLM):
 
         loss = logits = None
         if labels is not None:
-            loss = prefix_causal_lm_loss(prefix_final[:, -1], token_final, labels.to(token_final.device),
-                                         path.lm_head, kwargs.get("num_items_in_batch"), path.softcap)
+            loss = prefix_causal_lm_loss(
+                prefix_final[:, -1],
+                token_final,
+                labels.to(token_final.device),
+                path.lm_head,
+                kwargs.get("num_items_in_batch"),
+                path.softcap,
+            )
         if labels is None or return_logits or not torch.is_grad_enabled():
-            hidden = torch.cat([prefix_final.expand(input_ids.shape[0], -1, -1).to(token_final.dtype), token_final],
-                               dim=1)
+            hidden = torch.cat(
+                [prefix_final.expand(input_ids.shape[0], -1, -1).to(token_final.dtype), token_final], dim=1
+            )
             logits = path.logits(hidden)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
@@ -371,8 +407,11 @@ class FastPromptModel(PeftModelForCausalLM):
         the prompt's K/V taken from the prefix cache instead of recomputed per
         row and request; ``adapter_names`` gives each row its own prompt."""
         adapter_names = kwargs.pop("adapter_names", None)
-        if (self._adapters_disabled or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING
-                or self.paths.generic is None):
+        if (
+            self._adapters_disabled
+            or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING
+            or self.paths.generic is None
+        ):
             return super().generate(*args, **kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         inputs = ids if ids is not None else kwargs.get("inputs_embeds")
@@ -412,8 +451,9 @@ class FastPromptModel(PeftModelForCausalLM):
         else:
             route, batch = self._call(None, 0, None)
             path = route.path
-        return path.prepare_step_inputs(batch, self._state.prefixes, self.base_model_prepare_inputs_for_generation,
-                                        *args, **kwargs)
+        return path.prepare_step_inputs(
+            batch, self._state.prefixes, self.base_model_prepare_inputs_for_generation, *args, **kwargs
+        )
 
 
 def _check_inputs(input_ids, attention_mask, labels) -> None:

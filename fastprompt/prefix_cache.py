@@ -77,15 +77,21 @@ def _tensor_identity(model: torch.nn.Module) -> list[tuple]:
 def _module_settings(model: torch.nn.Module) -> tuple:
     """Every module's public plain attributes (numbers, flags, strings), its train/eval flag among them."""
     return tuple(
-        tuple((name, value) for name, value in vars(module).items()
-              if not name.startswith("_") and isinstance(value, (bool, int, float, str)))
+        tuple(
+            (name, value)
+            for name, value in vars(module).items()
+            if not name.startswith("_") and isinstance(value, (bool, int, float, str))
+        )
         for module in model.modules()
     )
 
 
 def _autocast_state(device: torch.device) -> tuple:
     kind = device.type
-    return (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None)
+    return (
+        torch.is_autocast_enabled(kind),
+        torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None,
+    )
 
 
 @dataclass
@@ -142,7 +148,10 @@ class PrefixCache:
         self.computations += 1
         prompts = batch.prompts.detach()
         self._entries[(path.name, batch.adapters)] = _Entry(
-            prompts.clone(), _tensor_identity(path.model), _module_settings(path.model), _autocast_state(prompts.device),
+            prompts.clone(),
+            _tensor_identity(path.model),
+            _module_settings(path.model),
+            _autocast_state(prompts.device),
             prefix,
         )
         while len(self._entries) > MAX_ENTRIES:

@@ -5,8 +5,9 @@
 # bench/gpu_check.sh sets) leaves it off: the kernels then compile for the GPU.
 import os
 
-CUDA_TEST_RUN = (os.environ.get("FASTPROMPT_TEST_CUDA") == "1"
-                 or os.environ.get("FASTPROMPT_TEST_DEVICE", "cpu").startswith("cuda"))
+CUDA_TEST_RUN = os.environ.get("FASTPROMPT_TEST_CUDA") == "1" or os.environ.get(
+    "FASTPROMPT_TEST_DEVICE", "cpu"
+).startswith("cuda")
 if not CUDA_TEST_RUN:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -15,7 +16,6 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

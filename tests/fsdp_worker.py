@@ -4,11 +4,12 @@ and prompt gradient written to ``<output>/rank<r>.pt``."""
 
 import sys
 
-import fastprompt  # noqa: F401  (first: it quiets bitsandbytes' optional-kernel warning)
 import torch
 import torch.distributed as dist
 from models import padded_batch, peft_prompt, prompt_config, tiny_causal_lm
 from torch.distributed.fsdp import fully_shard
+
+import fastprompt  # noqa: F401  (first: it quiets bitsandbytes' optional-kernel warning)
 
 
 def main(output: str) -> None:
@@ -22,8 +23,10 @@ def main(output: str) -> None:
     ids, mask, labels = padded_batch(3, 8, 512, side="left")
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
-    torch.save({"loss": loss.detach(), "grad": peft_prompt(model).grad, "path": model.fast_path},
-               f"{output}/rank{dist.get_rank()}.pt")
+    torch.save(
+        {"loss": loss.detach(), "grad": peft_prompt(model).grad, "path": model.fast_path},
+        f"{output}/rank{dist.get_rank()}.pt",
+    )
     dist.destroy_process_group()
 
 

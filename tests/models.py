@@ -22,8 +22,12 @@ def random_bloom(hidden=256, layers=2, heads=2, vocab=512, seed=0, dtype=torch.f
 
     torch.manual_seed(seed)
     config = BloomConfig(
-        vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads,
-        hidden_dropout=0.0, attention_dropout=0.0,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        n_layer=layers,
+        n_head=heads,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
     )
     model = BloomForCausalLM(config).to(dtype)
     # Non-trivial LayerNorm parameters so parity also covers their use.
@@ -38,31 +42,104 @@ def random_bloom(hidden=256, layers=2, heads=2, vocab=512, seed=0, dtype=torch.f
 # family has GQA), two layers, sliding windows short enough to be exercised.
 FAMILY_CONFIGS = {
     "bloom": ("BloomConfig", dict(hidden_size=256, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0)),
-    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2)),
-    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, sliding_window=40)),
-    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2)),
-    "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=16)),
-    "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24)),
-    "gemma": ("GemmaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=16)),
-    "gemma3_text": ("Gemma3TextConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                             sliding_window=24, layer_types=["sliding_attention", "full_attention"])),
-    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                bos_token_id=1, eos_token_id=2)),
-    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                              word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0)),
+    "llama": (
+        "LlamaConfig",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=40,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=24,
+        ),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=24,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+        ),
+    ),
 }
 FAMILIES = list(FAMILY_CONFIGS)
 
 
-def tiny_causal_lm(family: str, vocab: int = 512, seed: int = 0, dtype=torch.float32, lively: bool = False,
-                   **overrides):
+def tiny_causal_lm(
+    family: str, vocab: int = 512, seed: int = 0, dtype=torch.float32, lively: bool = False, **overrides
+):
     """A frozen, seeded model of ``family`` built from a config (no hub).
 
     ``lively``: untied output embeddings and weights four times larger. A tiny
@@ -88,8 +165,11 @@ def tiny_causal_lm(family: str, vocab: int = 512, seed: int = 0, dtype=torch.flo
 
 # (family, pass of a trained prompt) pairs: the generic families either packed
 # with the tokens in one body call or in two passes; BLOOM its own decoder.
-TRAINING_PASSES = [(family, plan) for family in FAMILIES
-                   for plan in (["own decoder"] if family == "bloom" else ["packed", "two passes"])]
+TRAINING_PASSES = [
+    (family, plan)
+    for family in FAMILIES
+    for plan in (["own decoder"] if family == "bloom" else ["packed", "two passes"])
+]
 
 
 def force_training_pass(monkeypatch, model, plan: str) -> list[str]:

@@ -19,9 +19,9 @@ generation bugs (prompt re-inserted at each step) these tests must catch.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -38,8 +38,14 @@ def _bloom_config(hidden, heads):
     from transformers import BloomConfig
 
     return BloomConfig(
-        vocab_size=VOCAB, hidden_size=hidden, n_layer=2, n_head=heads, hidden_dropout=0.0,
-        attention_dropout=0.0, tie_word_embeddings=False, **SPECIAL,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        n_layer=2,
+        n_head=heads,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        **SPECIAL,
     )
 
 
@@ -47,9 +53,17 @@ def _opt_config():
     from transformers import OPTConfig
 
     return OPTConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-        max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
-        tie_word_embeddings=False, **SPECIAL,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        **SPECIAL,
     )
 
 

@@ -23,8 +23,7 @@ def cli_env() -> dict:
 
 
 def run_cli(*args, cwd, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def small_data(directory: Path, count: int = 12) -> Path:

@@ -46,8 +46,12 @@ def input_dtypes(all_dtypes: bool) -> list[tuple[torch.dtype, torch.dtype, torch
     fp32 prompt in front of a table of any dtype, and the op is also called with both in one
     dtype. `all_dtypes` adds every other prompt dtype and int32 ids, which the host also takes."""
     id_dtypes = (torch.int64, torch.int32) if all_dtypes else (torch.int64,)
-    pairs = [(table, prompt) for table in FLOAT_DTYPES for prompt in FLOAT_DTYPES
-             if all_dtypes or prompt in (table, torch.float32)]
+    pairs = [
+        (table, prompt)
+        for table in FLOAT_DTYPES
+        for prompt in FLOAT_DTYPES
+        if all_dtypes or prompt in (table, torch.float32)
+    ]
     return [(ids, table, prompt) for ids in id_dtypes for table, prompt in pairs]
 
 
@@ -149,10 +153,18 @@ def compile_jobs(capabilities, hidden_sizes, all_dtypes: bool) -> list[CompileJo
         for launch in host_launches(hidden, ids_dtype, table_dtype, prompt_dtype, layer_norm):
             for specialiser in specialisers:
                 options, signature, constexprs, attrs = specialiser.key(launch)
-                identity = (launch.kernel.__name__, specialiser.capability, repr(signature), repr(constexprs),
-                            repr(attrs), repr(options))
-                job = jobs.setdefault(identity, CompileJob(launch.kernel, specialiser.capability, signature,
-                                                           constexprs, attrs, options.__dict__))
+                identity = (
+                    launch.kernel.__name__,
+                    specialiser.capability,
+                    repr(signature),
+                    repr(constexprs),
+                    repr(attrs),
+                    repr(options),
+                )
+                job = jobs.setdefault(
+                    identity,
+                    CompileJob(launch.kernel, specialiser.capability, signature, constexprs, attrs, options.__dict__),
+                )
                 job.hidden.add(hidden)
                 job.dtypes.add(case)
     # Widest blocks first: they take longest, so shards taking every n-th job stay balanced.
@@ -169,9 +181,13 @@ def cubin_resources(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        dump = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
-                              check=True, capture_output=True, text=True).stdout
-    (regs, stack, local), = RESOURCES.findall(dump)
+        dump = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    ((regs, stack, local),) = RESOURCES.findall(dump)
     return {"regs": int(regs), "stack_bytes": int(stack), "local_bytes": int(local)}
 
 
@@ -196,7 +212,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=1)
     args = parser.parse_args()
     jobs = compile_jobs(args.capabilities, args.hidden, args.all_dtypes)
-    for job in jobs[args.shard::args.shards]:
+    for job in jobs[args.shard :: args.shards]:
         print(json.dumps(compile_one(job)), flush=True)
 
 

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-
 import warnings
 from pathlib import Path
 
@@ -42,7 +41,9 @@ def _number(kind, minimum, inclusive=True):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
         return value
@@ -72,76 +73,173 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
 
     model = _Parser(add_help=False)
-    model.add_argument("--model", default="tiny-bloom",
-                       help="built-in 'tiny-bloom', a local model directory, or a hub id (default: %(default)s)")
+    model.add_argument(
+        "--model",
+        default="tiny-bloom",
+        help="built-in 'tiny-bloom', a local model directory, or a hub id (default: %(default)s)",
+    )
     model.add_argument("--load-in-8bit", action="store_true", help="quantise the base model's linear layers to int8")
-    model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                       help="auto: cuda when available (default: %(default)s)")
+    model.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when available (default: %(default)s)",
+    )
 
     template = _Parser(add_help=False)
-    template.add_argument("--template", default=TUTORIAL_TEMPLATE.prompt,
-                          help=r"prompt format over record fields; \n is a newline (default: the tutorial's %(default)r)")
-    template.add_argument("--response-prefix", default=TUTORIAL_TEMPLATE.response_prefix,
-                          help="text between the prompt and the response (default: %(default)r)")
+    template.add_argument(
+        "--template",
+        default=TUTORIAL_TEMPLATE.prompt,
+        help=r"prompt format over record fields; \n is a newline (default: the tutorial's %(default)r)",
+    )
+    template.add_argument(
+        "--response-prefix",
+        default=TUTORIAL_TEMPLATE.response_prefix,
+        help="text between the prompt and the response (default: %(default)r)",
+    )
 
     parser = _Parser(prog="fastprompt", description="Fast, PEFT-compatible soft-prompt tuning of frozen causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     defaults = TrainConfig(output=".")
 
     train = commands.add_parser(
-        "train", parents=[common, model, template], help="train a soft prompt (the tutorial's recipe)",
+        "train",
+        parents=[common, model, template],
+        help="train a soft prompt (the tutorial's recipe)",
         description="Train a soft prompt on Alpaca-style data; the adapter (PEFT format) lands in --output. "
-                    "Under torchrun the data is split over the processes.",
+        "Under torchrun the data is split over the processes.",
     )
-    train.add_argument("--data", default=None, help="JSON list, JSONL, or a datasets save_to_disk directory "
-                                                   "(default: the bundled demo data)")
-    train.add_argument("--response-field", default=TUTORIAL_TEMPLATE.response_field,
-                       help="record field the model learns to produce (default: %(default)s)")
+    train.add_argument(
+        "--data",
+        default=None,
+        help="JSON list, JSONL, or a datasets save_to_disk directory (default: the bundled demo data)",
+    )
+    train.add_argument(
+        "--response-field",
+        default=TUTORIAL_TEMPLATE.response_field,
+        help="record field the model learns to produce (default: %(default)s)",
+    )
     train.add_argument("--eval-data", help="held-out data for eval loss (same formats as --data)")
-    train.add_argument("--eval-fraction", type=_fraction, default=0.0,
-                       help="hold out this fraction of --data for eval loss when --eval-data is not given")
-    train.add_argument("--max-length", type=_number(int, 2), default=MAX_LENGTH,
-                       help="tokens per example after truncation (default: %(default)s)")
+    train.add_argument(
+        "--eval-fraction",
+        type=_fraction,
+        default=0.0,
+        help="hold out this fraction of --data for eval loss when --eval-data is not given",
+    )
+    train.add_argument(
+        "--max-length",
+        type=_number(int, 2),
+        default=MAX_LENGTH,
+        help="tokens per example after truncation (default: %(default)s)",
+    )
     train.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    train.add_argument("--init", choices=["text", "random", "sample-vocab"], default="text",
-                       help="prompt initialisation (PEFT's PromptTuningInit; default: %(default)s)")
+    train.add_argument(
+        "--init",
+        choices=["text", "random", "sample-vocab"],
+        default="text",
+        help="prompt initialisation (PEFT's PromptTuningInit; default: %(default)s)",
+    )
     train.add_argument("--init-text", default=TUTORIAL_INIT_TEXT, help="text for --init text (default: %(default)s)")
-    train.add_argument("--num-virtual-tokens", type=_number(int, 1),
-                       help="prompt length (default: the token count of --init-text, as the tutorial)")
+    train.add_argument(
+        "--num-virtual-tokens",
+        type=_number(int, 1),
+        help="prompt length (default: the token count of --init-text, as the tutorial)",
+    )
     train.add_argument("--output", required=True, help="directory for the adapter, checkpoints and train_log.jsonl")
     train.add_argument("--epochs", type=_number(int, 1), default=defaults.epochs, help="(default: %(default)s)")
-    train.add_argument("--max-steps", type=_number(int, 1), help="stop after this many optimizer steps (overrides --epochs)")
-    train.add_argument("--batch-size", type=_number(int, 1), default=defaults.batch_size,
-                       help="examples per optimizer step over all processes (default: %(default)s)")
-    train.add_argument("--max-tokens", type=_number(int, 1), default=defaults.max_tokens,
-                       help="padded tokens per forward pass; a step that does not fit is accumulated (default: %(default)s)")
-    train.add_argument("--lr", type=_number(float, 0.0, inclusive=False), default=defaults.lr,
-                       help="peak learning rate, decayed linearly to 0 (default: %(default)s)")
-    train.add_argument("--warmup-steps", type=_number(int, 0), default=defaults.warmup_steps,
-                       help="linear warmup (default: %(default)s)")
-    train.add_argument("--weight-decay", type=_number(float, 0.0), default=defaults.weight_decay,
-                       help="AdamW weight decay (default: %(default)s)")
-    train.add_argument("--max-grad-norm", type=_number(float, 0.0), default=defaults.max_grad_norm,
-                       help="gradient clipping, 0 to disable (default: %(default)s)")
-    train.add_argument("--log-every", type=_number(int, 1), default=defaults.log_every, metavar="STEPS",
-                       help="mean loss, lr and tokens/s every STEPS (default: %(default)s)")
-    train.add_argument("--eval-every", type=_number(int, 0), default=defaults.eval_every, metavar="STEPS",
-                       help="0: only at the end (default: %(default)s)")
-    train.add_argument("--save-every", type=_number(int, 0), default=defaults.save_every, metavar="STEPS",
-                       help="checkpoint interval, 0: only when interrupted (default: %(default)s)")
-    train.add_argument("--keep-checkpoints", type=_number(int, 1), default=defaults.keep_checkpoints, metavar="N",
-                       help="keep the newest N checkpoints (default: %(default)s)")
-    train.add_argument("--seed", type=int, default=defaults.seed,
-                       help="prompt init, data order and held-out split (default: %(default)s)")
-    train.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="auto: bf16 autocast on a GPU, fp32 on CPU (default: %(default)s)")
-    train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                       help="continue from the latest checkpoint in --output, or from CHECKPOINT")
+    train.add_argument(
+        "--max-steps", type=_number(int, 1), help="stop after this many optimizer steps (overrides --epochs)"
+    )
+    train.add_argument(
+        "--batch-size",
+        type=_number(int, 1),
+        default=defaults.batch_size,
+        help="examples per optimizer step over all processes (default: %(default)s)",
+    )
+    train.add_argument(
+        "--max-tokens",
+        type=_number(int, 1),
+        default=defaults.max_tokens,
+        help="padded tokens per forward pass; a step that does not fit is accumulated (default: %(default)s)",
+    )
+    train.add_argument(
+        "--lr",
+        type=_number(float, 0.0, inclusive=False),
+        default=defaults.lr,
+        help="peak learning rate, decayed linearly to 0 (default: %(default)s)",
+    )
+    train.add_argument(
+        "--warmup-steps",
+        type=_number(int, 0),
+        default=defaults.warmup_steps,
+        help="linear warmup (default: %(default)s)",
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=_number(float, 0.0),
+        default=defaults.weight_decay,
+        help="AdamW weight decay (default: %(default)s)",
+    )
+    train.add_argument(
+        "--max-grad-norm",
+        type=_number(float, 0.0),
+        default=defaults.max_grad_norm,
+        help="gradient clipping, 0 to disable (default: %(default)s)",
+    )
+    train.add_argument(
+        "--log-every",
+        type=_number(int, 1),
+        default=defaults.log_every,
+        metavar="STEPS",
+        help="mean loss, lr and tokens/s every STEPS (default: %(default)s)",
+    )
+    train.add_argument(
+        "--eval-every",
+        type=_number(int, 0),
+        default=defaults.eval_every,
+        metavar="STEPS",
+        help="0: only at the end (default: %(default)s)",
+    )
+    train.add_argument(
+        "--save-every",
+        type=_number(int, 0),
+        default=defaults.save_every,
+        metavar="STEPS",
+        help="checkpoint interval, 0: only when interrupted (default: %(default)s)",
+    )
+    train.add_argument(
+        "--keep-checkpoints",
+        type=_number(int, 1),
+        default=defaults.keep_checkpoints,
+        metavar="N",
+        help="keep the newest N checkpoints (default: %(default)s)",
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="prompt init, data order and held-out split (default: %(default)s)",
+    )
+    train.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 autocast on a GPU, fp32 on CPU (default: %(default)s)",
+    )
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --output, or from CHECKPOINT",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     train.set_defaults(run=run_train)
 
     generate = commands.add_parser(
-        "generate", parents=[common, model, template], help="answer a prompt with a trained adapter",
+        "generate",
+        parents=[common, model, template],
+        help="answer a prompt with a trained adapter",
         description="Apply the template to PROMPT and generate with the base model + adapter.",
     )
     generate.add_argument("prompt", help="the instruction (the template's {instruction})")
@@ -153,9 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=run_generate)
 
     bench = commands.add_parser(
-        "bench", parents=[common], help="benchmark fastprompt against PEFT",
+        "bench",
+        parents=[common],
+        help="benchmark fastprompt against PEFT",
         description="Run the benchmark suites (bench/bench_*.py) with pytest-benchmark and print the "
-                    "fastprompt-vs-PEFT tables of bench/report.py. Arguments after -- go to pytest.",
+        "fastprompt-vs-PEFT tables of bench/report.py. Arguments after -- go to pytest.",
     )
     bench.add_argument("--bench-dir", default=None, help="benchmark directory (default: bench/ next to the package)")
     bench.add_argument("--json", help="also keep the pytest-benchmark results in this file")
@@ -163,11 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=run_bench)
 
     demo = commands.add_parser(
-        "demo", parents=[common], help="teach tiny-bloom a task with a soft prompt, reload it with PEFT (~20 s)",
+        "demo",
+        parents=[common],
+        help="teach tiny-bloom a task with a soft prompt, reload it with PEFT (~20 s)",
         description="On the built-in tiny-bloom (a chatbot pre-trained on the bundled records): train a soft prompt "
-                    "to answer with the language of a message, print the held-out loss and accuracy before and "
-                    "after and two answers, save the adapter, load it with peft.PeftModel.from_pretrained and "
-                    "compare the logits.",
+        "to answer with the language of a message, print the held-out loss and accuracy before and "
+        "after and two answers, save the adapter, load it with peft.PeftModel.from_pretrained and "
+        "compare the logits.",
     )
     demo.add_argument("--output", help="adapter directory (default: a new temporary directory)")
     demo.add_argument("--epochs", type=_number(int, 1), default=40, help="(default: %(default)s)")
@@ -222,7 +324,9 @@ def _load_base(args, device):
 def _template(args):
     from .template import Template
 
-    return Template(_unescape(args.template), _unescape(args.response_prefix), getattr(args, "response_field", "output"))
+    return Template(
+        _unescape(args.template), _unescape(args.response_prefix), getattr(args, "response_field", "output")
+    )
 
 
 # ----------------------------------------------------------------- commands
@@ -232,9 +336,9 @@ def run_train(args) -> int:
 
     import fastprompt
 
+    from ..loading import demo_data_path
     from . import distributed
     from .data import load_alpaca, split_holdout
-    from ..loading import demo_data_path
     from .train import TrainConfig, train
 
     device = _device(args.device)
@@ -256,11 +360,16 @@ def run_train(args) -> int:
         else:
             data, eval_data = split_holdout(data, args.eval_fraction, args.seed)
 
-        init = {"text": PromptTuningInit.TEXT, "random": PromptTuningInit.RANDOM,
-                "sample-vocab": PromptTuningInit.SAMPLE_VOCAB}[args.init]
+        init = {
+            "text": PromptTuningInit.TEXT,
+            "random": PromptTuningInit.RANDOM,
+            "sample-vocab": PromptTuningInit.SAMPLE_VOCAB,
+        }[args.init]
         num_virtual_tokens = args.num_virtual_tokens or len(tokenizer(args.init_text)["input_ids"])
         config = PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM, prompt_tuning_init=init, num_virtual_tokens=num_virtual_tokens,
+            task_type=TaskType.CAUSAL_LM,
+            prompt_tuning_init=init,
+            num_virtual_tokens=num_virtual_tokens,
             prompt_tuning_init_text=args.init_text if init == PromptTuningInit.TEXT else None,
             tokenizer_name_or_path=os.path.expanduser(args.model) if init == PromptTuningInit.TEXT else None,
         )
@@ -268,22 +377,39 @@ def run_train(args) -> int:
         model = fastprompt.get_peft_model(base, config)
         bf16 = args.precision == "bf16" or (
             # 8-bit layers already compute in fp16; autocasting them to bf16 would only add casts.
-            args.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+            args.precision == "auto"
+            and device.type == "cuda"
+            and torch.cuda.is_bf16_supported()
             and not args.load_in_8bit
         )
         train_config = TrainConfig(
-            output=Path(args.output), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-            max_tokens=args.max_tokens, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm, log_every=args.log_every, eval_every=args.eval_every,
-            save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed, bf16=bf16,
-            resume=args.resume, progress=not args.no_progress,
+            output=Path(args.output),
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            log_every=args.log_every,
+            eval_every=args.eval_every,
+            save_every=args.save_every,
+            keep_checkpoints=args.keep_checkpoints,
+            seed=args.seed,
+            bf16=bf16,
+            resume=args.resume,
+            progress=not args.no_progress,
         )
         trainable, total = model.get_nb_trainable_parameters()
         if ranks.is_main:
-            print(f"model {args.model}: {num_virtual_tokens} virtual tokens, trainable {trainable:,d} of {total:,d} "
-                  f"parameters; {len(data)} training examples"
-                  + (f", {len(eval_data)} held out" if eval_data is not None else "")
-                  + (f"; {ranks.world_size} processes" if ranks.world_size > 1 else ""), flush=True)
+            print(
+                f"model {args.model}: {num_virtual_tokens} virtual tokens, trainable {trainable:,d} of {total:,d} "
+                f"parameters; {len(data)} training examples"
+                + (f", {len(eval_data)} held out" if eval_data is not None else "")
+                + (f"; {ranks.world_size} processes" if ranks.world_size > 1 else ""),
+                flush=True,
+            )
         result = train(model, data, train_config, pad_token_id=_pad_id(tokenizer), eval_data=eval_data, ranks=ranks)
         if ranks.is_main:
             print(f"trained {result.steps} steps; adapter saved to {args.output}")
@@ -300,10 +426,12 @@ def _pad_id(tokenizer) -> int:
 def _answer(model, tokenizer, prompt_text: str, max_new_tokens: int, do_sample: bool) -> str:
     encoded = tokenizer(prompt_text, return_tensors="pt").to(model.device)
     sequences = model.generate(
-        input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
-        max_new_tokens=max_new_tokens, do_sample=do_sample,
+        input_ids=encoded["input_ids"],
+        attention_mask=encoded["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
     )
-    return tokenizer.decode(sequences[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(sequences[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def run_generate(args) -> int:
@@ -335,8 +463,16 @@ def run_bench(args) -> int:
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     with tempfile.TemporaryDirectory(prefix="fastprompt-bench-") as scratch:
         results = Path(args.json) if args.json else Path(scratch) / "results.json"
-        command = [sys.executable, "-m", "pytest", *map(str, suites), "--benchmark-only", "-q",
-                   f"--benchmark-json={results}", *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            *map(str, suites),
+            "--benchmark-only",
+            "-q",
+            f"--benchmark-json={results}",
+            *extra,
+        ]
         print("running:", " ".join(command), flush=True)
         code = subprocess.call(command, cwd=bench_dir.parent)
         if results.exists():

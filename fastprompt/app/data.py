@@ -37,8 +37,6 @@ log = logging.getLogger("fastprompt")
 REPORTED_PROBLEMS = 10
 
 
-
-
 @dataclass
 class DataReport:
     """What happened to each record of a source."""
@@ -133,8 +131,9 @@ def _read_dataset_dir(path: Path) -> Iterator[_Entry]:
         yield _Entry(f"row {index}", record)
 
 
-def read_records(path, template: Template = TUTORIAL_TEMPLATE,
-                 strict: bool = False) -> tuple[list[tuple[str, dict]], DataReport]:
+def read_records(
+    path, template: Template = TUTORIAL_TEMPLATE, strict: bool = False
+) -> tuple[list[tuple[str, dict]], DataReport]:
     """Valid records of ``path`` with where each was found, and a report of
     the rest. ``strict`` makes the first bad record an error."""
     path = Path(path)
@@ -162,8 +161,9 @@ def _reject(report: DataReport, where: str, problem: str, strict: bool) -> None:
 
 
 # --------------------------------------------------------------- tokenising
-def tokenize_record(record: Mapping[str, str], tokenizer, template: Template = TUTORIAL_TEMPLATE,
-                    max_length: int = MAX_LENGTH) -> dict[str, list[int]]:
+def tokenize_record(
+    record: Mapping[str, str], tokenizer, template: Template = TUTORIAL_TEMPLATE, max_length: int = MAX_LENGTH
+) -> dict[str, list[int]]:
     """The tutorial's example: prompt ids + response ids + eos, labels -100 on
     the prompt, cut to ``max_length``."""
     if tokenizer.eos_token_id is None:
@@ -178,8 +178,9 @@ def tokenize_record(record: Mapping[str, str], tokenizer, template: Template = T
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def load_alpaca(path, tokenizer, template: Template = TUTORIAL_TEMPLATE, max_length: int = MAX_LENGTH,
-                strict: bool = False) -> TokenizedData:
+def load_alpaca(
+    path, tokenizer, template: Template = TUTORIAL_TEMPLATE, max_length: int = MAX_LENGTH, strict: bool = False
+) -> TokenizedData:
     """Read and tokenise an Alpaca-style dataset. Raises ValueError when no
     usable example remains."""
     if max_length < 2:
@@ -244,8 +245,7 @@ class PadCollator:
         return batch
 
 
-def length_grouped_steps(lengths: Sequence[int], batch_size: int, seed: int,
-                         group_size: int = 16) -> list[list[int]]:
+def length_grouped_steps(lengths: Sequence[int], batch_size: int, seed: int, group_size: int = 16) -> list[list[int]]:
     """One epoch of optimizer steps, ``batch_size`` example indices each.
 
     A seeded shuffle, then within each group of ``group_size`` steps the

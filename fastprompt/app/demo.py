@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from .data import PadCollator, TokenizedData, tokenize_record
 from ..loading import TINY_BLOOM, demo_data_path
 from ..loss import IGNORE_INDEX
+from .data import PadCollator, TokenizedData, tokenize_record
 from .template import TUTORIAL_TEMPLATE
 
 LABELS = {"chinese": "中文", "english": "English"}
@@ -69,8 +69,9 @@ def labelled_sentences(records: list[dict]) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
-def split_by_language(sentences: list[tuple[str, str]], per_language: int,
-                      seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def split_by_language(
+    sentences: list[tuple[str, str]], per_language: int, seed: int = 0
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, held-out): a seeded draw of ``per_language`` sentences of each
     language is held out, so held-out chance accuracy is exactly 50%."""
     train, held_out = [], []
@@ -105,10 +106,12 @@ def label_log_probs(model, examples: list[dict[str, list[int]]], pad_token_id: i
 
 def accuracy(model, pairs: list[tuple[str, str]], tokenizer, pad_token_id: int) -> float:
     """Share of ``pairs`` whose own label word is more probable than the other."""
-    scores = torch.stack([
-        label_log_probs(model, [_example(sentence, word, tokenizer) for sentence, _ in pairs], pad_token_id)
-        for word in LABELS.values()
-    ])
+    scores = torch.stack(
+        [
+            label_log_probs(model, [_example(sentence, word, tokenizer) for sentence, _ in pairs], pad_token_id)
+            for word in LABELS.values()
+        ]
+    )
     truth = torch.tensor([list(LABELS).index(language) for _, language in pairs])
     return (scores.argmax(dim=0) == truth).float().mean().item()
 
@@ -117,9 +120,13 @@ def accuracy(model, pairs: list[tuple[str, str]], tokenizer, pad_token_id: int) 
 def answers(model, sentences: list[str], tokenizer) -> list[str]:
     prompts = [TUTORIAL_TEMPLATE.render_prompt({"instruction": s, "input": ""}) for s in sentences]
     batch = tokenizer(prompts, padding=True, return_tensors="pt")  # left padding: tiny-bloom's default
-    sequences = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    new = sequences[:, batch["input_ids"].shape[1]:]
+    sequences = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=MAX_NEW_TOKENS,
+        do_sample=False,
+    )
+    new = sequences[:, batch["input_ids"].shape[1] :]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 
@@ -166,29 +173,48 @@ def _run(output: Path | None, epochs: int, seed: int) -> int:
     shown = [next(s for s, language in held_out_pairs if language == wanted) for wanted in LABELS]
 
     config = PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT, num_virtual_tokens=NUM_VIRTUAL_TOKENS,
-        prompt_tuning_init_text=INIT_TEXT, tokenizer_name_or_path=TINY_BLOOM,
+        task_type=TaskType.CAUSAL_LM,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+        prompt_tuning_init_text=INIT_TEXT,
+        tokenizer_name_or_path=TINY_BLOOM,
     )
     torch.manual_seed(seed)
     model = fastprompt.get_peft_model(base, config)
-    print(f"task: answer with the language of the message ({' / '.join(LABELS.values())}); tiny-bloom, "
-          f"a {NUM_VIRTUAL_TOKENS}-token prompt, {len(train_data)} training and {len(held_out)} held-out "
-          f"sentences of the bundled records", flush=True)
+    print(
+        f"task: answer with the language of the message ({' / '.join(LABELS.values())}); tiny-bloom, "
+        f"a {NUM_VIRTUAL_TOKENS}-token prompt, {len(train_data)} training and {len(held_out)} held-out "
+        f"sentences of the bundled records",
+        flush=True,
+    )
     before_loss = evaluate(model, held_out, pad_id)
     before_accuracy = accuracy(model, held_out_pairs, tokenizer, pad_id)
     before_answers = answers(model, shown, tokenizer)
 
     steps_per_epoch = math.ceil(len(train_data) / BATCH_SIZE)
     with tempfile.TemporaryDirectory(prefix="fastprompt-demo-run-") as scratch:
-        train(model, train_data, TrainConfig(
-            output=Path(scratch), epochs=epochs, batch_size=BATCH_SIZE, lr=LR, save_every=0, seed=seed,
-            log_every=steps_per_epoch * max(1, epochs // TRAINING_LOG_LINES), progress=False,
-        ), pad_token_id=pad_id)
+        train(
+            model,
+            train_data,
+            TrainConfig(
+                output=Path(scratch),
+                epochs=epochs,
+                batch_size=BATCH_SIZE,
+                lr=LR,
+                save_every=0,
+                seed=seed,
+                log_every=steps_per_epoch * max(1, epochs // TRAINING_LOG_LINES),
+                progress=False,
+            ),
+            pad_token_id=pad_id,
+        )
     model.eval()
     after_loss = evaluate(model, held_out, pad_id)
     after_accuracy = accuracy(model, held_out_pairs, tokenizer, pad_id)
-    print(f"1. held-out loss: {before_loss:.3f} -> {after_loss:.3f} nats per label token "
-          f"({after_loss - before_loss:+.3f})")
+    print(
+        f"1. held-out loss: {before_loss:.3f} -> {after_loss:.3f} nats per label token "
+        f"({after_loss - before_loss:+.3f})"
+    )
     print(f"   held-out accuracy: {before_accuracy:.1%} -> {after_accuracy:.1%} (chance {1 / len(LABELS):.1%})")
     print("2. greedy answers to held-out messages, before -> after training:")
     for sentence, before, after in zip(shown, before_answers, answers(model, shown, tokenizer)):
@@ -201,9 +227,11 @@ def _run(output: Path | None, epochs: int, seed: int) -> int:
         # PEFT gets a fresh base: the saved files alone must carry the prompt.
         peft_model = PeftModel.from_pretrained(fastprompt.load_model(TINY_BLOOM), str(directory)).eval()
         difference, shape = max_logit_difference(model, peft_model, held_out, pad_id)
-    print(f"3. saved {'to ' + str(directory) if output is not None else 'to a temporary directory'} ({saved}); "
-          f"reloaded with peft.PeftModel.from_pretrained: max |logit diff| fastprompt vs PEFT = {difference:.2e} "
-          f"on a batch of {shape} tokens")
+    print(
+        f"3. saved {'to ' + str(directory) if output is not None else 'to a temporary directory'} ({saved}); "
+        f"reloaded with peft.PeftModel.from_pretrained: max |logit diff| fastprompt vs PEFT = {difference:.2e} "
+        f"on a batch of {shape} tokens"
+    )
     print(f"done in {time.perf_counter() - started:.1f}s")
     return 0
 

@@ -26,7 +26,7 @@ class Template:
     def __post_init__(self):
         if not self.response_field:
             raise ValueError("template response_field must name a record field")
-        self.fields  # parses the prompt: a bad template fails here, not on record 1
+        self.fields  # noqa: B018 (parses the prompt: a bad template fails here, not on record 1)
 
     @property
     def fields(self) -> tuple[str, ...]:

@@ -44,8 +44,8 @@ from pathlib import Path
 
 import torch
 
-from .data import PadCollator, tokenize_record
 from ..loading import demo_data_path
+from .data import PadCollator, tokenize_record
 from .template import TUTORIAL_TEMPLATE
 
 SEED = 1234
@@ -172,15 +172,19 @@ def save(model, tokenizer, directory) -> None:
     config.dtype = torch.float32
     config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
-    weights = {name: tensor.to(STORAGE_DTYPE).contiguous()
-               for name, tensor in model.state_dict().items() if name != "lm_head.weight"}  # tied to the embedding
+    weights = {
+        name: tensor.to(STORAGE_DTYPE).contiguous()
+        for name, tensor in model.state_dict().items()
+        if name != "lm_head.weight"
+    }  # tied to the embedding
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(directory)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", required=True, type=Path, help="directory to write the model into")
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps (default: %(default)s)")
     args = parser.parse_args(argv)

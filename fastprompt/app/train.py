@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..loss import IGNORE_INDEX
 from .data import PadCollator, TokenizedData, length_grouped_steps, token_budget_batches
 from .distributed import Ranks
-from ..loss import IGNORE_INDEX
 from .train_config import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -77,7 +77,7 @@ def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every complete checkpoint, oldest first."""
     found = []
     for path in Path(output).glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        suffix = path.name[len(CHECKPOINT_PREFIX) :]
         if suffix.isdigit() and (path / STATE_FILE).is_file():
             found.append((int(suffix), path))
     return sorted(found)
@@ -152,7 +152,8 @@ def load_checkpoint(path: Path, model, optimizer, plan: dict) -> int:
     target = model.soft_prompt()
     if prompt.shape != target.shape:
         raise ValueError(
-            f"checkpoint {str(path)!r} holds a prompt of shape {tuple(prompt.shape)}, the model's is {tuple(target.shape)}"
+            f"checkpoint {str(path)!r} holds a prompt of shape {tuple(prompt.shape)}, "
+            f"the model's is {tuple(target.shape)}"
         )
     with torch.no_grad():
         target.copy_(prompt)
@@ -231,8 +232,9 @@ def fingerprint(data: TokenizedData) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenizedData, pad_token_id: int, max_tokens: int = 4096,
-             ranks: Ranks = Ranks(), bf16: bool = False) -> float:
+def evaluate(
+    model, data: TokenizedData, pad_token_id: int, max_tokens: int = 4096, ranks: Ranks = Ranks(), bf16: bool = False
+) -> float:
     """Mean loss per label token over ``data`` (sharded over ranks)."""
     was_training = model.training
     model.eval()
@@ -250,8 +252,9 @@ def evaluate(model, data: TokenizedData, pad_token_id: int, max_tokens: int = 40
     return float(totals[0] / totals[1])
 
 
-def _accumulate_gradients(model, data: TokenizedData, indices: list[int], step_items: int, config: TrainConfig,
-                          collate: PadCollator) -> tuple[torch.Tensor, int]:
+def _accumulate_gradients(
+    model, data: TokenizedData, indices: list[int], step_items: int, config: TrainConfig, collate: PadCollator
+) -> tuple[torch.Tensor, int]:
     """Forward and backward this rank's share of a step, in micro-batches under
     the token budget; gradients add up in ``.grad``. Returns the summed loss
     and the number of real tokens."""
@@ -268,8 +271,9 @@ def _accumulate_gradients(model, data: TokenizedData, indices: list[int], step_i
     return loss_sum, tokens
 
 
-def _sum_over_ranks(prompt, loss_sum: torch.Tensor, tokens: int, signum: int | None,
-                    ranks: Ranks) -> tuple[float, float, bool]:
+def _sum_over_ranks(
+    prompt, loss_sum: torch.Tensor, tokens: int, signum: int | None, ranks: Ranks
+) -> tuple[float, float, bool]:
     """One all-reduce for the gradient and the step's numbers, so that every
     rank sees the same loss and the same stop request. Returns (step loss,
     step tokens, stop requested)."""
@@ -277,12 +281,19 @@ def _sum_over_ranks(prompt, loss_sum: torch.Tensor, tokens: int, signum: int | N
     numbers = torch.stack([loss_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(float(signum or 0))])
     shared = ranks.sum_(torch.cat([grad.flatten(), numbers]))
     prompt.grad = shared[: prompt.numel()].view_as(prompt)
-    step_loss, step_tokens, stop = (float(x) for x in shared[prompt.numel():])
+    step_loss, step_tokens, stop = (float(x) for x in shared[prompt.numel() :])
     return step_loss, step_tokens, stop > 0
 
 
-def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
-          eval_data: TokenizedData | None = None, ranks: Ranks = Ranks()) -> TrainResult:
+def train(
+    model,
+    data: TokenizedData,
+    config: TrainConfig,
+    *,
+    pad_token_id: int,
+    eval_data: TokenizedData | None = None,
+    ranks: Ranks = Ranks(),
+) -> TrainResult:
     """Train the active adapter's prompt on ``data``; the final adapter lands in
     ``config.output``. Raises TrainingInterrupted (checkpoint written) on
     Ctrl-C/SIGTERM and TrainingDiverged on a non-finite loss."""
@@ -295,8 +306,11 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.max_steps or config.epochs * steps_per_epoch
     plan = {
-        "seed": config.seed, "batch_size": config.batch_size, "total_steps": total,
-        "examples": len(data), "data": fingerprint(data),
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "total_steps": total,
+        "examples": len(data),
+        "data": fingerprint(data),
     }
     optimizer = torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
     if config.resume:
@@ -333,10 +347,17 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
             sys.stdout.flush()  # a pipe is block-buffered: a watcher would see nothing until exit
 
     model.train()
-    with _StopRequest() as stop, tqdm(
-        total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-        disable=not (config.progress and ranks.is_main),
-    ) as bar:
+    with (
+        _StopRequest() as stop,
+        tqdm(
+            total=total,
+            initial=start,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (config.progress and ranks.is_main),
+        ) as bar,
+    ):
         for step in range(start, total):
             epoch, offset = divmod(step, steps_per_epoch)
             indices = epoch_plan(epoch)[offset]
@@ -345,11 +366,18 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
             )
             step_loss, step_tokens, stop_requested = _sum_over_ranks(prompt, loss_sum, tokens, stop.signum, ranks)
 
-            grad_norm = (torch.nn.utils.clip_grad_norm_([prompt], config.max_grad_norm) if config.max_grad_norm
-                         else prompt.grad.norm())
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_([prompt], config.max_grad_norm)
+                if config.max_grad_norm
+                else prompt.grad.norm()
+            )
             if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
                 checkpoint = list_checkpoints(output)
-                kept = f"the last good checkpoint is {checkpoint[-1][1]}" if checkpoint else "no checkpoint was written yet"
+                kept = (
+                    f"the last good checkpoint is {checkpoint[-1][1]}"
+                    if checkpoint
+                    else "no checkpoint was written yet"
+                )
                 raise TrainingDiverged(
                     f"loss {step_loss} / grad norm {float(grad_norm)} at step {step + 1}: training diverged and "
                     f"stopped before updating the prompt; {kept} (try a lower --lr)"
@@ -367,10 +395,15 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
             bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             if done % config.log_every == 0 or done == total:
                 elapsed = time.perf_counter() - window_start
-                record({
-                    "step": done, "epoch": round(done / steps_per_epoch, 3), "loss": window_loss / window_steps,
-                    "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(window_tokens / elapsed, 1),
-                })
+                record(
+                    {
+                        "step": done,
+                        "epoch": round(done / steps_per_epoch, 3),
+                        "loss": window_loss / window_steps,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "tokens_per_s": round(window_tokens / elapsed, 1),
+                    }
+                )
                 bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", tok_s=f"{window_tokens / elapsed:.0f}")
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0.0, time.perf_counter()
             if eval_data is not None and ((config.eval_every and done % config.eval_every == 0) or done == total):
@@ -385,7 +418,9 @@ def train(model, data: TokenizedData, config: TrainConfig, *, pad_token_id: int,
                 if ranks.is_main and last_saved != done:
                     write_checkpoint(output, done, model, optimizer, plan, config.keep_checkpoints)
                 ranks.barrier()
-                raise TrainingInterrupted(int(stop.signum or signal.SIGTERM), done, output / f"{CHECKPOINT_PREFIX}{done}")
+                raise TrainingInterrupted(
+                    int(stop.signum or signal.SIGTERM), done, output / f"{CHECKPOINT_PREFIX}{done}"
+                )
 
     if ranks.is_main:
         save_final_adapter(model, output)

@@ -96,8 +96,7 @@ def _validate(input_ids, weight, prompt, ln_weight, ln_bias) -> None:
     vocab, hidden = weight.shape
     if prompt.dim() != 2 or prompt.shape[1] != hidden:
         raise ValueError(
-            f"prompt must be [P, {hidden}] to match weight hidden size {hidden}, "
-            f"got shape {tuple(prompt.shape)}"
+            f"prompt must be [P, {hidden}] to match weight hidden size {hidden}, got shape {tuple(prompt.shape)}"
         )
     if ln_bias is not None and ln_weight is None:
         raise ValueError("ln_bias given without ln_weight; LayerNorm is applied only with ln_weight")

@@ -68,9 +68,20 @@ def _layer_norm_input_grad(x_hat, weighted_grad, rstd, hidden):
 
 @triton.jit
 def _embed_concat_fwd_kernel(
-    ids_ptr, weight_ptr, prompt_ptr, ln_weight_ptr, ln_bias_ptr, out_ptr,
-    n_prompt, n_tokens, hidden, weight_row_stride, eps,
-    HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr,
+    ids_ptr,
+    weight_ptr,
+    prompt_ptr,
+    ln_weight_ptr,
+    ln_bias_ptr,
+    out_ptr,
+    n_prompt,
+    n_tokens,
+    hidden,
+    weight_row_stride,
+    eps,
+    HAS_LN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0)
     seq = n_prompt + n_tokens
@@ -85,8 +96,9 @@ def _embed_concat_fwd_kernel(
     # interpreter mishandles `vector_mask & scalar_mask`.
     token_width = tl.where(is_prompt, 0, hidden)
     token_id = tl.load(ids_ptr + batch_idx * n_tokens + (pos - n_prompt), mask=pos >= n_prompt, other=0)
-    token_row = tl.load(weight_ptr + token_id.to(tl.int64) * weight_row_stride + cols,
-                        mask=cols < token_width, other=0.0)
+    token_row = tl.load(
+        weight_ptr + token_id.to(tl.int64) * weight_row_stride + cols, mask=cols < token_width, other=0.0
+    )
     prompt_row = tl.load(prompt_ptr + pos * hidden + cols, mask=cols < hidden - token_width, other=0.0)
     # The prompt is rounded to the embedding dtype first, exactly as the reference does.
     out_dtype = out_ptr.dtype.element_ty
@@ -105,9 +117,17 @@ def _embed_concat_fwd_kernel(
 
 @triton.jit
 def _prompt_grad_kernel(
-    grad_out_ptr, prompt_ptr, ln_weight_ptr, grad_prompt_ptr,
-    batch, n_prompt, n_tokens, hidden, eps,
-    HAS_LN: tl.constexpr, BLOCK_H: tl.constexpr,
+    grad_out_ptr,
+    prompt_ptr,
+    ln_weight_ptr,
+    grad_prompt_ptr,
+    batch,
+    n_prompt,
+    n_tokens,
+    hidden,
+    eps,
+    HAS_LN: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     p = tl.program_id(0)
     seq = n_prompt + n_tokens
@@ -130,8 +150,9 @@ def _prompt_grad_kernel(
         grad_prompt = _layer_norm_input_grad(x_hat, ln_w * grad_sum, rstd, hidden)
     else:
         grad_prompt = grad_sum
-    tl.store(grad_prompt_ptr + p * hidden + cols,
-             _cast_rne(grad_prompt, grad_prompt_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(
+        grad_prompt_ptr + p * hidden + cols, _cast_rne(grad_prompt, grad_prompt_ptr.dtype.element_ty), mask=col_mask
+    )
 
 
 def interpreted() -> bool:
@@ -165,9 +186,21 @@ def embed_concat_forward(
     n_rows = batch * (n_prompt + n_tokens)
     if n_rows:
         _embed_concat_fwd_kernel[(n_rows,)](
-            input_ids, weight, prompt, ln_weight, ln_bias, out,
-            n_prompt, n_tokens, hidden, weight.stride(0), eps,
-            HAS_LN=ln_weight is not None, HAS_BIAS=ln_bias is not None, BLOCK_H=block, num_warps=num_warps,
+            input_ids,
+            weight,
+            prompt,
+            ln_weight,
+            ln_bias,
+            out,
+            n_prompt,
+            n_tokens,
+            hidden,
+            weight.stride(0),
+            eps,
+            HAS_LN=ln_weight is not None,
+            HAS_BIAS=ln_bias is not None,
+            BLOCK_H=block,
+            num_warps=num_warps,
         )
     return out
 
@@ -186,9 +219,18 @@ def embed_concat_backward(
     grad_prompt = torch.empty_like(prompt)
     if n_prompt:
         _prompt_grad_kernel[(n_prompt,)](
-            grad_out, prompt, ln_weight, grad_prompt,
-            batch, n_prompt, rows_per_item - n_prompt, hidden, eps,
-            HAS_LN=ln_weight is not None, BLOCK_H=block, num_warps=num_warps,
+            grad_out,
+            prompt,
+            ln_weight,
+            grad_prompt,
+            batch,
+            n_prompt,
+            rows_per_item - n_prompt,
+            hidden,
+            eps,
+            HAS_LN=ln_weight is not None,
+            BLOCK_H=block,
+            num_warps=num_warps,
         )
     return grad_prompt
 

@@ -55,9 +55,7 @@ def embed_concat_native(
     if ln_weight is None:
         # The reference applies no LayerNorm, hence no bias, without ln_weight.
         ln_bias = None
-    out, _mean, _rstd = torch.ops.fastprompt.embed_concat_fwd(
-        input_ids, weight, prompt, ln_weight, ln_bias, float(eps)
-    )
+    out, _mean, _rstd = torch.ops.fastprompt.embed_concat_fwd(input_ids, weight, prompt, ln_weight, ln_bias, float(eps))
     return out
 
 

@@ -60,8 +60,11 @@ class Paths(NamedTuple):
         if self.own is not None and embedding_hooks(generic.word_embeddings):
             return Route(generic, True, "forward hooks on the input embedding, which BLOOM's fused op reads directly")
         if self.own is not None and not self.own.fused_inputs_frozen():
-            return Route(generic, True, "a trainable embedding table or embedding LayerNorm, which BLOOM's fused op "
-                                        "treats as frozen")
+            return Route(
+                generic,
+                True,
+                "a trainable embedding table or embedding LayerNorm, which BLOOM's fused op treats as frozen",
+            )
         if self.own is not None and not self.own.runs_as_written():
             return Route(generic, True, "BLOOM's modules have other forwards than those its own path re-implements")
         return Route(self.own or generic, True, None)

@@ -71,7 +71,8 @@ class BloomPath:
         needs the modules called as PEFT calls them)."""
         norm = self.decoder.embedding_layernorm
         return not torch.is_grad_enabled() or not any(
-            t is not None and t.requires_grad for t in (self.decoder.word_embeddings.weight, norm.weight, norm.bias))
+            t is not None and t.requires_grad for t in (self.decoder.word_embeddings.weight, norm.weight, norm.bias)
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -95,8 +96,9 @@ class BloomPath:
         final, kv = self.decoder.forward(embeds, ones)
         return Prefix(final, _to_cache_layout(kv))
 
-    def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
-                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
+    def hidden_states(
+        self, batch: PromptBatch, input_ids: torch.Tensor, prefixes: PrefixCache
+    ) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
         num_virtual = batch.num_virtual_tokens
         if input_ids.shape[0] == 1 or not batch.shares_prefix:
             if batch.adapter_of_row is not None:
@@ -128,8 +130,10 @@ class BloomPath:
         final, kv = self.decoder.forward(self._embed(input_ids, prompt), key_mask)
         kv = _to_cache_layout(kv)
         # Copies, so the cached prefix does not keep the tokens' K/V alive.
-        prefix = Prefix(final[:, :num_virtual].clone(),
-                        [(k[:, :, :num_virtual].clone(), v[:, :, :num_virtual].clone()) for k, v in kv])
+        prefix = Prefix(
+            final[:, :num_virtual].clone(),
+            [(k[:, :, :num_virtual].clone(), v[:, :, :num_virtual].clone()) for k, v in kv],
+        )
         return prefix, final[:, num_virtual:], [(k[:, :, num_virtual:], v[:, :, num_virtual:]) for k, v in kv]
 
     # ------------------------------------------------------------- generation
@@ -145,10 +149,18 @@ class BloomPath:
     def generation_kwargs(self, batch: PromptBatch, args: tuple, kwargs: dict) -> dict:
         return self.generic.generation_kwargs(batch, args, kwargs)
 
-    def prepare_step_inputs(self, batch: PromptBatch, prefixes: PrefixCache, prepare_base: Callable,
-                            input_ids: torch.Tensor, *args, **kwargs) -> dict:
+    def prepare_step_inputs(
+        self,
+        batch: PromptBatch,
+        prefixes: PrefixCache,
+        prepare_base: Callable,
+        input_ids: torch.Tensor,
+        *args,
+        **kwargs,
+    ) -> dict:
         """transformers' loop runs transformers' BLOOM: the generic path's steps,
         with the prefix computed here (it fits that cache: same numbers, same
         layout), so this loop and BLOOM's own share one cached entry."""
-        return generic_generation.prepare_step_inputs(self.generic, self, batch, prefixes, prepare_base, input_ids,
-                                                      *args, **kwargs)
+        return generic_generation.prepare_step_inputs(
+            self.generic, self, batch, prefixes, prepare_base, input_ids, *args, **kwargs
+        )

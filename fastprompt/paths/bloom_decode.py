@@ -48,11 +48,22 @@ from .generic_generation import inferred_attention_mask, new_token_budget, reque
 # non-default value goes to transformers' loop. Repetition penalties and
 # minimum lengths are left to it on purpose: how they treat left padding and
 # defaults changed between transformers 5 releases.
-SUPPORTED_FIELDS = frozenset({
-    "max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-    "eos_token_id", "pad_token_id", "bos_token_id", "num_return_sequences",
-    "use_cache", "cache_implementation",
-})
+SUPPORTED_FIELDS = frozenset(
+    {
+        "max_length",
+        "max_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_token_id",
+        "pad_token_id",
+        "bos_token_id",
+        "num_return_sequences",
+        "use_cache",
+        "cache_implementation",
+    }
+)
 # generate() arguments besides the config fields that this loop serves.
 SUPPORTED_ARGUMENTS = frozenset({"input_ids", "attention_mask", "generation_config", "stopping_criteria", "streamer"})
 
@@ -80,12 +91,19 @@ def decode_request(default: GenerationConfig, args, kwargs) -> DecodeRequest | s
     input_ids = kwargs.get("input_ids")
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         return "no 2-D input_ids"
-    config = request_config(default, {k: v for k, v in kwargs.items() if k in SUPPORTED_FIELDS or k == "generation_config"})
+    config = request_config(
+        default, {k: v for k, v in kwargs.items() if k in SUPPORTED_FIELDS or k == "generation_config"}
+    )
     defaults = config._get_default_generation_params()
     other = sorted(
-        name for name, value in config.to_dict().items()
-        if name not in SUPPORTED_FIELDS and not name.startswith("_") and name != "transformers_version"
-        and value is not None and value is not False and value != defaults.get(name)
+        name
+        for name, value in config.to_dict().items()
+        if name not in SUPPORTED_FIELDS
+        and not name.startswith("_")
+        and name != "transformers_version"
+        and value is not None
+        and value is not False
+        and value != defaults.get(name)
     )
     if other:
         return f"settings {other}"
@@ -110,7 +128,6 @@ def decode_request(default: GenerationConfig, args, kwargs) -> DecodeRequest | s
     if pad is None and eos_ids is not None:
         pad = eos_ids[0]  # transformers does the same
     return DecodeRequest(config, mask, max_new, copies, eos, pad, config.cache_implementation == "static")
-
 
 
 def _token_rules(request: DecodeRequest, user_criteria):
@@ -159,8 +176,7 @@ def _compiled_step(path, device: torch.device):
 
 
 @torch.no_grad()
-def generate(path, batch: PromptBatch, request: DecodeRequest, kwargs: dict,
-             prefixes: PrefixCache) -> torch.Tensor:
+def generate(path, batch: PromptBatch, request: DecodeRequest, kwargs: dict, prefixes: PrefixCache) -> torch.Tensor:
     """``[B * num_return_sequences, T + new]`` ids, as ``generate`` returns
     them; ``path`` is the ``BloomPath`` (its decoder, passes and compiled step)."""
     input_ids, mask = kwargs["input_ids"], request.attention_mask
@@ -196,9 +212,12 @@ def generate(path, batch: PromptBatch, request: DecodeRequest, kwargs: dict,
         # Zeros, not empty: a static step reads every slot (masked to weight 0,
         # but 0 x NaN from uninitialised memory would still poison the sum).
         buffer = key.new_zeros(2, total_rows, heads, capacity, dim)
-        buffer[0, :, :, :num_virtual] = prefix_key if adapter_of_row is None else prefix_key.index_select(0, adapter_of_row)
-        buffer[1, :, :, :num_virtual] = (prefix_value if adapter_of_row is None
-                                         else prefix_value.index_select(0, adapter_of_row))
+        buffer[0, :, :, :num_virtual] = (
+            prefix_key if adapter_of_row is None else prefix_key.index_select(0, adapter_of_row)
+        )
+        buffer[1, :, :, :num_virtual] = (
+            prefix_value if adapter_of_row is None else prefix_value.index_select(0, adapter_of_row)
+        )
         buffer[0, :, :, num_virtual : num_virtual + input_length] = key.index_select(0, input_of_row)
         buffer[1, :, :, num_virtual : num_virtual + input_length] = value.index_select(0, input_of_row)
         buffers.append(buffer)
@@ -232,8 +251,15 @@ def generate(path, batch: PromptBatch, request: DecodeRequest, kwargs: dict,
             break
         all_finished.post(unfinished)
         slot = torch.full((1,), num_virtual + position, dtype=torch.long, device=ids.device)
-        logits = step(path, next_ids, slot, slot_alibi, visible, buffers,
-                      capacity if request.static else num_virtual + position + 1)
+        logits = step(
+            path,
+            next_ids,
+            slot,
+            slot_alibi,
+            visible,
+            buffers,
+            capacity if request.static else num_virtual + position + 1,
+        )
     if streamer is not None:
         streamer.end()
     end = int(finished_at.max()) if not bool(unfinished.any()) else position + 1  # one sync, after the loop

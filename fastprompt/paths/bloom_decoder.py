@@ -33,7 +33,6 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 
-
 @dataclass
 class KVSegment:
     """Keys/values of earlier positions for one layer; a batch of 1 is seen by every row (the soft prompt)."""
@@ -122,7 +121,9 @@ class BloomDecoder:
         not see). Returns ``ln_f`` output [R, 1, H]."""
         for block, buffer in zip(self.transformer.h, buffers):
             hidden, _, _ = self._block(
-                block, hidden, lambda attn, normed, buffer=buffer: self._attention_in_buffer(
+                block,
+                hidden,
+                lambda attn, normed, buffer=buffer: self._attention_in_buffer(
                     attn, normed, bias, buffer, slot, attended
                 ),
             )
@@ -182,6 +183,10 @@ class BloomDecoder:
         buffer[0].index_copy_(2, slot, key)
         buffer[1].index_copy_(2, slot, value)
         context = F.scaled_dot_product_attention(
-            query, buffer[0, :, :, :attended], buffer[1, :, :, :attended], attn_mask=bias, scale=attn.inv_norm_factor,
+            query,
+            buffer[0, :, :, :attended],
+            buffer[1, :, :, :attended],
+            attn_mask=bias,
+            scale=attn.inv_norm_factor,
         )
         return context.transpose(1, 2).reshape(rows, 1, hidden_size), None, None

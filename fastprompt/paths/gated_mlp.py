@@ -54,8 +54,13 @@ def activation_name(act: torch.nn.Module) -> str | None:
     if kind is SiLUActivation or (kind is torch.nn.SiLU and not act.inplace):
         return "silu"
     inner = getattr(act, "act", None)
-    if (kind is GELUTanh and isinstance(inner, functools.partial) and inner.func is F.gelu and not inner.args
-            and inner.keywords == {"approximate": "tanh"}):
+    if (
+        kind is GELUTanh
+        and isinstance(inner, functools.partial)
+        and inner.func is F.gelu
+        and not inner.args
+        and inner.keywords == {"approximate": "tanh"}
+    ):
         return "gelu_tanh"
     return None
 

@@ -55,9 +55,15 @@ from .gated_mlp import gated_mlps, keeping_less
 # ``base_model_prefix`` one (OPT's calls ``model.decoder``: hooks on it, and only
 # on it, must fire as in PEFT).
 FAMILIES = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gpt2": {},
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gpt2": {},
     "opt": {"positions": "mask_cumsum", "body": "model.decoder"},
-    "bloom": {"positions": None}, "gemma": {}, "gemma2": {"softcap": "final_logit_softcapping"},
+    "bloom": {"positions": None},
+    "gemma": {},
+    "gemma2": {"softcap": "final_logit_softcapping"},
     "gemma3_text": {"softcap": "final_logit_softcapping"},
 }
 
@@ -117,8 +123,11 @@ def _blocks_of(body: torch.nn.Module) -> torch.nn.ModuleList:
 def rotary_embeddings(body: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules that turn position ids into rotary frequencies: by
     transformers' convention, those holding an ``*inv_freq`` buffer."""
-    return [module for module in body.modules()
-            if any(name.endswith("inv_freq") for name, _ in module.named_buffers(recurse=False))]
+    return [
+        module
+        for module in body.modules()
+        if any(name.endswith("inv_freq") for name, _ in module.named_buffers(recurse=False))
+    ]
 
 
 def length_dependent(rotary: torch.nn.Module, num_virtual_tokens: int, tokens: int) -> bool:
@@ -126,8 +135,11 @@ def length_dependent(rotary: torch.nn.Module, num_virtual_tokens: int, tokens: i
     sequence of P + T positions than alone (dynamic NTK scaling, LongRoPE, and
     any scheme that rescales by the longest position): asked of the module
     itself, and whatever state it updates on the way put back."""
-    layer_types = [name[: -len("_inv_freq")] for name, _ in rotary.named_buffers(recurse=False)
-                   if name.endswith("_inv_freq") and "original" not in name]
+    layer_types = [
+        name[: -len("_inv_freq")]
+        for name, _ in rotary.named_buffers(recurse=False)
+        if name.endswith("_inv_freq") and "original" not in name
+    ]
     takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
     calls = [{"layer_type": kind} for kind in layer_types] if takes_layer_type and layer_types else [{}]
     buffers, settings = dict(rotary._buffers), {k: v for k, v in vars(rotary).items() if not k.startswith("_")}
@@ -182,23 +194,28 @@ class GenericPath:
         shared by the rows unless sharing would change what happens (hooks,
         dropout), cannot work (``unshareable`` says why) or cannot help (one
         row). The reason comes with the pass where sharing could not work."""
-        if rows > 1 and batch.shares_prefix and batch.trains and self.packs(
-                batch.num_adapters, batch.num_virtual_tokens, rows, tokens):
+        if (
+            rows > 1
+            and batch.shares_prefix
+            and batch.trains
+            and self.packs(batch.num_adapters, batch.num_virtual_tokens, rows, tokens)
+        ):
             return Pass.PACKED, None
         if rows == 1 or not batch.shares_prefix:
             return Pass.WHOLE, None
         reason = self.unshareable(batch.num_virtual_tokens, tokens)
         return (Pass.SHARED, None) if reason is None else (Pass.WHOLE, reason)
 
-    def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
-                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
+    def hidden_states(
+        self, batch: PromptBatch, input_ids: torch.Tensor, prefixes: PrefixCache
+    ) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
         rows, tokens = input_ids.shape
         chosen, reason = self.plan(batch, rows, tokens)
         if chosen is Pass.PACKED:
             prefix_final, token_final = self.packed(input_ids, batch.prompts, batch.key_mask, batch.adapter_of_row)
         elif chosen is Pass.WHOLE:
             final = self.whole(input_ids, batch.row_prompts(rows), batch.key_mask)
-            return final[:, : batch.num_virtual_tokens], final[:, batch.num_virtual_tokens:], chosen.value, reason
+            return final[:, : batch.num_virtual_tokens], final[:, batch.num_virtual_tokens :], chosen.value, reason
         else:
             prefix = prefixes.prefix(self, batch)
             prefix_final = prefix.final
@@ -214,10 +231,18 @@ class GenericPath:
     def generation_kwargs(self, batch: PromptBatch, args: tuple, kwargs: dict) -> dict:
         return generic_generation.with_room_for_prompt(self, batch, args, kwargs)
 
-    def prepare_step_inputs(self, batch: PromptBatch, prefixes: PrefixCache, prepare_base: Callable,
-                            input_ids: torch.Tensor, *args, **kwargs) -> dict:
-        return generic_generation.prepare_step_inputs(self, self, batch, prefixes, prepare_base, input_ids,
-                                                      *args, **kwargs)
+    def prepare_step_inputs(
+        self,
+        batch: PromptBatch,
+        prefixes: PrefixCache,
+        prepare_base: Callable,
+        input_ids: torch.Tensor,
+        *args,
+        **kwargs,
+    ) -> dict:
+        return generic_generation.prepare_step_inputs(
+            self, self, batch, prefixes, prepare_base, input_ids, *args, **kwargs
+        )
 
     def unshareable(self, num_virtual_tokens: int, tokens: int) -> str | None:
         """Why the prompt's pass cannot be run alone and shared (None: it can).
@@ -259,8 +284,12 @@ class GenericPath:
         lean = torch.is_grad_enabled() and not self._recomputes_blocks()
         with keeping_less(self.gated_mlps if lean else []):
             out = self.body(
-                inputs_embeds=embeds, attention_mask=key_mask, position_ids=position_ids,
-                use_cache=cache is not None, return_dict=True, **{self.cache_arg: cache},
+                inputs_embeds=embeds,
+                attention_mask=key_mask,
+                position_ids=position_ids,
+                use_cache=cache is not None,
+                return_dict=True,
+                **{self.cache_arg: cache},
             )
         return out.last_hidden_state
 
@@ -322,12 +351,16 @@ class GenericPath:
         rows, tokens = input_ids.shape
         prompt_positions = num_adapters * num_virtual
         embeds = self.embed_tokens(input_ids)
-        sequence = torch.cat([prompts.to(embeds.dtype).reshape(1, prompt_positions, hidden),
-                              embeds.reshape(1, rows * tokens, hidden)], dim=1)
+        sequence = torch.cat(
+            [prompts.to(embeds.dtype).reshape(1, prompt_positions, hidden), embeds.reshape(1, rows * tokens, hidden)],
+            dim=1,
+        )
         mask, position_ids = self._packed_layout(key_mask, num_adapters, num_virtual, adapter_of_row, embeds.dtype)
         final = self._run(sequence, mask, None, position_ids)[0]
-        return (final[:prompt_positions].view(num_adapters, num_virtual, hidden),
-                final[prompt_positions:].view(rows, tokens, hidden))
+        return (
+            final[:prompt_positions].view(num_adapters, num_virtual, hidden),
+            final[prompt_positions:].view(rows, tokens, hidden),
+        )
 
     def _packed_layout(self, key_mask, num_adapters, num_virtual, adapter_of_row, dtype):
         """The packed sequence's [1, 1, N, N] mask, in the form the attention
@@ -345,8 +378,11 @@ class GenericPath:
         index = torch.arange(group.numel(), device=device)
         is_prompt = index < prompt_positions
         key_valid = torch.cat([is_prompt.new_ones(prompt_positions), key_mask[:, num_virtual:].reshape(-1).bool()])
-        allowed = ((index[None, :] <= index[:, None]) & key_valid[None, :]
-                   & ((group[None, :] == group[:, None]) | (is_prompt[None, :] & (group[None, :] == reads[:, None]))))
+        allowed = (
+            (index[None, :] <= index[:, None])
+            & key_valid[None, :]
+            & ((group[None, :] == group[:, None]) | (is_prompt[None, :] & (group[None, :] == reads[:, None])))
+        )
         if self.model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
             blocked = torch.finfo(dtype).min
             allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)

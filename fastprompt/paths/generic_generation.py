@@ -74,11 +74,19 @@ def _peft_positions(position_ids: torch.Tensor, mask: torch.Tensor | None, batch
     input_mask = input_mask.repeat_interleave(rows // input_mask.shape[0], dim=0)
     generated = mask.shape[1] - input_mask.shape[1]
     shifted = torch.cat([input_mask, input_mask[:, -1:].expand(-1, generated)], dim=1)
-    return position_ids + num_virtual * shifted[:, -position_ids.shape[-1]:].to(position_ids.device)
+    return position_ids + num_virtual * shifted[:, -position_ids.shape[-1] :].to(position_ids.device)
 
 
-def prepare_step_inputs(path, source: PrefixSource, batch: PromptBatch, prefixes: PrefixCache,
-                        prepare_base: Callable, input_ids, *args, **kwargs) -> dict:
+def prepare_step_inputs(
+    path,
+    source: PrefixSource,
+    batch: PromptBatch,
+    prefixes: PrefixCache,
+    prepare_base: Callable,
+    input_ids,
+    *args,
+    **kwargs,
+) -> dict:
     """One step's inputs for the base model (see module doc); ``path`` is the
     ``GenericPath`` (its cache argument, embedding and ``fill``), ``source`` the
     path whose prefix fills the cache (BLOOM's own computes one that fits, so
@@ -129,9 +137,16 @@ def _mask_with_virtual_tokens(model, inputs: dict, mask: torch.Tensor | None):
     if mask is None:
         mask = torch.ones(rows, length, dtype=torch.long, device=embeds.device)
     cache = inputs.get("cache", inputs.get("past_key_values"))
-    return create_attention_mask(model, model_input=None, attention_mask=mask, past_key_values=cache,
-                                 cache_position=torch.arange(length, device=embeds.device), batch_size=rows,
-                                 sequence_length=length, position_ids=inputs.get("position_ids"))
+    return create_attention_mask(
+        model,
+        model_input=None,
+        attention_mask=mask,
+        past_key_values=cache,
+        cache_position=torch.arange(length, device=embeds.device),
+        batch_size=rows,
+        sequence_length=length,
+        position_ids=inputs.get("position_ids"),
+    )
 
 
 def with_room_for_prompt(path, batch: PromptBatch, args: tuple, kwargs: dict) -> dict:

@@ -26,8 +26,9 @@ class Path(PrefixSource, Protocol):
     @property
     def lm_head(self) -> torch.nn.Module: ...
 
-    def hidden_states(self, batch: PromptBatch, input_ids: torch.Tensor,
-                      prefixes: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
+    def hidden_states(
+        self, batch: PromptBatch, input_ids: torch.Tensor, prefixes: PrefixCache
+    ) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
         """The training / eval pass, planned here: the virtual tokens' final
         hidden states [1 or B, P, H] (one row when every row reads the same
         prompt), the tokens' [B, T, H], the pass that ran ("whole": PEFT's
@@ -44,7 +45,14 @@ class Path(PrefixSource, Protocol):
     def generation_kwargs(self, batch: PromptBatch, args: tuple, kwargs: dict) -> dict:
         """``generate``'s keywords for transformers' loop."""
 
-    def prepare_step_inputs(self, batch: PromptBatch, prefixes: PrefixCache, prepare_base: Callable,
-                            input_ids: torch.Tensor, *args, **kwargs) -> dict:
+    def prepare_step_inputs(
+        self,
+        batch: PromptBatch,
+        prefixes: PrefixCache,
+        prepare_base: Callable,
+        input_ids: torch.Tensor,
+        *args,
+        **kwargs,
+    ) -> dict:
         """``prepare_inputs_for_generation`` for one step of transformers' loop;
         ``prepare_base`` is the base model's own."""

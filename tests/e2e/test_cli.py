@@ -20,19 +20,27 @@ import fastprompt
 
 def test_generate_answers_with_an_adapter(tmp_path):
     torch.manual_seed(0)
-    model = fastprompt.get_peft_model(fastprompt.load_model("tiny-bloom"),
-                                      PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    model = fastprompt.get_peft_model(
+        fastprompt.load_model("tiny-bloom"), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    )
     model.save_pretrained(tmp_path / "adapter")
-    answered = run_cli("generate", "--adapter", tmp_path / "adapter", "请介绍一下你自己。", "--max-new-tokens", 4,
-                       cwd=tmp_path)
+    answered = run_cli(
+        "generate", "--adapter", tmp_path / "adapter", "请介绍一下你自己。", "--max-new-tokens", 4, cwd=tmp_path
+    )
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout.endswith("\n") and answered.stderr == ""
 
 
 def mismatched_adapter(directory: Path) -> Path:
     """A valid adapter for a model of hidden size 128 (tiny-bloom's is 256)."""
-    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, token_dim=128,
-                                num_transformer_submodules=1, num_attention_heads=2, num_layers=2)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=4,
+        token_dim=128,
+        num_transformer_submodules=1,
+        num_attention_heads=2,
+        num_layers=2,
+    )
     # PEFT's on-disk format for a prompt-tuning adapter: its config and one tensor.
     config.save_pretrained(directory / "other")
     save_file({"prompt_embeddings": torch.zeros(4, 128)}, directory / "other" / "adapter_model.safetensors")
@@ -41,19 +49,34 @@ def mismatched_adapter(directory: Path) -> Path:
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     cases = {
-        "missing data": (["train", "--data", tmp_path / "nope.json", "--output", tmp_path / "o1"], 1,
-                         "data '.*nope.json' does not exist"),
-        "bad flag value": (["train", "--output", tmp_path / "o2", "--lr", "-1"], 2,
-                           r"argument --lr: must be > 0.0, got -1"),
-        "unknown model": (["train", "--model", "./no-such-model", "--output", tmp_path / "o3"], 1,
-                          "model directory './no-such-model' does not exist"),
-        "adapter mismatch": (["generate", "--adapter", mismatched_adapter(tmp_path), "hello"], 1,
-                             "has token_dim 128, but the model's hidden size is 256"),
+        "missing data": (
+            ["train", "--data", tmp_path / "nope.json", "--output", tmp_path / "o1"],
+            1,
+            "data '.*nope.json' does not exist",
+        ),
+        "bad flag value": (
+            ["train", "--output", tmp_path / "o2", "--lr", "-1"],
+            2,
+            r"argument --lr: must be > 0.0, got -1",
+        ),
+        "unknown model": (
+            ["train", "--model", "./no-such-model", "--output", tmp_path / "o3"],
+            1,
+            "model directory './no-such-model' does not exist",
+        ),
+        "adapter mismatch": (
+            ["generate", "--adapter", mismatched_adapter(tmp_path), "hello"],
+            1,
+            "has token_dim 128, but the model's hidden size is 256",
+        ),
     }
     # Each case pays the interpreter + torch start-up; run them side by side.
-    running = {name: subprocess.Popen(cli_command(*argv), cwd=tmp_path, env=cli_env(), text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for name, (argv, _, _) in cases.items()}
+    running = {
+        name: subprocess.Popen(
+            cli_command(*argv), cwd=tmp_path, env=cli_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for name, (argv, _, _) in cases.items()
+    }
     for name, process in running.items():
         _, stderr = process.communicate(timeout=300)
         _, code, pattern = cases[name]
@@ -65,10 +88,25 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 
 def test_train_survives_sigterm_and_resumes_to_the_end(tmp_path):
     out = tmp_path / "run"
-    argv = ["train", "--data", small_data(tmp_path), "--output", out, "--max-steps", 20, "--batch-size", 2,
-            "--save-every", 0, "--log-every", 1, "--no-progress"]
-    process = subprocess.Popen(cli_command(*argv), cwd=tmp_path, env=cli_env(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv = [
+        "train",
+        "--data",
+        small_data(tmp_path),
+        "--output",
+        out,
+        "--max-steps",
+        20,
+        "--batch-size",
+        2,
+        "--save-every",
+        0,
+        "--log-every",
+        1,
+        "--no-progress",
+    ]
+    process = subprocess.Popen(
+        cli_command(*argv), cwd=tmp_path, env=cli_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     for line in process.stdout:
         if line.startswith("step 2 "):
             process.send_signal(signal.SIGTERM)
@@ -88,11 +126,11 @@ def test_train_survives_sigterm_and_resumes_to_the_end(tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
-FAKE_BENCH = '''
+FAKE_BENCH = """
 def test_step(benchmark):
     benchmark(sum, range(10))
     benchmark.extra_info.update(shape="tiny", fastprompt_step_s=0.5, peft_step_s=1.0, speedup=2.0)
-'''
+"""
 
 
 def test_bench_runs_the_suites_and_prints_the_report(tmp_path):
@@ -100,8 +138,9 @@ def test_bench_runs_the_suites_and_prints_the_report(tmp_path):
     bench.mkdir()
     (bench / "bench_fake.py").write_text(FAKE_BENCH)
     shutil.copy(ROOT / "bench" / "report.py", bench / "report.py")
-    done = run_cli("bench", "--bench-dir", bench, "--json", tmp_path / "results.json", "--", "-p", "no:cacheprovider",
-                   cwd=tmp_path)
+    done = run_cli(
+        "bench", "--bench-dir", bench, "--json", tmp_path / "results.json", "--", "-p", "no:cacheprovider", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "bench_fake.py" in done.stdout and (tmp_path / "results.json").is_file()
     header, _, row = done.stdout.strip().splitlines()[-3:]
@@ -111,8 +150,10 @@ def test_bench_runs_the_suites_and_prints_the_report(tmp_path):
 
 def test_help_imports_nothing_heavy():
     """--help builds the parser only: no torch, transformers or peft import (it answers in well under a second)."""
-    probe = ("import sys, fastprompt.app.cli as cli; cli.build_parser(); "
-             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    probe = (
+        "import sys, fastprompt.app.cli as cli; cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -121,8 +162,14 @@ def test_help_imports_nothing_heavy():
 def test_hub_model_id_without_network_fails_at_once_in_one_line(tmp_path):
     env = dict(cli_env(), HF_ENDPOINT="http://127.0.0.1:9")  # a closed port: the hub cannot be reached
     started = time.perf_counter()
-    done = subprocess.run(cli_command("train", "--model", "some-org/some-model", "--output", tmp_path / "out"),
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        cli_command("train", "--model", "some-org/some-model", "--output", tmp_path / "out"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert time.perf_counter() - started < 5
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()

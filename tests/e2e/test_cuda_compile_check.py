@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from compile_report import publish
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,16 +43,22 @@ def short_kernel_names(mangled: list[str]) -> dict[str, str]:
     """`forward_kernel<c10::Half, float>` for each mangled name (unchanged without c++filt)."""
     if shutil.which("c++filt") is None:
         return {name: name for name in mangled}
-    demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True,
-                               check=True).stdout.splitlines()
+    demangled = subprocess.run(
+        ["c++filt"], input="\n".join(mangled), capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     short = [re.search(r"::(\w+<[^()]*>)\(", name) for name in demangled]
     return {name: match.group(1) if match else full for name, full, match in zip(mangled, demangled, short)}
 
 
 def kernel_reports(log: str) -> list[dict]:
     rows = [
-        {"kernel": name, "stack_bytes": int(stack), "spill_stores": int(stores), "spill_loads": int(loads),
-         "regs": int(regs)}
+        {
+            "kernel": name,
+            "stack_bytes": int(stack),
+            "spill_stores": int(stores),
+            "spill_loads": int(loads),
+            "regs": int(regs),
+        }
         for name, stack, stores, loads, regs in KERNEL_REPORT.findall(log)
     ]
     assert len(rows) == log.count("Compiling entry function"), f"unrecognised ptxas report:\n{log[:3000]}"
@@ -69,9 +74,20 @@ def test_cuda_kernels_compile_for_every_gpu_generation_without_spills(request, t
     jobs = max(1, min(len(archs), len(os.sched_getaffinity(0))))
     start = time.perf_counter()
     result = subprocess.run(
-        [MAKE, f"-j{jobs}", "--no-print-directory", "cuda-compile-check", f"CUDA_CHECK_DIR={tmp_path}",
-         f"CUDA_CHECK_ARCHS={' '.join(archs)}", f"NVCC={NVCC}", f"PYTHON={sys.executable}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            MAKE,
+            f"-j{jobs}",
+            "--no-print-directory",
+            "cuda-compile-check",
+            f"CUDA_CHECK_DIR={tmp_path}",
+            f"CUDA_CHECK_ARCHS={' '.join(archs)}",
+            f"NVCC={NVCC}",
+            f"PYTHON={sys.executable}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
@@ -90,11 +106,15 @@ def test_cuda_kernels_compile_for_every_gpu_generation_without_spills(request, t
         summary.append(f"{kernel:{width}} |" + "".join(f" {cell:>8}" for cell in cells))
     summary.append("cells: registers / spill-store bytes per thread")
     details = [f"{'kernel':{width}} {'arch':>6} {'regs':>4} {'stack B':>7} {'spill st B':>10} {'spill ld B':>10}"]
-    details += [f"{kernel:{width}} {'sm_' + arch:>6} {row['regs']:>4} {row['stack_bytes']:>7} "
-                f"{row['spill_stores']:>10} {row['spill_loads']:>10}"
-                for (kernel, arch), row in sorted(by_kernel.items())]
-    title = (f"CUDA embed_concat, nvcc for sm_{', sm_'.join(archs)}: {len(by_kernel)} kernels "
-             f"in {elapsed:.0f} s with make -j{jobs}")
+    details += [
+        f"{kernel:{width}} {'sm_' + arch:>6} {row['regs']:>4} {row['stack_bytes']:>7} "
+        f"{row['spill_stores']:>10} {row['spill_loads']:>10}"
+        for (kernel, arch), row in sorted(by_kernel.items())
+    ]
+    title = (
+        f"CUDA embed_concat, nvcc for sm_{', sm_'.join(archs)}: {len(by_kernel)} kernels "
+        f"in {elapsed:.0f} s with make -j{jobs}"
+    )
     publish(request.config, "cuda_embed_concat", title, "\n".join(summary), "\n".join(details))
 
     spills = [f"{kernel} sm_{arch}: {row}" for (kernel, arch), row in by_kernel.items() if spilled(row)]

@@ -17,8 +17,9 @@ from fastprompt.loading import demo_data_path
 
 @pytest.fixture(scope="module")
 def demo_run():
-    return subprocess.run([sys.executable, "-m", "fastprompt.app.cli", "demo"], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fastprompt.app.cli", "demo"], capture_output=True, text=True, timeout=600
+    )
 
 
 def number(pattern: str, text: str) -> list[float]:

@@ -12,14 +12,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["env", "kernels", "parity", "generation", "op_bandwidth", "training_bf16", "training_int8",
-         "generation_bf16", "generation_int8"]
+STEPS = [
+    "env",
+    "kernels",
+    "parity",
+    "generation",
+    "op_bandwidth",
+    "training_bf16",
+    "training_int8",
+    "generation_bf16",
+    "generation_int8",
+]
 NO_BITSANDBYTES = "bitsandbytes is not installed (carry its wheel in .whl/)"
 
 
 def gpu_check(out: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=dict(os.environ, OUT=str(out), **env),
-                          capture_output=True, text=True, timeout=1200)
+    return subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"],
+        cwd=ROOT,
+        env=dict(os.environ, OUT=str(out), **env),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +98,10 @@ def test_without_bitsandbytes_the_8bit_steps_are_skipped_in_one_line_not_failed(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["versions"]["bitsandbytes"] is None  # the steps' interpreters did not find it either
     assert [(step["step"], step["status"]) for step in summary["steps"]] == [
-        ("env", "ok"), ("training_int8", "skipped"), ("generation_int8", "skipped")]
+        ("env", "ok"),
+        ("training_int8", "skipped"),
+        ("generation_int8", "skipped"),
+    ]
     assert all(step.get("note") == NO_BITSANDBYTES for step in summary["steps"][1:])
     assert summary["all_steps_ok"] and summary["failed_steps"] == []
     assert summary["skipped_steps"] == ["training_int8", "generation_int8"]

@@ -18,7 +18,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from compile_report import publish
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +34,16 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 def compile_in_subprocesses(workdir: Path) -> tuple[list[dict], int]:
     shards = max(1, min(8, len(os.sched_getaffinity(0))))
-    command = [sys.executable, str(SCRIPT), "--capabilities", *map(str, CAPABILITIES),
-               "--hidden", *map(str, BLOOM_HIDDEN), "--shards", str(shards)]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--capabilities",
+        *map(str, CAPABILITIES),
+        "--hidden",
+        *map(str, BLOOM_HIDDEN),
+        "--shards",
+        str(shards),
+    ]
     if ALL_DTYPES:
         command.append("--all-dtypes")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
@@ -48,8 +55,9 @@ def compile_in_subprocesses(workdir: Path) -> tuple[list[dict], int]:
         # Files, not pipes: a shard blocked on a full pipe would stall while we wait on another.
         out, err = workdir / f"shard{shard}.jsonl", workdir / f"shard{shard}.err"
         with out.open("w") as stdout, err.open("w") as stderr:
-            process = subprocess.Popen(command + ["--shard", str(shard)], stdout=stdout, stderr=stderr,
-                                       env=env, cwd=ROOT)
+            process = subprocess.Popen(
+                command + ["--shard", str(shard)], stdout=stdout, stderr=stderr, env=env, cwd=ROOT
+            )
         running.append((process, out, err))
     rows = []
     for process, out, err in running:
@@ -69,7 +77,8 @@ def summary_table(rows: list[dict]) -> str:
     for row in rows:
         groups[(row["kernel"], row["block_h"], row["num_warps"])].append(row)
     header = f"{'kernel':26} {'hidden':21} {'BLOCK_H':>7} {'warps':>5} {'configs':>7} |" + "".join(
-        f" {'sm_' + str(cc):>8}" for cc in CAPABILITIES)
+        f" {'sm_' + str(cc):>8}" for cc in CAPABILITIES
+    )
     lines = [header, "-" * len(header)]
     for (kernel, block_h, num_warps), group in sorted(groups.items()):
         hidden = sorted({size for row in group for size in row["hidden"]})
@@ -80,20 +89,29 @@ def summary_table(rows: list[dict]) -> str:
                 cells.append("error")
             else:
                 cells.append(f"{max(r['regs'] for r in at_cc)}/{max(spill_bytes(r) for r in at_cc)}")
-        lines.append(f"{kernel:26} {','.join(map(str, hidden)):21} {block_h:>7} {num_warps:>5} "
-                     f"{len(group) // len(CAPABILITIES):>7} |" + "".join(f" {cell:>8}" for cell in cells))
+        lines.append(
+            f"{kernel:26} {','.join(map(str, hidden)):21} {block_h:>7} {num_warps:>5} "
+            f"{len(group) // len(CAPABILITIES):>7} |" + "".join(f" {cell:>8}" for cell in cells)
+        )
     return "\n".join(lines + ["cells: max registers / max spill (stack) bytes per thread"])
 
 
 def details_table(rows: list[dict]) -> str:
-    header = (f"{'kernel':26} {'cc':>3} {'dtypes (table/prompt)':30} {'flags':38} {'hidden':21} "
-              f"{'BLOCK_H':>7} {'warps':>5} {'regs':>4} {'spill B':>7}")
+    header = (
+        f"{'kernel':26} {'cc':>3} {'dtypes (table/prompt)':30} {'flags':38} {'hidden':21} "
+        f"{'BLOCK_H':>7} {'warps':>5} {'regs':>4} {'spill B':>7}"
+    )
     lines = [header, "-" * len(header)]
     for row in sorted(rows, key=lambda r: (r["kernel"], r["cc"], r["block_h"], r["dtypes"], r["flags"])):
-        measured = (f"{row['regs']:>4} {spill_bytes(row):>7}" if "error" not in row
-                    else f"error: {row['error'].splitlines()[0]}")
-        lines.append(f"{row['kernel']:26} {row['cc']:>3} {row['dtypes']:30} {row['flags'] or '-':38} "
-                     f"{','.join(map(str, row['hidden'])):21} {row['block_h']:>7} {row['num_warps']:>5} {measured}")
+        measured = (
+            f"{row['regs']:>4} {spill_bytes(row):>7}"
+            if "error" not in row
+            else f"error: {row['error'].splitlines()[0]}"
+        )
+        lines.append(
+            f"{row['kernel']:26} {row['cc']:>3} {row['dtypes']:30} {row['flags'] or '-':38} "
+            f"{','.join(map(str, row['hidden'])):21} {row['block_h']:>7} {row['num_warps']:>5} {measured}"
+        )
     return "\n".join(lines)
 
 
@@ -101,9 +119,11 @@ def test_triton_kernels_compile_for_every_gpu_generation_without_spills(request,
     start = time.perf_counter()
     rows, shards = compile_in_subprocesses(tmp_path)
     elapsed = time.perf_counter() - start
-    title = (f"Triton embed_concat, ahead of time for sm_{', sm_'.join(map(str, CAPABILITIES))}: "
-             f"{len(rows)} compilations in {elapsed:.0f} s with {shards} processes"
-             f"{' (all dtypes)' if ALL_DTYPES else ''}")
+    title = (
+        f"Triton embed_concat, ahead of time for sm_{', sm_'.join(map(str, CAPABILITIES))}: "
+        f"{len(rows)} compilations in {elapsed:.0f} s with {shards} processes"
+        f"{' (all dtypes)' if ALL_DTYPES else ''}"
+    )
     publish(request.config, "triton_embed_concat", title, summary_table(rows), details_table(rows))
 
     covered = {(row["cc"], size) for row in rows for size in row["hidden"]}
@@ -112,6 +132,7 @@ def test_triton_kernels_compile_for_every_gpu_generation_without_spills(request,
     assert len(set(map(frozenset, kernels_per_cc.values()))) == 1, kernels_per_cc
     failed = [row for row in rows if "error" in row]
     assert not failed, "\n\n".join(
-        f"{r['kernel']} sm_{r['cc']} {r['dtypes']} [{r['flags']}] hidden {r['hidden']}:\n{r['error']}" for r in failed)
+        f"{r['kernel']} sm_{r['cc']} {r['dtypes']} [{r['flags']}] hidden {r['hidden']}:\n{r['error']}" for r in failed
+    )
     spilled = [row for row in rows if spill_bytes(row) and min(row["hidden"]) <= SPILL_FREE_UP_TO]
     assert not spilled, "register spills:\n" + details_table(spilled)

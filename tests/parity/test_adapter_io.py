@@ -18,7 +18,11 @@ def test_save_writes_peft_format_that_peft_loads(tmp_path):
         peft_prompt(ours).add_(0.5)  # a trained-looking prompt, not the init
     ours.save_pretrained(tmp_path)
     # PEFT's files, model card included.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     state = load_file(tmp_path / "adapter_model.safetensors")
     assert list(state) == ["prompt_embeddings"]
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
@@ -40,12 +44,20 @@ def test_loads_adapter_written_by_peft(tmp_path):
     assert torch.equal(peft_prompt(ours).detach(), peft_prompt(ref).detach())
     # PEFT's state after loading: eval mode, inference config.
     assert not ours.training and ours.active_peft_config.inference_mode
-    assert peft_prompt(ours).requires_grad == peft_prompt(PeftModel.from_pretrained(random_bloom(vocab=512), tmp_path)).requires_grad
+    assert (
+        peft_prompt(ours).requires_grad
+        == peft_prompt(PeftModel.from_pretrained(random_bloom(vocab=512), tmp_path)).requires_grad
+    )
     # PEFT refuses a trainable prompt-learning adapter from files; so do we.
     with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
         FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path, is_trainable=True)
     ids, mask, _ = padded_batch(2, 7, 512)
-    assert torch.allclose(ours(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(
+        ours(input_ids=ids, attention_mask=mask).logits,
+        ref(input_ids=ids, attention_mask=mask).logits,
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_loads_the_shared_real_peft_adapter_unchanged(shared_dir):

@@ -110,12 +110,15 @@ def test_scores_logits_and_dict_output_equal_the_peft_intended_path(family):
 
 
 @pytest.mark.parametrize("family", ["bloom", "qwen2"])
-@pytest.mark.parametrize("options", [
-    {"no_repeat_ngram_size": 2, "max_new_tokens": 10},
-    {"bad_words_ids": [[17], [42, 43]], "max_new_tokens": 8},
-    {"repetition_penalty": 5.0, "max_new_tokens": 8},
-    {"num_beams": 4, "length_penalty": 0.5, "max_new_tokens": 5, "early_stopping": True},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"no_repeat_ngram_size": 2, "max_new_tokens": 10},
+        {"bad_words_ids": [[17], [42, 43]], "max_new_tokens": 8},
+        {"repetition_penalty": 5.0, "max_new_tokens": 8},
+        {"num_beams": 4, "length_penalty": 0.5, "max_new_tokens": 5, "early_stopping": True},
+    ],
+)
 def test_processor_options_equal_the_peft_intended_path(family, options):
     ours, ref = pair(lambda: lively(family), prompt_config(6))
     ids, mask = left_batch(3, 8)
@@ -136,12 +139,15 @@ def test_processor_options_equal_the_peft_intended_path(family, options):
     assert torch.equal(got[:, 8:], want)
 
 
-@pytest.mark.parametrize("options", [
-    {"max_new_tokens": 10},
-    {"do_sample": True, "max_new_tokens": 10, "temperature": 1.5, "top_k": 20, "top_p": 0.9},
-    {"do_sample": True, "max_new_tokens": 6, "num_return_sequences": 3},
-    {"max_length": 15, "eos_token_id": 7, "pad_token_id": 0},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_new_tokens": 10},
+        {"do_sample": True, "max_new_tokens": 10, "temperature": 1.5, "top_k": 20, "top_p": 0.9},
+        {"do_sample": True, "max_new_tokens": 6, "num_return_sequences": 3},
+        {"max_length": 15, "eos_token_id": 7, "pad_token_id": 0},
+    ],
+)
 def test_bloom_own_loop_equals_transformers_loop(options):
     """The hand-written BLOOM loop and transformers' loop (taken when a hook
     sits on a block) give the same ids, sampling included (same seed)."""
@@ -175,8 +181,9 @@ def test_eos_stops_rows_and_pads_them():
     ids, mask = left_batch(3, 10)
     free = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12)[:, 10:]
     eos, pad = int(free[0, 3]), 0
-    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[999, eos],
-                        pad_token_id=pad)
+    got = ours.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[999, eos], pad_token_id=pad
+    )
     expected, finish = [], []
     for row in free.tolist():
         stop = row.index(eos) + 1 if eos in row else len(row)
@@ -321,12 +328,15 @@ def test_greedy_bf16_first_tokens_equal_peft(batch, virtual, length):
 def test_int8_greedy_matches_peft_on_the_same_8bit_model(family, tmp_path):
     pytest.importorskip("bitsandbytes")  # skipped, not failed, where it is missing (the GPU image, unless carried)
     lively(family).save_pretrained(tmp_path)
-    ours, ref = pair(lambda: fastprompt.load_model(str(tmp_path), load_in_8bit=True, device_map={"": DEVICE}),
-                     prompt_config(8))
+    ours, ref = pair(
+        lambda: fastprompt.load_model(str(tmp_path), load_in_8bit=True, device_map={"": DEVICE}), prompt_config(8)
+    )
     # BLOOM's positions come from the mask, so padding is exact there; with RoPE
     # it only shifts every position of a row, which moves fp16 rounding, and
     # PEFT's forward (the reference) numbers positions differently from generate.
-    ids, mask = left_batch(3, 10) if family == "bloom" else (left_batch(3, 10)[0], torch.ones_like(left_batch(3, 10)[1]))
+    ids, mask = (
+        left_batch(3, 10) if family == "bloom" else (left_batch(3, 10)[0], torch.ones_like(left_batch(3, 10)[1]))
+    )
     got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
     want = peft_greedy(ref, ids, mask, 8)
     # No fp32 version of an int8 model exists; near ties are judged against

@@ -18,7 +18,9 @@ def backends():
     yield pytest.param("torch", id="torch")
     yield pytest.param(
         "native",
-        marks=pytest.mark.skipif(not info["native_available"], reason=f"native op not built: {info['native_unavailable_reason']}"),
+        marks=pytest.mark.skipif(
+            not info["native_available"], reason=f"native op not built: {info['native_unavailable_reason']}"
+        ),
         id="native",
     )
     yield pytest.param(

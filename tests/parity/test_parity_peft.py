@@ -53,7 +53,9 @@ def test_loss_tolerance_detects_per_row_averaging(family, side):
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     labelled = labels != -100
     per_token = losses[labelled].mean()
-    per_row = torch.stack([row_losses[row_labelled].mean() for row_losses, row_labelled in zip(losses, labelled)]).mean()
+    per_row = torch.stack(
+        [row_losses[row_labelled].mean() for row_losses, row_labelled in zip(losses, labelled)]
+    ).mean()
     assert abs(per_row - per_token) > 2 * LOSS_REL * per_token
 
 
@@ -85,8 +87,12 @@ def test_fp32_logits_loss_and_prompt_grad_match_peft(family, batch, virtual, len
 
 
 # Gemma2 has no sdpa attention in transformers: eager only.
-GENERIC_PASSES_BY_ATTENTION = [(family, plan, attention) for family, plan in TRAINING_PASSES if family != "bloom"
-                               for attention in (["eager"] if family == "gemma2" else ["sdpa", "eager"])]
+GENERIC_PASSES_BY_ATTENTION = [
+    (family, plan, attention)
+    for family, plan in TRAINING_PASSES
+    if family != "bloom"
+    for attention in (["eager"] if family == "gemma2" else ["sdpa", "eager"])
+]
 
 
 @pytest.mark.parametrize("family,plan,attention", GENERIC_PASSES_BY_ATTENTION)

@@ -180,8 +180,11 @@ def test_prompt_tuning_text_tokenizer_kwargs(impl, model_id, monkeypatch):
         return original(model_id)
 
     config = prompt_config(
-        base_model_name_or_path=model_id, tokenizer_name_or_path=model_id, prompt_tuning_init="TEXT",
-        prompt_tuning_init_text=INIT_TEXT, tokenizer_kwargs={"cache_dir": "/tmp/somewhere", "foo": "bar"},
+        base_model_name_or_path=model_id,
+        tokenizer_name_or_path=model_id,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=INIT_TEXT,
+        tokenizer_kwargs={"cache_dir": "/tmp/somewhere", "foo": "bar"},
     )
     base = load_base(model_id)
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", fake_from_pretrained)
@@ -198,7 +201,11 @@ def test_prompt_tuning_trust_remote_code(impl, model_id, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
     model = make(
-        impl, model_id, tokenizer_name_or_path=model_id, prompt_tuning_init="TEXT", prompt_tuning_init_text="hello",
+        impl,
+        model_id,
+        tokenizer_name_or_path=model_id,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="hello",
     )
     model.save_pretrained(tmp_path)
     del model
@@ -245,8 +252,11 @@ def test_prompt_tuning_config_invalid_args(impl, model_id):
     # PromptTuningConfig, which both implementations take as is, so this case does not depend on the implementation.
     with pytest.raises(ValueError, match="tokenizer_kwargs only valid when using prompt_tuning_init='TEXT'."):
         prompt_config(
-            base_model_name_or_path=model_id, tokenizer_name_or_path=model_id, prompt_tuning_init="RANDOM",
-            prompt_tuning_init_text=INIT_TEXT, tokenizer_kwargs={"trust_remote_code": True, "foo": "bar"},
+            base_model_name_or_path=model_id,
+            tokenizer_name_or_path=model_id,
+            prompt_tuning_init="RANDOM",
+            prompt_tuning_init_text=INIT_TEXT,
+            tokenizer_kwargs={"trust_remote_code": True, "foo": "bar"},
         )
 
 
@@ -334,8 +344,10 @@ def test_save_pretrained_main_process_and_state_dict(impl, model_id, tmp_path):
     assert written == [], "only the main process writes files"
 
     replaced = torch.full_like(prompt_matrix(model), 0.25)
-    state = {k: (replaced if k.endswith("prompt_encoder.default.embedding.weight") else v)
-             for k, v in model.state_dict().items()}
+    state = {
+        k: (replaced if k.endswith("prompt_encoder.default.embedding.weight") else v)
+        for k, v in model.state_dict().items()
+    }
     model.save_pretrained(tmp_path / "given", state_dict=state)
     saved = load_file(tmp_path / "given" / "adapter_model.safetensors")
     assert set(saved) == {"prompt_embeddings"}
@@ -468,8 +480,15 @@ def test_prompt_learning_with_gradient_checkpointing_and_trainer(impl, model_id,
         model=model,
         train_dataset=data,
         args=TrainingArguments(
-            output_dir=str(tmp_path), num_train_epochs=1, max_steps=3, per_device_train_batch_size=4,
-            report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+            output_dir=str(tmp_path),
+            num_train_epochs=1,
+            max_steps=3,
+            per_device_train_batch_size=4,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            use_cpu=True,
         ),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
@@ -500,8 +519,9 @@ def _check_prompt_forward(model, adapter):
 @pytest.mark.parametrize("activate_first", [True, False], ids=["active", "inactive"])
 def test_delete_adapter(impl, model_id, activate_first):
     # ported from peft tests/testing_common.py::_test_delete_adapter (activate_first) and
-    # ::_test_delete_inactive_adapter, plus ::_test_delete_unknown_adapter_raises. The 0.20 test tree skips these for prompt learning; the installed
-    # PEFT 0.21.2 supports deleting prompt-learning adapters (PeftModel.delete_adapter), so they apply. The checks on
+    # ::_test_delete_inactive_adapter, plus ::_test_delete_unknown_adapter_raises. The 0.20 test tree skips these for
+    # prompt learning; the installed PEFT 0.21.2 supports deleting prompt-learning adapters
+    # (PeftModel.delete_adapter), so they apply. The checks on
     # tuner layers/auxiliary modules are replaced by the prompt-learning state (prompt_encoder, prompt_tokens), and the
     # forward after the deletion must use the remaining adapter.
     model = make(impl, model_id)
@@ -634,8 +654,9 @@ def test_forward_matches_peft_semantics(impl, model_id):
         full_labels = torch.cat([torch.full((2, NUM_VIRTUAL_TOKENS), -100), labels], dim=1)
         base_out = model.get_base_model()(
             inputs_embeds=torch.cat(
-                [prompt_matrix(model).unsqueeze(0).expand(2, -1, -1),
-                 model.get_input_embeddings()(batch["input_ids"])], dim=1),
+                [prompt_matrix(model).unsqueeze(0).expand(2, -1, -1), model.get_input_embeddings()(batch["input_ids"])],
+                dim=1,
+            ),
             attention_mask=torch.cat([torch.ones(2, NUM_VIRTUAL_TOKENS, dtype=torch.long), batch["attention_mask"]], 1),
             labels=full_labels,
         )
@@ -672,8 +693,9 @@ def test_generation_reference_accepts_correct_generation(impl, model_id):
         tok = base(inputs_embeds=cur_embeds, attention_mask=cur_mask).logits[:, -1].argmax(-1)
         for step in range(NEW_TOKENS):
             wrong[:, ids.shape[1] + step] = tok
-            again = torch.cat([prompt_matrix(model).unsqueeze(0).expand(2, -1, -1),
-                               base.get_input_embeddings()(tok[:, None])], 1)
+            again = torch.cat(
+                [prompt_matrix(model).unsqueeze(0).expand(2, -1, -1), base.get_input_embeddings()(tok[:, None])], 1
+            )
             cur_embeds = torch.cat([cur_embeds, again], 1)
             cur_mask = torch.cat([cur_mask, torch.ones(2, again.shape[1], dtype=torch.long)], 1)
             tok = base(inputs_embeds=cur_embeds, attention_mask=cur_mask).logits[:, -1].argmax(-1)
@@ -745,7 +767,7 @@ def test_generate_options_match_base_generate_on_prompt_embeds(impl, model_id, o
         torch.manual_seed(123)
         got = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     if option == "dict_scores":
-        assert torch.equal(got.sequences[:, ids.shape[1]:], want.sequences)
+        assert torch.equal(got.sequences[:, ids.shape[1] :], want.sequences)
         assert len(got.scores) == len(want.scores) == len(got.logits) == 4
         for a, b in zip(got.logits, want.logits):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -754,7 +776,7 @@ def test_generate_options_match_base_generate_on_prompt_embeds(impl, model_id, o
     else:
         repeat = kwargs.get("num_return_sequences", 1)
         assert torch.equal(got[:, : ids.shape[1]], ids.repeat_interleave(repeat, dim=0))
-        assert torch.equal(got[:, ids.shape[1]:], want)
+        assert torch.equal(got[:, ids.shape[1] :], want)
 
 
 def test_prompt_tuning_prepare_inputs_for_generation_4d_attention_mask(impl, model_id):
@@ -800,7 +822,12 @@ def test_get_peft_model_keyword_arguments(impl, model_id, tmp_path):
     base = load_base(model_id)
     config = prompt_config(base_model_name_or_path=model_id)
     model = impl.get_peft_model(
-        base, config, adapter_name="named", autocast_adapter_dtype=False, revision="v1", low_cpu_mem_usage=False,
+        base,
+        config,
+        adapter_name="named",
+        autocast_adapter_dtype=False,
+        revision="v1",
+        low_cpu_mem_usage=False,
     )
     assert isinstance(model, impl.model_cls)
     assert list(model.peft_config) == ["named"]

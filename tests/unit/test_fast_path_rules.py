@@ -37,8 +37,9 @@ def test_a_family_without_fast_path_runs_pefts_code_and_says_so(caplog):
 
     def make_base():
         torch.manual_seed(0)
-        config = GPTNeoXConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=128)
+        config = GPTNeoXConfig(
+            vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+        )
         return GPTNeoXForCausalLM(config).requires_grad_(False).eval()
 
     with caplog.at_level(logging.WARNING, logger="fastprompt"):
@@ -51,11 +52,14 @@ def test_a_family_without_fast_path_runs_pefts_code_and_says_so(caplog):
     assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
 
 
-@pytest.mark.parametrize("call, reason", [
-    ({"output_hidden_states": True}, "output_hidden_states=True"),
-    ({"output_attentions": True}, "output_attentions=True"),
-    ({"logits_to_keep": 1}, "extra arguments ['logits_to_keep']"),
-])
+@pytest.mark.parametrize(
+    "call, reason",
+    [
+        ({"output_hidden_states": True}, "output_hidden_states=True"),
+        ({"output_attentions": True}, "output_attentions=True"),
+        ({"logits_to_keep": 1}, "extra arguments ['logits_to_keep']"),
+    ],
+)
 def test_calls_leaving_the_fast_path_say_why_once_and_match_peft(caplog, call, reason):
     ours, ref = pair(lambda: tiny_causal_lm("llama"), prompt_config(4))
     ids, mask, _ = padded_batch(2, 6, 512)
@@ -71,8 +75,9 @@ def test_inputs_embeds_take_pefts_path():
     ours, ref = pair(lambda: tiny_causal_lm("bloom"), prompt_config(4))
     ids, mask, _ = padded_batch(2, 6, 512)
     embeds = ref.get_input_embeddings()(ids)
-    assert torch.equal(ours(inputs_embeds=embeds, attention_mask=mask).logits,
-                       ref(inputs_embeds=embeds, attention_mask=mask).logits)
+    assert torch.equal(
+        ours(inputs_embeds=embeds, attention_mask=mask).logits, ref(inputs_embeds=embeds, attention_mask=mask).logits
+    )
 
 
 # ------------------------------------------------------------------ dropout
@@ -80,9 +85,11 @@ def test_inputs_embeds_take_pefts_path():
 def test_training_with_dropout_draws_per_row_exactly_as_peft(family):
     """Dropout 0.1 in train mode: every row gets its own sample, as in PEFT;
     with the same seed the very same sample, so loss and gradient are equal."""
-    rates = {"bloom": dict(hidden_dropout=0.1, attention_dropout=0.1),
-             "llama": dict(attention_dropout=0.1),
-             "opt": dict(dropout=0.1, attention_dropout=0.1)}[family]
+    rates = {
+        "bloom": dict(hidden_dropout=0.1, attention_dropout=0.1),
+        "llama": dict(attention_dropout=0.1),
+        "opt": dict(dropout=0.1, attention_dropout=0.1),
+    }[family]
     ours, ref = pair(lambda: tiny_causal_lm(family, **rates), prompt_config(8))
     ours.train()
     ref.train()
@@ -113,7 +120,8 @@ def test_hooks_on_blocks_fire_as_on_pefts_path():
         blocks = model.get_base_model().transformer.h
         blocks[0].register_forward_pre_hook(lambda module, args, name=name: seen[name].append(("pre", args[0].shape)))
         blocks[1].mlp.register_forward_hook(
-            lambda module, args, output, name=name: seen[name].append(("mlp", output.shape)))
+            lambda module, args, output, name=name: seen[name].append(("mlp", output.shape))
+        )
         blocks[1].register_forward_hook(scale_block_output)
     ids, mask, labels = padded_batch(3, 8, 512, side="left")
     got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
@@ -128,13 +136,17 @@ def test_hooks_on_blocks_see_the_peft_intended_generation():
     seen = {"ours": [], "peft": []}
     for name, model in (("ours", ours), ("peft", ref)):
         model.get_base_model().model.layers[0].register_forward_pre_hook(
-            lambda module, args, name=name: seen[name].append(tuple(args[0].shape)))
+            lambda module, args, name=name: seen[name].append(tuple(args[0].shape))
+        )
     ids, mask, _ = padded_batch(2, 6, 512, side="left")
     got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
     embeds = ref.word_embeddings(ids)
     prompt = peft_prompt(ref).detach().expand(2, -1, -1)
-    want = ref.get_base_model().generate(inputs_embeds=torch.cat([prompt, embeds], 1), max_new_tokens=4,
-                                         attention_mask=torch.cat([mask.new_ones(2, 5), mask], 1))
+    want = ref.get_base_model().generate(
+        inputs_embeds=torch.cat([prompt, embeds], 1),
+        max_new_tokens=4,
+        attention_mask=torch.cat([mask.new_ones(2, 5), mask], 1),
+    )
     assert torch.equal(got[:, 6:], want)
     assert seen["ours"] == seen["peft"] == [(2, 11, 64)] + [(2, 1, 64)] * 3
 
@@ -143,15 +155,25 @@ def test_accelerate_device_map_with_disk_offload_matches_peft(tmp_path):
     """Blocks placed by accelerate (one offloaded to disk: its weights exist
     only inside the hooked call) give PEFT's logits, loss and gradient."""
     random_bloom(vocab=512).save_pretrained(tmp_path / "base")
-    device_map = {"transformer.word_embeddings": "cpu", "transformer.word_embeddings_layernorm": "cpu",
-                  "transformer.h.0": "cpu", "transformer.h.1": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "transformer.word_embeddings": "cpu",
+        "transformer.word_embeddings_layernorm": "cpu",
+        "transformer.h.0": "cpu",
+        "transformer.h.1": "disk",
+        "transformer.ln_f": "cpu",
+        "lm_head": "cpu",
+    }
 
     def make_base():
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(
-            tmp_path / "base", device_map=device_map, offload_folder=str(tmp_path / "offload")
-        ).requires_grad_(False).eval()
+        return (
+            AutoModelForCausalLM.from_pretrained(
+                tmp_path / "base", device_map=device_map, offload_folder=str(tmp_path / "offload")
+            )
+            .requires_grad_(False)
+            .eval()
+        )
 
     ours, ref = pair(make_base, prompt_config(6))
     assert ours.fast_path != "bloom"  # accelerate's hooks keep BLOOM's own decoder out
@@ -221,8 +243,14 @@ def test_rows_with_different_prompts_equal_each_adapter_alone(monkeypatch, famil
     model.train(train)
     ids, mask, labels = padded_batch(4, 9, 512, side="left")
     names = ["other", "default", "other", "default"]
-    mixed = model(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=names, return_logits=True,
-                  num_items_in_batch=torch.tensor(1))
+    mixed = model(
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+        adapter_names=names,
+        return_logits=True,
+        num_items_in_batch=torch.tensor(1),
+    )
     assert ran == {"packed": ["packed"], "two passes": ["tokens"]}.get(plan, [])
     mixed.loss.backward()
     grads = {name: model.prompt_encoder[name].embedding.weight.grad.clone() for name in ("default", "other")}
@@ -232,8 +260,13 @@ def test_rows_with_different_prompts_equal_each_adapter_alone(monkeypatch, famil
         model.set_adapter(name)
         model.prompt_encoder[name].embedding.weight.requires_grad_(True)
         rows = [i for i, n in enumerate(names) if n == name]
-        alone = model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows], return_logits=True,
-                      num_items_in_batch=torch.tensor(1))
+        alone = model(
+            input_ids=ids[rows],
+            attention_mask=mask[rows],
+            labels=labels[rows],
+            return_logits=True,
+            num_items_in_batch=torch.tensor(1),
+        )
         assert rel_err(mixed.logits[rows], alone.logits) < 1e-5
         alone.loss.backward()
         assert rel_err(grads[name], model.prompt_encoder[name].embedding.weight.grad) < 1e-5

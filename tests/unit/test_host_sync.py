@@ -75,12 +75,15 @@ def test_packed_training_step_reads_nothing_back(monkeypatch, family):
     assert calls == []
 
 
-@pytest.mark.parametrize("options", [
-    {"max_new_tokens": 6},
-    {"max_new_tokens": 6, "do_sample": True, "top_k": 20, "num_return_sequences": 2},
-    {"max_new_tokens": 6, "eos_token_id": 5, "pad_token_id": 0},
-    {"max_new_tokens": 4, "cache_implementation": "static"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_new_tokens": 6},
+        {"max_new_tokens": 6, "do_sample": True, "top_k": 20, "num_return_sequences": 2},
+        {"max_new_tokens": 6, "eos_token_id": 5, "pad_token_id": 0},
+        {"max_new_tokens": 4, "cache_implementation": "static"},
+    ],
+)
 def test_prefill_and_decode_steps_read_nothing_back(monkeypatch, options):
     model, _ = pair(lambda: tiny_causal_lm("bloom", lively=True), prompt_config(8))
     path = model.paths.own

@@ -61,8 +61,13 @@ def test_shipped_model_loads_offline_with_transformers_and_peft(tiny_bloom_dir, 
     monkeypatch.setattr(socket, "create_connection", no_network)
     path, adapter = tiny_bloom_dir, str(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_tuning_init="TEXT",
-                                prompt_tuning_init_text="下面是一段人与机器人的对话。", tokenizer_name_or_path=path)
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=6,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="下面是一段人与机器人的对话。",
+        tokenizer_name_or_path=path,
+    )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), config).eval()
     model.save_pretrained(adapter)
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), adapter).eval()

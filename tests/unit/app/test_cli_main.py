@@ -18,6 +18,9 @@ def test_every_command_has_standard_help(command, capsys):
 
 def test_errors_in_process_and_debug(tmp_path, capsys):
     assert main(["generate", "--adapter", str(tmp_path / "none"), "hello"]) == 1
-    assert capsys.readouterr().err == f"fastprompt generate: error: adapter directory {str(tmp_path / 'none')!r} does not exist\n"
+    assert (
+        capsys.readouterr().err
+        == f"fastprompt generate: error: adapter directory {str(tmp_path / 'none')!r} does not exist\n"
+    )
     with pytest.raises(FileNotFoundError):
         main(["train", "--data", str(tmp_path / "nope.json"), "--output", str(tmp_path / "o"), "--debug"])

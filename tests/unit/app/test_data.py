@@ -136,8 +136,9 @@ def test_empty_and_all_bad_datasets_are_clear_errors(tmp_path, tokenizer):
 def test_record_whose_prompt_fills_max_length_is_skipped(tmp_path, tokenizer):
     long_prompt = {"instruction": "很长的问题" * 200, "input": "", "output": "好"}
     fits_record_0 = len(tokenize_record(RECORDS[0], tokenizer)["input_ids"])
-    data = load_alpaca(write_json(tmp_path / "data.json", [long_prompt, RECORDS[0]]), tokenizer,
-                       max_length=fits_record_0)
+    data = load_alpaca(
+        write_json(tmp_path / "data.json", [long_prompt, RECORDS[0]]), tokenizer, max_length=fits_record_0
+    )
     assert len(data) == 1
     assert data.report.skipped[0][0] == "record 0" and "no room for the response" in data.report.skipped[0][1]
 

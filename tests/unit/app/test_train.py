@@ -14,7 +14,6 @@ from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
 import fastprompt
 from fastprompt.app.data import PadCollator, TokenizedData, length_grouped_steps, load_alpaca
-from fastprompt.loading import demo_data_path
 from fastprompt.app.train import (
     LOG_FILE,
     TrainConfig,
@@ -25,6 +24,7 @@ from fastprompt.app.train import (
     lr_at,
     train,
 )
+from fastprompt.loading import demo_data_path
 
 PAD = 3
 
@@ -42,8 +42,11 @@ def data(base):
 def fresh_model(base, seed=0, tokens=4):
     torch.manual_seed(seed)
     config = PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tokens, prompt_tuning_init=PromptTuningInit.TEXT,
-        prompt_tuning_init_text="下面是一段人与机器人的对话。", tokenizer_name_or_path="tiny-bloom",
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text="下面是一段人与机器人的对话。",
+        tokenizer_name_or_path="tiny-bloom",
     )
     return fastprompt.get_peft_model(base, config)
 
@@ -64,11 +67,16 @@ def test_a_step_is_the_token_mean_over_its_examples_however_it_is_cut(base, data
     the step's examples (Trainer's num_items_in_batch), with clipping — the
     same whether the examples run together or one micro-batch each."""
     one_batch = fresh_model(base)
-    train(one_batch, data, config(tmp_path, "together", max_steps=1, warmup_steps=0, max_grad_norm=0.05),
-          pad_token_id=PAD)
+    train(
+        one_batch, data, config(tmp_path, "together", max_steps=1, warmup_steps=0, max_grad_norm=0.05), pad_token_id=PAD
+    )
     accumulated = fresh_model(base)
-    train(accumulated, data, config(tmp_path, "apart", max_steps=1, warmup_steps=0, max_grad_norm=0.05,
-                                    max_tokens=1), pad_token_id=PAD)
+    train(
+        accumulated,
+        data,
+        config(tmp_path, "apart", max_steps=1, warmup_steps=0, max_grad_norm=0.05, max_tokens=1),
+        pad_token_id=PAD,
+    )
 
     reference = fresh_model(base)
     indices = length_grouped_steps(data.lengths, 4, seed=42 * 100_003)[0]
@@ -98,8 +106,9 @@ def test_resume_reaches_the_same_prompt_bit_for_bit(base, data, tmp_path):
 
     assert result.steps == 8
     assert torch.equal(peft_prompt(resumed), peft_prompt(whole))
-    final = [peft_prompt(fastprompt.FastPromptModel.from_pretrained(base, tmp_path / name))
-             for name in ("whole", "resumed")]
+    final = [
+        peft_prompt(fastprompt.FastPromptModel.from_pretrained(base, tmp_path / name)) for name in ("whole", "resumed")
+    ]
     assert torch.equal(final[0], final[1])
     logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / LOG_FILE).read_text().splitlines()]
     assert logged == [4, 5, 6, 7, 8]
@@ -202,18 +211,37 @@ def test_hf_trainer_writes_peft_checkpoints_and_matches_peft(data, tmp_path):
     for kind, make in (("fastprompt", fastprompt.get_peft_model), ("peft", get_peft_model)):
         base = fastprompt.load_model("tiny-bloom")
         torch.manual_seed(0)
-        model = make(base, PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, prompt_tuning_init=PromptTuningInit.TEXT,
-            prompt_tuning_init_text="下面是一段人与机器人的对话。", tokenizer_name_or_path=fastprompt.loading.resolve_model_path("tiny-bloom"),
-        ))
-        args = TrainingArguments(
-            output_dir=str(tmp_path / kind), per_device_train_batch_size=2, per_device_eval_batch_size=4,
-            gradient_accumulation_steps=2, max_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-2,
-            report_to=[], use_cpu=True, seed=0,
+        model = make(
+            base,
+            PromptTuningConfig(
+                task_type=TaskType.CAUSAL_LM,
+                num_virtual_tokens=4,
+                prompt_tuning_init=PromptTuningInit.TEXT,
+                prompt_tuning_init_text="下面是一段人与机器人的对话。",
+                tokenizer_name_or_path=fastprompt.loading.resolve_model_path("tiny-bloom"),
+            ),
         )
-        trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data.subset(range(8)),
-                          data_collator=DataCollatorForSeq2Seq(tokenizer=base.tokenizer, padding=True),
-                          compute_metrics=accuracy)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / kind),
+            per_device_train_batch_size=2,
+            per_device_eval_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            save_steps=2,
+            logging_steps=1,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            eval_dataset=data.subset(range(8)),
+            data_collator=DataCollatorForSeq2Seq(tokenizer=base.tokenizer, padding=True),
+            compute_metrics=accuracy,
+        )
         trainer.train()
         trainer.save_model(str(tmp_path / kind / "final"))
         runs[kind] = {

@@ -31,7 +31,9 @@ def test_real_data_is_named_as_such(shared_dir, monkeypatch):
 
 def test_random_batches_keep_the_asked_labels():
     (second_half,) = training_cases.random_batches(1, 2, 6, "second_half", 50)
-    assert (second_half["labels"][:, :3] == -100).all() and (second_half["labels"][:, 3:] == second_half["input_ids"][:, 3:]).all()
+    assert (second_half["labels"][:, :3] == -100).all() and (
+        second_half["labels"][:, 3:] == second_half["input_ids"][:, 3:]
+    ).all()
     (last,) = training_cases.random_batches(1, 2, 6, "last", 50)
     assert training_cases.step_shape(last, 5) == dict(batch=2, prompt=5, tokens=6, labelled=2)
 
@@ -39,10 +41,22 @@ def test_random_batches_keep_the_asked_labels():
 def test_registry_shapes_and_labels():
     llama = model_shapes.dims("llama-3.2-1b")
     assert (llama.hidden, llama.layers, llama.heads, llama.kv_heads, llama.intermediate, llama.vocab) == (
-        2048, 16, 32, 8, 8192, 128256)
+        2048,
+        16,
+        32,
+        8,
+        8192,
+        128256,
+    )
     qwen = model_shapes.dims("qwen2.5-0.5b")
     assert (qwen.hidden, qwen.layers, qwen.heads, qwen.kv_heads, qwen.intermediate, qwen.vocab) == (
-        896, 24, 14, 2, 4864, 151936)
+        896,
+        24,
+        14,
+        2,
+        4864,
+        151936,
+    )
     assert model_shapes.label("bloom-mini").startswith("bloom-mini (quick run:")
     assert model_shapes.label("bloom-1b4-zh").startswith("bloom-1b4-zh (real shape: bloom, hidden 2048, 24 layers")
 

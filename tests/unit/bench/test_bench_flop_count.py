@@ -73,7 +73,15 @@ def test_dims_from_configs():
     bloom = Dims.from_config(BloomConfig(hidden_size=64, n_layer=3, n_head=4, vocab_size=100))
     assert (bloom.layers, bloom.head_dim, bloom.kv_heads) == (3, 16, 4)
     assert bloom.layer_weights == 12 * 64 * 64  # QKV 3H², output H², MLP 8H²
-    llama = Dims.from_config(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                                         num_key_value_heads=2, intermediate_size=96, vocab_size=100))
+    llama = Dims.from_config(
+        LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            vocab_size=100,
+        )
+    )
     # Q and output 64x64 each, K and V 64x(2 heads * 8) each, gated MLP 3 * 64x96.
     assert llama.layer_weights == 2 * 64 * 64 + 2 * 64 * 16 + 3 * 64 * 96

@@ -36,16 +36,25 @@ def fake_contest(seconds_by_name, outputs=None, reference="theirs", **kwargs):
         return run
 
     kwargs.setdefault("check", equal)
-    contest = Alternation({name: contender(name) for name in seconds_by_name}, reference=reference,
-                          clock=lambda: now[0], **kwargs)
+    contest = Alternation(
+        {name: contender(name) for name in seconds_by_name}, reference=reference, clock=lambda: now[0], **kwargs
+    )
     return contest, calls
 
 
 def test_order_alternates_and_warmup_is_not_recorded():
     contest, calls = fake_contest({"ours": [1] * 4, "theirs": [2] * 4})
     contest.run(FakeBenchmark(), rounds=3)
-    assert calls == [(0, "ours"), (0, "theirs"), (1, "theirs"), (1, "ours"),
-                     (2, "ours"), (2, "theirs"), (3, "theirs"), (3, "ours")]
+    assert calls == [
+        (0, "ours"),
+        (0, "theirs"),
+        (1, "theirs"),
+        (1, "ours"),
+        (2, "ours"),
+        (2, "theirs"),
+        (3, "theirs"),
+        (3, "ours"),
+    ]
     assert contest.timed_rounds == [1, 2, 3]
     assert [s["seconds"] for s in contest.samples["ours"]] == [1, 1, 1]
 
@@ -60,11 +69,22 @@ def test_speedup_is_a_ratio_of_totals_and_medians_are_per_call():
 
 def test_more_contenders_get_a_speedup_each_and_measured_metrics():
     seconds = {"a": 1, "b": 2, "ref": 4}
-    contest, _ = fake_contest({name: [s] * 3 for name, s in seconds.items()}, outputs=seconds, reference="ref",
-                              check=lambda ref, out: None, measure=lambda out: {"half": out / 2})
+    contest, _ = fake_contest(
+        {name: [s] * 3 for name, s in seconds.items()},
+        outputs=seconds,
+        reference="ref",
+        check=lambda ref, out: None,
+        measure=lambda out: {"half": out / 2},
+    )
     contest.run(FakeBenchmark(), rounds=2)
-    assert contest.summary("call") == {"a_call_s": 1, "b_call_s": 2, "ref_call_s": 4,
-                                       "a_speedup": 4.0, "b_speedup": 2.0, "rounds": 2}
+    assert contest.summary("call") == {
+        "a_call_s": 1,
+        "b_call_s": 2,
+        "ref_call_s": 4,
+        "a_speedup": 4.0,
+        "b_speedup": 2.0,
+        "rounds": 2,
+    }
     assert contest.speedup("a", "half") == 4.0 and contest.median("b", "half") == 1.0
 
 

@@ -11,9 +11,14 @@ import report  # noqa: E402
 
 MACHINE = {
     "fastprompt_bench": {
-        "cpu_model": "Some CPU", "logical_cpus": 2, "usable_cpus": 2, "torch_threads": 2,
-        "load_average_1min_start_end": [0.5, 1.5], "gpu": None,
-        "versions": {"torch": "2.13.0", "peft": "0.21.2"}, "embed_concat_backend": {"cpu": "native"},
+        "cpu_model": "Some CPU",
+        "logical_cpus": 2,
+        "usable_cpus": 2,
+        "torch_threads": 2,
+        "load_average_1min_start_end": [0.5, 1.5],
+        "gpu": None,
+        "versions": {"torch": "2.13.0", "peft": "0.21.2"},
+        "embed_concat_backend": {"cpu": "native"},
     }
 }
 

@@ -11,9 +11,9 @@ import torch
 from models import FAMILIES, padded_batch, prompt_config, tiny_causal_lm
 
 import fastprompt
+from fastprompt.ops import ACTIVATIONS, gated_activation
 from fastprompt.paths import generic
 from fastprompt.paths.gated_mlp import activation_name, gated_mlps, keeping_less
-from fastprompt.ops import ACTIVATIONS, gated_activation
 
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
 

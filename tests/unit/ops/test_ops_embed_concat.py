@@ -13,15 +13,19 @@ CUDA_MODE = os.environ.get("FASTPROMPT_TEST_CUDA") == "1"
 
 import types  # noqa: E402
 
+import op_cases  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from fastprompt.ops import backend_info, embed_concat, embed_concat_reference  # noqa: E402
-from fastprompt.ops import dispatch  # noqa: E402
-from fastprompt.ops import embed_concat_triton as triton_op  # noqa: E402
-import op_cases  # noqa: E402
 from op_cases import DTYPES, LAYER_NORMS, SHAPES, VOCAB, shape_id  # noqa: E402
 from tolerance import assert_within_reference_error  # noqa: E402
+
+from fastprompt.ops import (  # noqa: E402
+    backend_info,
+    dispatch,  # noqa: E402
+    embed_concat,
+    embed_concat_reference,
+)
+from fastprompt.ops import embed_concat_triton as triton_op  # noqa: E402
 
 if CUDA_MODE and not torch.cuda.is_available():
     raise RuntimeError("FASTPROMPT_TEST_CUDA=1 but torch sees no CUDA device")
@@ -57,9 +61,7 @@ def test_forward_matches_reference(shape, dtype, layer_norm):
     if layer_norm == "none":
         assert torch.equal(out, expected), "without LayerNorm the op is a pure copy and must be exact"
         return
-    assert_within_reference_error(
-        out, expected, embed_concat_reference(**leaves(inputs, (), upcast=True)), name="out"
-    )
+    assert_within_reference_error(out, expected, embed_concat_reference(**leaves(inputs, (), upcast=True)), name="out")
 
 
 @pytest.mark.parametrize("layer_norm", LAYER_NORMS)
@@ -247,27 +249,38 @@ def test_forcing_missing_native_is_a_clear_error(no_env, native_backend):
 
 BAD_INPUTS = [
     # A device-side assert (no host sync in the hot path): immediate on CPU.
-    pytest.param({"input_ids": torch.tensor([[0, VOCAB]])}, RuntimeError,
-                 rf"input_ids out of range \(ids must be in \[0, {VOCAB}\)\)", id="id-too-big"),
-    pytest.param({"input_ids": torch.tensor([[-2, 5]])}, RuntimeError,
-                 rf"input_ids out of range \(ids must be in \[0, {VOCAB}\)\)", id="id-negative"),
-    pytest.param({"input_ids": torch.zeros(2, 4)}, TypeError,
-                 r"input_ids must have an integer dtype, got torch\.float32", id="float-ids"),
-    pytest.param({"input_ids": torch.zeros(4, dtype=torch.long)}, ValueError,
-                 r"input_ids must be 2-D", id="1d-ids"),
-    pytest.param({"prompt": torch.zeros(3, 7)}, ValueError,
-                 r"prompt must be \[P, 8\] to match weight hidden size 8, got shape \(3, 7\)",
-                 id="hidden-mismatch"),
-    pytest.param({"prompt": torch.zeros(8)}, ValueError,
-                 r"prompt must be \[P, 8\].*got shape \(8,\)", id="1d-prompt"),
-    pytest.param({"ln_weight": torch.ones(9)}, ValueError,
-                 r"ln_weight must have shape \(8,\), got \(9,\)", id="ln-shape"),
-    pytest.param({"ln_weight": None}, ValueError,
-                 r"ln_bias given without ln_weight", id="bias-without-weight"),
-    pytest.param({"prompt": [[0.0] * 8]}, TypeError,
-                 r"prompt must be a torch\.Tensor, got list", id="list-prompt"),
-    pytest.param({"weight": None}, TypeError,
-                 r"input_ids, weight and prompt are required", id="missing-weight"),
+    pytest.param(
+        {"input_ids": torch.tensor([[0, VOCAB]])},
+        RuntimeError,
+        rf"input_ids out of range \(ids must be in \[0, {VOCAB}\)\)",
+        id="id-too-big",
+    ),
+    pytest.param(
+        {"input_ids": torch.tensor([[-2, 5]])},
+        RuntimeError,
+        rf"input_ids out of range \(ids must be in \[0, {VOCAB}\)\)",
+        id="id-negative",
+    ),
+    pytest.param(
+        {"input_ids": torch.zeros(2, 4)},
+        TypeError,
+        r"input_ids must have an integer dtype, got torch\.float32",
+        id="float-ids",
+    ),
+    pytest.param({"input_ids": torch.zeros(4, dtype=torch.long)}, ValueError, r"input_ids must be 2-D", id="1d-ids"),
+    pytest.param(
+        {"prompt": torch.zeros(3, 7)},
+        ValueError,
+        r"prompt must be \[P, 8\] to match weight hidden size 8, got shape \(3, 7\)",
+        id="hidden-mismatch",
+    ),
+    pytest.param({"prompt": torch.zeros(8)}, ValueError, r"prompt must be \[P, 8\].*got shape \(8,\)", id="1d-prompt"),
+    pytest.param(
+        {"ln_weight": torch.ones(9)}, ValueError, r"ln_weight must have shape \(8,\), got \(9,\)", id="ln-shape"
+    ),
+    pytest.param({"ln_weight": None}, ValueError, r"ln_bias given without ln_weight", id="bias-without-weight"),
+    pytest.param({"prompt": [[0.0] * 8]}, TypeError, r"prompt must be a torch\.Tensor, got list", id="list-prompt"),
+    pytest.param({"weight": None}, TypeError, r"input_ids, weight and prompt are required", id="missing-weight"),
 ]
 
 

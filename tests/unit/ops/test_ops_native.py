@@ -10,13 +10,20 @@ import importlib.util
 
 import pytest
 import torch
+from op_cases import (
+    DTYPES,
+    LAYER_NORMS,
+    SHAPES,
+    VOCAB,
+    assert_prompt_grad_matches_reference,
+    leaves,
+    make_inputs,
+    shape_id,
+)
+from tolerance import assert_within_reference_error
 
 from fastprompt.ops import embed_concat, native
 from fastprompt.ops.reference import embed_concat_reference
-from op_cases import (
-    DTYPES, LAYER_NORMS, SHAPES, VOCAB, assert_prompt_grad_matches_reference, leaves, make_inputs, shape_id,
-)
-from tolerance import assert_within_reference_error
 
 if not native.available():
     pytest.skip(f"native embed_concat unavailable: {native.load_error()}", allow_module_level=True)
@@ -88,8 +95,11 @@ def test_gradcheck_float64(layer_norm, device):
 
 
 @pytest.mark.parametrize("name", ["weight", "ln_weight", "ln_bias"])
-@pytest.mark.parametrize("run", [native.embed_concat_native, lambda **inputs: embed_concat(**inputs, impl="native")],
-                         ids=["embed_concat_native", "dispatch-native"])
+@pytest.mark.parametrize(
+    "run",
+    [native.embed_concat_native, lambda **inputs: embed_concat(**inputs, impl="native")],
+    ids=["embed_concat_native", "dispatch-native"],
+)
 def test_trainable_table_or_layer_norm_is_refused(run, name):
     inputs = leaves(make_inputs((2, 3, 5, 16), torch.float32, "weight+bias"), ("prompt", name))
     with pytest.raises(ValueError, match=rf"table and the LayerNorm parameters as frozen.*: {name}\."):
@@ -102,7 +112,9 @@ def test_int32_ids_and_row_strided_table():
     padded[:, :40] = inputs["weight"]
     inputs["weight"] = padded[:, :40]
     inputs["input_ids"] = inputs["input_ids"].to(torch.int32)
-    torch.testing.assert_close(native.embed_concat_native(**inputs), embed_concat_reference(**inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        native.embed_concat_native(**inputs), embed_concat_reference(**inputs), atol=1e-5, rtol=0
+    )
 
 
 def test_empty_batch_gives_empty_output_and_zero_prompt_grad():
