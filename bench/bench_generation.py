@@ -1,5 +1,6 @@
 """Generation: fastprompt ``generate`` vs the PEFT-intended path, alternated
-round by round (``harness.py``), ids checked equal every round.
+round by round (``harness.py``), ids checked every round: equal in fp32, and in
+bf16/int8 equal up to a near tie under PEFT's logits (``same_ids_checker``).
 
 The PEFT-intended path is ``base.generate(inputs_embeds=cat(prompt,
 embed(ids)), attention_mask=cat(ones, mask))`` with the prompt of a real PEFT
@@ -120,10 +121,49 @@ def left_padded_inputs(batch, length, vocab, seed=0):
     return ids.masked_fill(mask == 0, 3), mask
 
 
-def same_ids(reference: Generated, output: Generated) -> None:
-    assert output.ids.shape == reference.ids.shape, f"shape {tuple(output.ids.shape)} vs {tuple(reference.ids.shape)}"
-    if SETTING["dtype"] == "float32":  # lower precisions may split near-ties differently
-        assert torch.equal(output.ids, reference.ids), "different ids"
+# In low precision fastprompt and PEFT round differently, so a greedy row may take the other of two
+# near-tied tokens and go its own way from there. Each row must equal PEFT's up to its first
+# difference, and there PEFT's own logits (the model in the benchmark's dtype) must rate the two
+# tokens within NEAR_TIE of each other, relative to the largest logit. Measured: bf16 bloom-mini on
+# CPU, both cases, prompt/input seeds 0-2 (27 rows x 64 new tokens): no row diverged at all, so no
+# gap could be measured; the bound is 2-3 bf16 ulps of the largest logit (ulp 7.8e-3 at 1.0), the
+# rounding that can reorder two logits. int8: not measured here. The largest gap a run meets goes
+# into extra_info as max_difference.
+NEAR_TIE = {"bfloat16": 2e-2, "int8": 2e-2}
+
+
+def same_ids_checker(peft_model, mask: torch.Tensor):
+    """The harness's check of one generation against PEFT's: equal ids in fp32; in bf16/int8
+    equal up to each row's first difference, which must be a near tie (returns the largest
+    relative gap, 0 when all ids agree)."""
+    dtype = SETTING["dtype"]
+
+    def check(reference: Generated, output: Generated) -> float:
+        assert output.ids.shape == reference.ids.shape, (
+            f"shape {tuple(output.ids.shape)} vs {tuple(reference.ids.shape)}"
+        )
+        if dtype == "float32":
+            assert torch.equal(output.ids, reference.ids), "different ids"
+            return 0.0
+        worst = 0.0
+        length = mask.shape[1]
+        for row in (output.ids != reference.ids).any(dim=1).nonzero().flatten().tolist():
+            position = int((output.ids[row] != reference.ids[row]).nonzero()[0])
+            assert position >= length, f"row {row}: the input ids differ at {position}"
+            prefix = reference.ids[row : row + 1, :position]
+            prefix_mask = torch.cat([mask[row], mask.new_ones(position - length)])[None]
+            with torch.no_grad():
+                logits = peft_model(input_ids=prefix, attention_mask=prefix_mask).logits[0, -1].float()
+            theirs, ours = reference.ids[row, position], output.ids[row, position]
+            gap = ((logits[theirs] - logits[ours]) / logits.abs().max()).item()
+            assert gap <= NEAR_TIE[dtype], (
+                f"row {row}, new token {position - length}: {int(ours)} instead of PEFT's {int(theirs)}, which "
+                f"PEFT's logits rate {gap:.3g} (relative) higher: not a near tie (bound {NEAR_TIE[dtype]})"
+            )
+            worst = max(worst, gap)
+        return worst
+
+    return check
 
 
 def flop_bounds(batch: int, virtual: int, length: int) -> dict:
@@ -192,7 +232,7 @@ def test_generation(benchmark, case):
     contest = harness.Alternation(
         contenders,
         reference="peft_intended",
-        check=same_ids,
+        check=same_ids_checker(peft_model, mask),
         measure=lambda out: {"ttft_s": out.ttft_s, "decode_per_token_s": out.decode_per_token_s},
         sync=harness.device_sync(SETTING["device"]),
     )

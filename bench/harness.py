@@ -4,7 +4,10 @@ Each round runs every contender once: in the given order on even rounds,
 reversed on odd ones, so that drift on a shared machine (other jobs, clock
 changes, a warming allocator) hits all of them alike and none always runs in
 another's wake. After each round every output is checked against the
-reference contender's: a speedup is only reported for the same result. The
+reference contender's: a speedup is only reported for the same result (to a
+stated tolerance in low precision; a check may return how far apart the two
+outputs were, and the largest such figure goes into the summary as
+``max_difference``, so a GPU run records its margin). The
 speedup is the ratio of total times over the same rounds, so rounds that
 differ in work (the tutorial's samples differ in length) weigh what they cost;
 medians give the typical time of one call.
@@ -40,8 +43,8 @@ def device_sync(device: str) -> Callable[[], None] | None:
 class Alternation:
     """``contenders`` map a name to a call taking the round index and
     returning an output; ``check(reference_output, output)`` raises when two
-    outputs differ; ``measure(output)`` may add metrics to each sample beside
-    the call's wall time ("seconds"); ``sync`` waits for an asynchronous device
+    outputs differ, and may return a number saying by how much; ``measure(output)``
+    may add metrics to each sample beside the call's wall time ("seconds"); ``sync`` waits for an asynchronous device
     before a clock is read."""
 
     def __init__(
@@ -59,6 +62,7 @@ class Alternation:
         self.measure, self.sync, self.clock = measure, sync, clock
         self.samples: dict[str, list[dict]] = {name: [] for name in contenders}
         self.timed_rounds: list[int] = []
+        self.differences: list[float] = []
         self._next_round = 0
 
     def play_round(self) -> None:
@@ -80,9 +84,11 @@ class Alternation:
         for name, output in outputs.items():
             if name != self.reference:
                 try:
-                    self.check(outputs[self.reference], output)
+                    difference = self.check(outputs[self.reference], output)
                 except AssertionError as err:
                     raise AssertionError(f"round {index}: {name} differs from {self.reference}: {err}") from None
+                if isinstance(difference, (int, float)):
+                    self.differences.append(float(difference))
         self.timed_rounds.append(index)
 
     def run(self, benchmark, rounds: int, warmup_rounds: int = 1) -> None:
@@ -114,4 +120,6 @@ class Alternation:
         for name in others:
             out["speedup" if len(others) == 1 else f"{name}_speedup"] = self.speedup(name)
         out["rounds"] = len(self.timed_rounds)
+        if self.differences:  # over every checked round, warm-up included
+            out["max_difference"] = max(self.differences)
         return out

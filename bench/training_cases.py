@@ -115,12 +115,31 @@ def train_step(model, optimizer, batch: dict) -> float:
     return loss.item()
 
 
-def loss_check(dtype: str):
-    """The harness's check for two contenders' losses: the same to rounding
-    (their prompts drift apart by rounding as they train, round by round)."""
-    tolerance = 1e-4 if dtype == "float32" else 2e-2
+# Relative loss difference allowed between the contenders, per dtype. Their prompts
+# drift apart by rounding as they train, round by round, so the bounds hold over a
+# run's rounds, not one step. Measured on bloom-mini on CPU, fastprompt vs PEFT over
+# 8 consecutive steps of each case (24 steps):
+#   bfloat16: max 2.0e-4 (classify; tutorial 4.7e-5, chat-batch 3.6e-5) -> 2e-3;
+#   int8:     not measured over training rounds yet (CPU bitsandbytes is too slow
+#             for it here); one step on the tiny test models differs by at most
+#             3.7e-5 (tests/parity int8 test), so the old 2e-2 stays until a run's
+#             max_difference says how far it can come down.
+# The bf16 margin (10x) is for what CPU runs cannot measure: GPU kernels (SDPA,
+# cuBLAS) and the deeper real shapes. A GPU run records its own figure as
+# ``max_difference`` in extra_info.
+LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-3, "int8": 2e-2}
 
-    def check(reference: float, loss: float) -> None:
-        assert abs(loss - reference) <= tolerance * abs(reference), f"loss {loss} vs {reference}"
+
+def loss_check(dtype: str):
+    """The harness's check for two contenders' losses: the same to rounding,
+    within ``LOSS_TOLERANCE[dtype]`` relative; returns the relative difference."""
+    tolerance = LOSS_TOLERANCE[dtype]
+
+    def check(reference: float, loss: float) -> float:
+        difference = abs(loss - reference) / abs(reference)
+        assert difference <= tolerance, (
+            f"loss {loss} vs {reference}: relative difference {difference:.3g} > {tolerance} ({dtype})"
+        )
+        return difference
 
     return check

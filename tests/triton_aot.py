@@ -36,9 +36,11 @@ from fastprompt.ops import embed_concat_triton
 LAYER_NORMS = ("none", "weight", "weight+bias")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHORT_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
-# Triton specialises integer arguments equal to 1 or divisible by 16. None of these sizes, nor
-# the row counts derived from them, is either, so the compiled code is the general case.
-BATCH, PROMPT_ROWS, TOKENS = 3, 5, 7
+# Triton specialises integer arguments equal to 1 or divisible by 16 (a launch with such a value
+# compiles other code). The integer arguments the launches pass are the batch, P, T (and hidden
+# plus the table's row stride, both the hidden size). Each (batch, P, T) below puts every one of
+# them in one class: the general case, all equal to 1, all divisible by 16.
+ROW_SHAPES = ((3, 5, 7), (1, 1, 1), (16, 16, 16))
 
 
 def input_dtypes(all_dtypes: bool) -> list[tuple[torch.dtype, torch.dtype, torch.dtype]]:
@@ -86,11 +88,15 @@ def recorded_launches():
             setattr(embed_concat_triton, name, kernel)
 
 
-def host_launches(hidden: int, ids_dtype, table_dtype, prompt_dtype, layer_norm: str) -> list[Launch]:
-    """Every kernel launch of one forward and one backward (the prompt's gradient)."""
-    ids = torch.zeros(BATCH, TOKENS, dtype=ids_dtype)
+def host_launches(
+    hidden: int, ids_dtype, table_dtype, prompt_dtype, layer_norm: str, shape: tuple[int, int, int] = ROW_SHAPES[0]
+) -> list[Launch]:
+    """Every kernel launch of one forward and one backward (the prompt's gradient) for a batch
+    of `shape` = (batch, P, T)."""
+    batch, prompt_rows, tokens = shape
+    ids = torch.zeros(batch, tokens, dtype=ids_dtype)
     weight = torch.zeros(2, hidden, dtype=table_dtype)
-    prompt = torch.zeros(PROMPT_ROWS, hidden, dtype=prompt_dtype)
+    prompt = torch.zeros(prompt_rows, hidden, dtype=prompt_dtype)
     ln_weight = None if layer_norm == "none" else torch.ones(hidden, dtype=table_dtype)
     ln_bias = torch.zeros(hidden, dtype=table_dtype) if layer_norm == "weight+bias" else None
     with recorded_launches() as launches:
@@ -109,6 +115,7 @@ class CompileJob:
     options: dict
     hidden: set[int] = field(default_factory=set)
     dtypes: set[str] = field(default_factory=set)
+    shapes: set[str] = field(default_factory=set)
 
     def describe(self) -> dict:
         named = {self.kernel.arg_names[path[0]]: value for path, value in self.constexprs.items()}
@@ -118,8 +125,11 @@ class CompileJob:
             "dtypes": " ".join(sorted(self.dtypes)),
             "flags": " ".join(name for name, value in named.items() if value is True),
             "hidden": sorted(self.hidden),
+            "shapes": sorted(self.shapes),
             "block_h": named["BLOCK_H"],
             "num_warps": self.options["num_warps"],
+            # Which fastprompt was compiled: the test checks it is the checkout's.
+            "source": embed_concat_triton.__file__,
         }
 
 
@@ -145,12 +155,19 @@ class Specialiser:
 def compile_jobs(capabilities, hidden_sizes, all_dtypes: bool) -> list[CompileJob]:
     specialisers = [Specialiser(capability) for capability in capabilities]
     jobs: dict[tuple, CompileJob] = {}
-    for hidden, (ids_dtype, table_dtype, prompt_dtype), layer_norm in itertools.product(
-        hidden_sizes, input_dtypes(all_dtypes), LAYER_NORMS
-    ):
+    # The row counts' specialisation classes (equal to 1, divisible by 16) are compiled at the smallest
+    # hidden size: they change the integer arguments' specialisation, which is the same at every block
+    # width, and compiling each at every size tripled the test's time.
+    smallest = min(hidden_sizes)
+    cases = [
+        (hidden, dtypes, layer_norm, shape)
+        for hidden, dtypes, layer_norm in itertools.product(hidden_sizes, input_dtypes(all_dtypes), LAYER_NORMS)
+        for shape in (ROW_SHAPES if hidden == smallest else ROW_SHAPES[:1])
+    ]
+    for hidden, (ids_dtype, table_dtype, prompt_dtype), layer_norm, shape in cases:
         # table/prompt dtypes, plus the ids dtype when it is not the usual int64
         case = "/".join(SHORT_NAMES[dtype] for dtype in (table_dtype, prompt_dtype, ids_dtype) if dtype != torch.int64)
-        for launch in host_launches(hidden, ids_dtype, table_dtype, prompt_dtype, layer_norm):
+        for launch in host_launches(hidden, ids_dtype, table_dtype, prompt_dtype, layer_norm, shape):
             for specialiser in specialisers:
                 options, signature, constexprs, attrs = specialiser.key(launch)
                 identity = (
@@ -167,6 +184,7 @@ def compile_jobs(capabilities, hidden_sizes, all_dtypes: bool) -> list[CompileJo
                 )
                 job.hidden.add(hidden)
                 job.dtypes.add(case)
+                job.shapes.add("x".join(map(str, shape)))
     # Widest blocks first: they take longest, so shards taking every n-th job stay balanced.
     return sorted(jobs.values(), key=lambda job: (-job.describe()["block_h"], repr(job.describe())))
 

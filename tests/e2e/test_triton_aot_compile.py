@@ -98,18 +98,19 @@ def summary_table(rows: list[dict]) -> str:
 
 def details_table(rows: list[dict]) -> str:
     header = (
-        f"{'kernel':26} {'cc':>3} {'dtypes (table/prompt)':30} {'flags':38} {'hidden':21} "
+        f"{'kernel':26} {'cc':>3} {'B x P x T':9} {'dtypes (table/prompt)':30} {'flags':38} {'hidden':21} "
         f"{'BLOCK_H':>7} {'warps':>5} {'regs':>4} {'spill B':>7}"
     )
     lines = [header, "-" * len(header)]
-    for row in sorted(rows, key=lambda r: (r["kernel"], r["cc"], r["block_h"], r["dtypes"], r["flags"])):
+    for row in sorted(rows, key=lambda r: (r["kernel"], r["cc"], r["block_h"], r["shapes"], r["dtypes"], r["flags"])):
         measured = (
             f"{row['regs']:>4} {spill_bytes(row):>7}"
             if "error" not in row
             else f"error: {row['error'].splitlines()[0]}"
         )
         lines.append(
-            f"{row['kernel']:26} {row['cc']:>3} {row['dtypes']:30} {row['flags'] or '-':38} "
+            f"{row['kernel']:26} {row['cc']:>3} {','.join(row['shapes']):9} {row['dtypes']:30} "
+            f"{row['flags'] or '-':38} "
             f"{','.join(map(str, row['hidden'])):21} {row['block_h']:>7} {row['num_warps']:>5} {measured}"
         )
     return "\n".join(lines)
@@ -126,8 +127,23 @@ def test_triton_kernels_compile_for_every_gpu_generation_without_spills(request,
     )
     publish(request.config, "triton_embed_concat", title, summary_table(rows), details_table(rows))
 
+    assert {row["source"] for row in rows} == {str(ROOT / "fastprompt" / "ops" / "embed_concat_triton.py")}
     covered = {(row["cc"], size) for row in rows for size in row["hidden"]}
     assert covered == {(cc, size) for cc in CAPABILITIES for size in BLOOM_HIDDEN}
+    # Every kernel at every capability is compiled with its row counts (batch, P, T) in each class
+    # Triton specialises: general (at every hidden size), equal to 1 and divisible by 16 (at the
+    # smallest, tests/triton_aot.py says why).
+    shapes = {
+        (row["kernel"], row["cc"], size, shape) for row in rows for size in row["hidden"] for shape in row["shapes"]
+    }
+    kernels = {row["kernel"] for row in rows}
+    assert shapes == {
+        (kernel, cc, size, shape)
+        for kernel in kernels
+        for cc in CAPABILITIES
+        for size in BLOOM_HIDDEN
+        for shape in (("3x5x7", "1x1x1", "16x16x16") if size == min(BLOOM_HIDDEN) else ("3x5x7",))
+    }
     kernels_per_cc = {cc: {row["kernel"] for row in rows if row["cc"] == cc} for cc in CAPABILITIES}
     assert len(set(map(frozenset, kernels_per_cc.values()))) == 1, kernels_per_cc
     failed = [row for row in rows if "error" in row]

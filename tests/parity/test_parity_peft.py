@@ -257,13 +257,20 @@ def test_int8_matches_peft_on_the_same_8bit_model(monkeypatch, tmp_path, family,
     ids, mask, labels = low_precision_batch("left")
     got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
     want = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    # fp16 activations: both sides round differently at ~1e-3 relative in the
-    # logits; their mean over ~30 label tokens agrees far better.
-    assert rel_err(got.logits, want.logits) < 2e-3
+    # Bounds from measurement: fastprompt vs PEFT on the same 8-bit model, these
+    # 3 families x passes x train/eval, seeds 0-2 of model, prompt and batch (30
+    # cases, CPU bitsandbytes). Both sides round their activations differently;
+    # for scale, PEFT's own int8 run is 0.25-0.35 (prompt grad) and 0.16-0.4 %
+    # (loss) from PEFT on the fp32 model (logits ~1.07 relative: the tiny random
+    # models' logits are near zero), 100x what separates fastprompt from it.
+    # logits: measured max 1.6e-3 (bloom and llama eval; most cases 1e-4-6e-4).
+    assert rel_err(got.logits, want.logits) < 3e-3
+    # loss: measured max 3.7e-5 (bloom eval); LOSS_REL 1e-4 (2.7x).
     assert_loss_close(got.loss, want.loss, LOSS_REL)
     got.loss.backward()
     want.loss.backward()
-    assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-2
+    # prompt grad: measured max 2.3e-3 (bloom; llama/qwen2 1.3e-3-1.5e-3); bound 5e-3 (was 1e-2).
+    assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 5e-3
 
 
 @pytest.mark.parametrize("family,plan", TRAINING_PASSES)

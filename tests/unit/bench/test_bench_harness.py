@@ -99,3 +99,14 @@ def test_needs_a_reference_among_two_or_more():
         Alternation({"only": lambda i: 0}, reference="only", check=equal)
     with pytest.raises(ValueError):
         Alternation({"a": lambda i: 0, "b": lambda i: 0}, reference="c", check=equal)
+
+
+def test_a_check_that_returns_a_difference_reports_the_largest():
+    differences = iter([0.1, 0.3, 0.2])
+
+    def close(reference, output):
+        return next(differences)
+
+    contest, _ = fake_contest({"ours": [1] * 3, "theirs": [1] * 3}, check=close)
+    contest.run(FakeBenchmark(), rounds=2)
+    assert contest.summary("step")["max_difference"] == 0.3
