@@ -10,12 +10,14 @@ from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from peft import get_peft_model as peft_get_peft_model
 
 import fastprompt
+from model_cache import built_once
 
 INIT_TEXT = "下面是一段人与机器人的对话。"
 # FASTPROMPT_TEST_DEVICE=cuda runs the model tests on a GPU (bench/gpu_check.sh); CPU otherwise.
 DEVICE = torch.device(os.environ.get("FASTPROMPT_TEST_DEVICE", "cpu"))
 
 
+@built_once(seeds=True)
 def random_bloom(hidden=256, layers=2, heads=2, vocab=512, seed=0, dtype=torch.float32):
     """A BLOOM built from a config with seeded weights (no tokenizer)."""
     from transformers import BloomConfig, BloomForCausalLM
@@ -61,6 +63,7 @@ FAMILY_CONFIGS = {
 FAMILIES = list(FAMILY_CONFIGS)
 
 
+@built_once(seeds=True)
 def tiny_causal_lm(family: str, vocab: int = 512, seed: int = 0, dtype=torch.float32, lively: bool = False,
                    **overrides):
     """A frozen, seeded model of ``family`` built from a config (no hub).
