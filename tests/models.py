@@ -6,6 +6,7 @@ import math
 import os
 
 import torch
+from model_cache import built_once
 from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from peft import get_peft_model as peft_get_peft_model
 
@@ -16,6 +17,7 @@ INIT_TEXT = "下面是一段人与机器人的对话。"
 DEVICE = torch.device(os.environ.get("FASTPROMPT_TEST_DEVICE", "cpu"))
 
 
+@built_once(seeds=True)
 def random_bloom(hidden=256, layers=2, heads=2, vocab=512, seed=0, dtype=torch.float32):
     """A BLOOM built from a config with seeded weights (no tokenizer)."""
     from transformers import BloomConfig, BloomForCausalLM
@@ -137,6 +139,7 @@ FAMILY_CONFIGS = {
 FAMILIES = list(FAMILY_CONFIGS)
 
 
+@built_once(seeds=True)
 def tiny_causal_lm(
     family: str, vocab: int = 512, seed: int = 0, dtype=torch.float32, lively: bool = False, **overrides
 ):

@@ -6,8 +6,9 @@ The models play the part of PEFT's ``peft-internal-testing/tiny-random-*``
 checkpoints (nothing here can reach a hub): each is built from a config with
 seeded weights, written once per session with ``save_pretrained`` next to a
 BLOOM tokenizer (the built-in ``tiny-bloom`` one, vocab 2048), and every test
-loads a fresh copy with ``AutoModelForCausalLM.from_pretrained(model_id)`` as
-PEFT's tests do, so ``_name_or_path`` and the tokenizer path are real.
+gets its own copy of ``AutoModelForCausalLM.from_pretrained(model_id)`` as
+PEFT's tests do (loaded once per session, then copied), so ``_name_or_path``
+and the tokenizer path are real.
 
 Weights: the input and output embeddings are untied and every matrix is drawn
 at a scale that keeps the residual stream from simply copying the last token.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from model_cache import built_once
 
 VOCAB = 2048  # == the tiny-bloom tokenizer's vocabulary
 NUM_VIRTUAL_TOKENS = 10  # PEFT's ALL_CONFIGS entry for PromptTuningConfig
@@ -119,7 +121,10 @@ def build_tiny_models(root: Path) -> dict[str, str]:
     return out
 
 
+@built_once(seeds=False)
 def load_base(model_id: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(model_id)`` as PEFT's tests call it (loaded once per
+    session and copied: ``_name_or_path`` and the rest are the loaded model's)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_id, **kwargs)

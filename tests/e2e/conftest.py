@@ -1,8 +1,17 @@
-"""End-to-end tests start processes, which should see the environment a user's would."""
+"""End-to-end tests start processes: what those inherit from the pytest worker is a user's environment,
+plus one thread per process."""
 
 import os
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_process(monkeypatch):
+    """The processes run tiny models too (tests/conftest.py gives this one a single torch thread):
+    two threads each would only contend with the other pytest-xdist worker for the two cores. Code
+    that picks its own thread count (the demo, torchrun's ranks, the benchmarks) still does."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

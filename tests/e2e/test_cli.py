@@ -1,4 +1,5 @@
-"""``fastprompt`` as a user runs it: subprocesses, exit codes, one-line errors, signals."""
+"""``fastprompt`` as a user runs it: subprocesses, exit codes, one-line errors, signals (the parts of a
+check that are not about the process run in-process, through ``main``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from processes import ROOT, cli_command, cli_env, run_cli, small_data
 from safetensors.torch import save_file
 
 import fastprompt
+from fastprompt.app.cli import main
 
 
 def test_generate_answers_with_an_adapter(tmp_path):
@@ -47,7 +49,17 @@ def mismatched_adapter(directory: Path) -> Path:
     return directory / "other"
 
 
-def test_user_errors_are_one_line_without_traceback(tmp_path):
+def assert_one_line_error(name, status, stderr, code, pattern):
+    assert status == code, (name, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, (name, stderr)
+    assert re.match(rf"fastprompt (train|generate): error: .*{pattern}", lines[0]), (name, lines[0])
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, monkeypatch, capsys):
+    """Each case through ``main`` in this process; the case that goes deepest (it imports and
+    loads the model and the adapter) also as the command, where anything else on stderr (a
+    traceback, an import-time warning) and the exit status are the process's own."""
     cases = {
         "missing data": (
             ["train", "--data", tmp_path / "nope.json", "--output", tmp_path / "o1"],
@@ -70,23 +82,20 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
             "has token_dim 128, but the model's hidden size is 256",
         ),
     }
-    # Each case pays the interpreter + torch start-up; run them side by side.
-    running = {
-        name: subprocess.Popen(
-            cli_command(*argv), cwd=tmp_path, env=cli_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        for name, (argv, _, _) in cases.items()
-    }
-    for name, process in running.items():
-        _, stderr = process.communicate(timeout=300)
-        _, code, pattern = cases[name]
-        assert process.returncode == code, (name, stderr)
-        lines = stderr.strip().splitlines()
-        assert len(lines) == 1, (name, stderr)
-        assert re.match(rf"fastprompt (train|generate): error: .*{pattern}", lines[0]), (name, lines[0])
+    monkeypatch.chdir(tmp_path)
+    for name, (argv, code, pattern) in cases.items():
+        try:
+            status = main([str(arg) for arg in argv])
+        except SystemExit as exited:  # argparse's usage errors
+            status = exited.code
+        assert_one_line_error(name, status, capsys.readouterr().err, code, pattern)
+
+    argv, code, pattern = cases["adapter mismatch"]
+    done = subprocess.run(cli_command(*argv), cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert_one_line_error("adapter mismatch, as a process", done.returncode, done.stderr, code, pattern)
 
 
-def test_train_survives_sigterm_and_resumes_to_the_end(tmp_path):
+def test_train_survives_sigterm_and_resumes_to_the_end(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [
         "train",
@@ -119,10 +128,11 @@ def test_train_survives_sigterm_and_resumes_to_the_end(tmp_path):
     interrupted_at = int(checkpoints[0].name.split("-")[1])
     assert 2 <= interrupted_at < 20
 
-    resumed = run_cli(*argv, "--resume", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert re.search(rf"^step {interrupted_at + 1} ", resumed.stdout, re.M)
-    assert re.search(r"^step 20 ", resumed.stdout, re.M)
+    # The resumed run reads what the interrupted process left on disk: in this process.
+    assert main([*map(str, argv), "--resume"]) == 0
+    resumed = capsys.readouterr()
+    assert re.search(rf"^step {interrupted_at + 1} ", resumed.out, re.M), resumed.err
+    assert re.search(r"^step 20 ", resumed.out, re.M)
     assert (out / "adapter_model.safetensors").is_file()
 
 
