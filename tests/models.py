@@ -169,22 +169,22 @@ def tiny_causal_lm(
 # (family, pass of a trained prompt) pairs: the generic families either packed
 # with the tokens in one body call or in two passes; BLOOM its own decoder.
 TRAINING_PASSES = [
-    (family, plan)
+    (family, training_pass)
     for family in FAMILIES
-    for plan in (["own decoder"] if family == "bloom" else ["packed", "two passes"])
+    for training_pass in (["own decoder"] if family == "bloom" else ["packed", "two passes"])
 ]
 
 
-def force_training_pass(monkeypatch, model, plan: str) -> list[str]:
-    """Make ``model`` run a trained prompt's pass as ``plan`` says (see
+def force_training_pass(monkeypatch, model, training_pass: str) -> list[str]:
+    """Make ``model`` run a trained prompt's pass as ``training_pass`` says (see
     TRAINING_PASSES) whatever the cost rule would choose; returns the list
     that records which pass each call ran ("packed" or "tokens")."""
     from fastprompt.paths import generic
 
     ran = []
-    if plan == "own decoder":
+    if training_pass == "own decoder":
         return ran
-    monkeypatch.setattr(generic, "PACKING_OVERHEAD", math.inf if plan == "packed" else -math.inf)
+    monkeypatch.setattr(generic, "PACKING_OVERHEAD", math.inf if training_pass == "packed" else -math.inf)
     path = model.paths.generic
     for name in ("packed", "tokens"):
         method = getattr(path, name)

@@ -88,26 +88,26 @@ def test_fp32_logits_loss_and_prompt_grad_match_peft(family, batch, virtual, len
 
 # Gemma2 has no sdpa attention in transformers: eager only.
 GENERIC_PASSES_BY_ATTENTION = [
-    (family, plan, attention)
-    for family, plan in TRAINING_PASSES
+    (family, training_pass, attention)
+    for family, training_pass in TRAINING_PASSES
     if family != "bloom"
     for attention in (["eager"] if family == "gemma2" else ["sdpa", "eager"])
 ]
 
 
-@pytest.mark.parametrize("family,plan,attention", GENERIC_PASSES_BY_ATTENTION)
+@pytest.mark.parametrize("family,training_pass,attention", GENERIC_PASSES_BY_ATTENTION)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_trained_prompt_in_either_pass_matches_peft(monkeypatch, family, plan, side, attention):
+def test_trained_prompt_in_either_pass_matches_peft(monkeypatch, family, training_pass, side, attention):
     """A trained prompt's pass, packed with the tokens or in two passes, with
     uneven rows, a hole in the mask and both ways attention takes a 4D mask
     (sdpa applies a boolean one, eager adds a float one)."""
     ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB, attn_implementation=attention), prompt_config(6))
-    ran = force_training_pass(monkeypatch, ours, plan)
+    ran = force_training_pass(monkeypatch, ours, training_pass)
     ids, mask, labels = padded_batch(3, 10, VOCAB, side=side, lengths=[10, 7, 4])
     mask[0, 5] = 0
     got = ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=True)
     want = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    assert ran == ["packed" if plan == "packed" else "tokens"]
+    assert ran == ["packed" if training_pass == "packed" else "tokens"]
     assert rel_err(got.logits, want.logits) < 1e-5
     assert_loss_close(got.loss, want.loss, 1e-5)
     got.loss.backward()
@@ -167,11 +167,13 @@ def test_attention_mask_with_holes_matches_peft(family):
     assert_loss_close(got.loss, want.loss, 1e-5)
 
 
-@pytest.mark.parametrize("family,plan", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "gemma2")])
+@pytest.mark.parametrize(
+    "family,training_pass", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "gemma2")]
+)
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_gives_same_gradient(monkeypatch, family, plan, use_reentrant):
+def test_gradient_checkpointing_gives_same_gradient(monkeypatch, family, training_pass, use_reentrant):
     ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(8))
-    ran = force_training_pass(monkeypatch, ours, plan)
+    ran = force_training_pass(monkeypatch, ours, training_pass)
     for model in (ours, ref):
         model.train()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
@@ -180,7 +182,7 @@ def test_gradient_checkpointing_gives_same_gradient(monkeypatch, family, plan, u
     ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     # Packing needs no cache, so checkpointed blocks may run it; the two passes
     # need one, which those blocks drop: they take the full pass instead.
-    assert ran == (["packed"] if plan == "packed" else [])
+    assert ran == (["packed"] if training_pass == "packed" else [])
     assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
 
 
@@ -243,14 +245,16 @@ def eight_bit(family, directory):
     return fastprompt.load_model(directory, load_in_8bit=True, device_map={"": DEVICE})
 
 
-@pytest.mark.parametrize("family,plan", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "qwen2")])
+@pytest.mark.parametrize(
+    "family,training_pass", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "qwen2")]
+)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_int8_matches_peft_on_the_same_8bit_model(monkeypatch, tmp_path, family, plan, mode):
+def test_int8_matches_peft_on_the_same_8bit_model(monkeypatch, tmp_path, family, training_pass, mode):
     # Skipped, not failed, where bitsandbytes is missing (the GPU image unless its wheel is carried).
     Linear8bitLt = pytest.importorskip("bitsandbytes.nn").Linear8bitLt
 
     ours, ref = pair(lambda: eight_bit(family, tmp_path / family), prompt_config(8))
-    force_training_pass(monkeypatch, ours, plan)
+    force_training_pass(monkeypatch, ours, training_pass)
     assert any(isinstance(m, Linear8bitLt) for m in ours.modules())
     getattr(ours, mode)()
     getattr(ref, mode)()
@@ -273,9 +277,9 @@ def test_int8_matches_peft_on_the_same_8bit_model(monkeypatch, tmp_path, family,
     assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 5e-3
 
 
-@pytest.mark.parametrize("family,plan", TRAINING_PASSES)
+@pytest.mark.parametrize("family,training_pass", TRAINING_PASSES)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_bf16_within_tolerance_rule_of_peft(monkeypatch, family, plan, side):
+def test_bf16_within_tolerance_rule_of_peft(monkeypatch, family, training_pass, side):
     """bf16 is judged against PEFT in fp32 on the same weights, allowed twice
     PEFT-in-bf16's own error (design.md's rule)."""
     from tolerance import assert_within_reference_error, rel_err
@@ -285,7 +289,7 @@ def test_bf16_within_tolerance_rule_of_peft(monkeypatch, family, plan, side):
     exact = peft_get_peft_model(tiny_causal_lm(family, VOCAB), config)
     ours = fastprompt.get_peft_model(tiny_causal_lm(family, VOCAB, dtype=torch.bfloat16), config)
     ref = peft_get_peft_model(tiny_causal_lm(family, VOCAB, dtype=torch.bfloat16), config)
-    force_training_pass(monkeypatch, ours, plan)
+    force_training_pass(monkeypatch, ours, training_pass)
     with torch.no_grad():
         peft_prompt(ours).copy_(peft_prompt(exact))
         peft_prompt(ref).copy_(peft_prompt(exact))

@@ -232,11 +232,13 @@ def test_bloom_is_never_packed():
 
 
 # ------------------------------------------------------------------ mixed adapters
-@pytest.mark.parametrize("family,plan", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "gpt2")])
+@pytest.mark.parametrize(
+    "family,training_pass", [case for case in TRAINING_PASSES if case[0] in ("bloom", "llama", "gpt2")]
+)
 @pytest.mark.parametrize("train", [False, True])
-def test_rows_with_different_prompts_equal_each_adapter_alone(monkeypatch, family, plan, train):
+def test_rows_with_different_prompts_equal_each_adapter_alone(monkeypatch, family, training_pass, train):
     model, _ = pair(lambda: tiny_causal_lm(family), prompt_config(6))
-    ran = force_training_pass(monkeypatch, model, plan)
+    ran = force_training_pass(monkeypatch, model, training_pass)
     model.add_adapter("other", prompt_config(6))
     with torch.no_grad():
         model.prompt_encoder["other"].embedding.weight.normal_(0, 1.0)
@@ -251,7 +253,7 @@ def test_rows_with_different_prompts_equal_each_adapter_alone(monkeypatch, famil
         return_logits=True,
         num_items_in_batch=torch.tensor(1),
     )
-    assert ran == {"packed": ["packed"], "two passes": ["tokens"]}.get(plan, [])
+    assert ran == {"packed": ["packed"], "two passes": ["tokens"]}.get(training_pass, [])
     mixed.loss.backward()
     grads = {name: model.prompt_encoder[name].embedding.weight.grad.clone() for name in ("default", "other")}
     total = torch.zeros(())
