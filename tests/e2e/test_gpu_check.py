@@ -30,7 +30,10 @@ def gpu_check(out: Path, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", "bench/gpu_check.sh", "--dry-run"],
         cwd=ROOT,
-        env=dict(os.environ, OUT=str(out), **env),
+        # Built here, not by the e2e conftest's per-test fixture: the dry run runs in a module-scoped
+        # fixture, before that one, and a worker's PYTEST_XDIST_* variables would make its benchmark
+        # steps' pytest switch benchmarks off (no op bandwidth rows).
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}, "OUT": str(out), **env},
         capture_output=True,
         text=True,
         timeout=1200,
