@@ -19,13 +19,20 @@ class PromptBatch:
     [B, P + T], the virtual tokens' ones then the attention mask (None in
     ``generate``, whose mask changes every step); ``shares_prefix``: whether
     the prompt's pass may be run once for all rows (nothing in the call must
-    see PEFT's single pass over ``cat(prompt, tokens)``: hooks, dropout)."""
+    see PEFT's single pass over ``cat(prompt, tokens)``: hooks, dropout);
+    ``keep`` [B, T] bool, the token positions a packed pass must run: the
+    real ones (every later position may attend to them) and those whose
+    final state the call reads (None: every position, as when logits are
+    returned)."""
 
     adapters: tuple[str, ...]
     adapter_of_row: torch.Tensor | None
     prompts: torch.Tensor
     key_mask: torch.Tensor | None
     shares_prefix: bool
+    keep: torch.Tensor | None = None
+    # adapter_of_row as host integers, to lay out per-row work without reading the device.
+    row_adapters: tuple[int, ...] | None = None
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -54,6 +61,13 @@ class PromptBatch:
         """[rows, P, H]: each row's prompt (a stride-0 view when all rows share one)."""
         index = self.adapter_of(rows)
         return self.prompts.expand(rows, -1, -1) if index is None else self.prompts.index_select(0, index)
+
+
+def positions_to_keep(attention_mask: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """[B, T]: the real positions and those whose final state predicts a label
+    (a pad before a labelled token: PEFT's pass computes it, so must ours)."""
+    predicts_label = labels[:, 1:] != ignore_index
+    return attention_mask.bool() | torch.nn.functional.pad(predicts_label, (0, 1))
 
 
 def with_virtual_tokens(attention_mask: torch.Tensor, num_virtual_tokens: int) -> torch.Tensor:

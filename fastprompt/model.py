@@ -37,10 +37,10 @@ from peft import PeftModel, PeftModelForCausalLM, PeftType, PromptTuningConfig, 
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import adapter_check
-from .batch import PromptBatch, with_virtual_tokens
+from .batch import PromptBatch, positions_to_keep, with_virtual_tokens
 from .eligibility import RandomDraws, has_forward_hooks, module_modes
 from .loading import names_a_directory
-from .loss import prefix_causal_lm_loss
+from .loss import IGNORE_INDEX, prefix_causal_lm_loss
 from .paths import DRAWS_RANDOM, Path, Paths, Route, make_paths
 from .paths.generic_generation import inferred_attention_mask, request_config
 from .prefix_cache import PrefixCache
@@ -252,8 +252,8 @@ class FastPromptModel(PeftModelForCausalLM):
         )
         return self.paths.choose(draws_random)
 
-    def _row_adapters(self, adapter_names, rows: int) -> tuple[tuple[str, ...], torch.Tensor | None]:
-        """(adapters, adapter_of_row): the distinct adapters of this batch and,
+    def _row_adapters(self, adapter_names, rows: int) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+        """(adapters, row_adapters): the distinct adapters of this batch and,
         when there is more than one, each row's index into them."""
         if adapter_names is None:
             return (self.active_adapter,), None
@@ -274,16 +274,20 @@ class FastPromptModel(PeftModelForCausalLM):
         if len(adapters) == 1:
             return adapters, None
         index = {name: i for i, name in enumerate(adapters)}
-        adapter_of_row = torch.tensor([index[name] for name in adapter_names], dtype=torch.long, device=self.device)
-        return adapters, adapter_of_row
+        return adapters, tuple(index[name] for name in adapter_names)
 
-    def _call(self, adapter_names, rows: int, attention_mask: torch.Tensor | None) -> tuple[Route, PromptBatch]:
+    def _call(
+        self, adapter_names, rows: int, attention_mask: torch.Tensor | None, keep: torch.Tensor | None = None
+    ) -> tuple[Route, PromptBatch]:
         """The route this call takes and its ``PromptBatch``, decided once."""
         route = self._route()
-        adapters, adapter_of_row = self._row_adapters(adapter_names, rows)
+        adapters, row_adapters = self._row_adapters(adapter_names, rows)
+        adapter_of_row = None
+        if row_adapters is not None:
+            adapter_of_row = torch.tensor(row_adapters, dtype=torch.long, device=self.device)
         prompts = torch.stack([self.soft_prompt(name) for name in adapters])
         key_mask = None if attention_mask is None else with_virtual_tokens(attention_mask, prompts.shape[1])
-        return route, PromptBatch(adapters, adapter_of_row, prompts, key_mask, route.shares_prefix)
+        return route, PromptBatch(adapters, adapter_of_row, prompts, key_mask, route.shares_prefix, keep, row_adapters)
 
     def _hidden_states(self, route: Route, batch: PromptBatch, input_ids: torch.Tensor, adapter_names):
         """The route's pass; where it shares the prompt's pass, a check that the
@@ -309,7 +313,9 @@ class FastPromptModel(PeftModelForCausalLM):
             # That was PEFT's single pass through the model's own modules already.
             return route._replace(reason=DRAWS_RANDOM), *result
         draws.undo()
-        route, batch = self._call(adapter_names, input_ids.shape[0], batch.key_mask[:, batch.num_virtual_tokens :])
+        route, batch = self._call(
+            adapter_names, input_ids.shape[0], batch.key_mask[:, batch.num_virtual_tokens :], batch.keep
+        )
         return route, *route.path.hidden_states(batch, input_ids, prefixes)
 
     # --------------------------------------------------------------- forward
@@ -379,7 +385,12 @@ class FastPromptModel(PeftModelForCausalLM):
         _check_inputs(input_ids, attention_mask, labels)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        route, batch = self._call(adapter_names, input_ids.shape[0], attention_mask.to(input_ids.device))
+        attention_mask = attention_mask.to(input_ids.device)
+        # Only the loss is computed (logits None): a packed pass may leave out pads no label needs.
+        keep = None
+        if labels is not None and torch.is_grad_enabled() and not return_logits:
+            keep = positions_to_keep(attention_mask, labels.to(input_ids.device), IGNORE_INDEX)
+        route, batch = self._call(adapter_names, input_ids.shape[0], attention_mask, keep)
         route, prefix_final, token_final, ran, unshared = self._hidden_states(route, batch, input_ids, adapter_names)
         self._record(route.path.name, ran, route.reason or unshared)
         path = route.path

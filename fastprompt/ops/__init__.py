@@ -1,8 +1,19 @@
 """Fused embedding + prompt concat (+ LayerNorm), backends loaded lazily (no triton import here); and the
 gated-MLP activation that saves less for backward."""
 
-from .dispatch import backend_info, embed_concat
+from .dispatch import backend_info, embed_concat, pack_embed
 from .gated_activation import ACTIVATIONS, gated_activation
-from .reference import embed_concat_reference
+from .packing import PackLayout, pack_layout
+from .reference import embed_concat_reference, pack_embed_reference
 
-__all__ = ["ACTIVATIONS", "backend_info", "embed_concat", "embed_concat_reference", "gated_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "PackLayout",
+    "backend_info",
+    "embed_concat",
+    "embed_concat_reference",
+    "gated_activation",
+    "pack_embed",
+    "pack_embed_reference",
+    "pack_layout",
+]

@@ -16,7 +16,8 @@ import os
 import torch
 
 from .frozen import check_frozen
-from .reference import embed_concat_reference
+from .packing import PackLayout, pack_layout
+from .reference import embed_concat_reference, pack_embed_reference
 
 IMPL_ENV_VAR = "FASTPROMPT_EMBED_IMPL"
 IMPLS = ("triton", "torch", "native")
@@ -150,3 +151,20 @@ def embed_concat(
             "fastprompt.ops.embed_concat_triton is first imported"
         )
     return triton_backend.embed_concat_triton(input_ids, weight, prompt, ln_weight, ln_bias, eps)
+
+
+def pack_embed(
+    input_ids: torch.Tensor,
+    keep: torch.Tensor | None,
+    prompts: torch.Tensor,
+    weight: torch.Tensor,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, PackLayout]:
+    """The packed sequence of a padded batch: input_ids [B, T], ``keep`` [B, T]
+    (the positions to keep; None: all), prompts [A, P, H]. Returns its
+    embeddings [A*P + K, H] (``pack_embed_reference``) and its ``PackLayout``."""
+    layout = pack_layout(keep, input_ids.shape[0], input_ids.shape[1], input_ids.device)
+    return pack_embed_reference(input_ids, layout.token_index, prompts, weight, ln_weight, ln_bias, eps), layout

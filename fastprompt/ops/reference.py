@@ -44,3 +44,24 @@ def embed_concat_reference(
         eps,
     )
     return normed.to(weight.dtype)
+
+
+def pack_embed_reference(
+    input_ids: torch.Tensor,
+    token_index: torch.Tensor,
+    prompts: torch.Tensor,
+    weight: torch.Tensor,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The packed sequence's embeddings [A*P + K, H]: the A prompts [A, P, H]
+    row after row, then ``weight[input_ids.flatten()[token_index]]``, each
+    position LayerNorm'ed as ``embed_concat_reference`` does."""
+    hidden = weight.shape[1]
+    tokens = F.embedding(input_ids.reshape(-1).index_select(0, token_index), weight)
+    rows = torch.cat([prompts.reshape(-1, hidden).to(weight.dtype), tokens])
+    if ln_weight is None:
+        return rows
+    normed = F.layer_norm(rows.float(), (hidden,), ln_weight.float(), None if ln_bias is None else ln_bias.float(), eps)
+    return normed.to(weight.dtype)

@@ -5,7 +5,7 @@ on the blocks, accelerate's placement hooks, dropout that must draw like
 PEFT's: ``paths.choose``), since it is faster than transformers' eager BLOOM
 attention. The few calls it has no pass for go to the generic path over the
 same model, which it holds: a mixed-adapter batch of one row per prompt
-(``embed_concat`` takes one prompt), and generation requests its own loop does
+(the ``whole`` pass takes one prompt), and generation requests its own loop does
 not serve.
 
 Training and evaluation never pack: BLOOM's ALiBi comes from the 2D mask, which
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ..batch import PromptBatch
-from ..ops import embed_concat
+from ..ops import pack_embed
 from ..prefix_cache import Prefix, PrefixCache
 from . import bloom_decode, generic_generation
 from .bloom_decoder import BloomDecoder, KVSegment
@@ -78,20 +78,26 @@ class BloomPath:
         return self.lm_head(hidden)
 
     # ------------------------------------------------------------ embeddings
-    def _embed(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """LayerNorm(cat(prompt, weight[ids])) per row: [B, P+T, H]."""
+    def _embed(self, input_ids: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """LayerNorm of the prompts [A, P, H] then of ``weight[ids]`` for every
+        position of ids [B, T], packed: [A*P + B*T, H]."""
         norm = self.decoder.embedding_layernorm
-        return embed_concat(input_ids, self.decoder.word_embeddings.weight, prompt, norm.weight, norm.bias, norm.eps)
+        weight = self.decoder.word_embeddings.weight
+        packed, _ = pack_embed(input_ids, None, prompts, weight, norm.weight, norm.bias, norm.eps)
+        return packed
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        no_prompt = self.decoder.word_embeddings.weight.new_empty(0, self.decoder.word_embeddings.embedding_dim)
-        return self._embed(input_ids, no_prompt)
+        weight = self.decoder.word_embeddings.weight
+        return self._embed(input_ids, weight.new_empty(0, 0, weight.shape[1])).view(*input_ids.shape, -1)
+
+    def _embed_row(self, input_ids: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """cat(prompt [P, H], tokens) for one row of ids [1, T]: [1, P+T, H]."""
+        return self._embed(input_ids, prompt[None]).view(1, prompt.shape[0] + input_ids.shape[1], -1)
 
     # ------------------------------------------------------------- the passes
     def prefix(self, prompts: torch.Tensor) -> Prefix:
         no_tokens = torch.empty(1, 0, dtype=torch.long, device=prompts.device)
-        # One prompt per adapter: the fused op takes a single prompt.
-        embeds = torch.cat([self._embed(no_tokens, prompt) for prompt in prompts])
+        embeds = self._embed(no_tokens, prompts).view(prompts.shape[0], prompts.shape[1], -1)
         ones = torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device)
         final, kv = self.decoder.forward(embeds, ones)
         return Prefix(final, _to_cache_layout(kv))
@@ -103,7 +109,7 @@ class BloomPath:
         if input_ids.shape[0] == 1 or not batch.shares_prefix:
             if batch.adapter_of_row is not None:
                 return self.generic.hidden_states(batch, input_ids, prefixes)
-            final, _ = self.decoder.forward(self._embed(input_ids, batch.prompts[0]), batch.key_mask)
+            final, _ = self.decoder.forward(self._embed_row(input_ids, batch.prompts[0]), batch.key_mask)
             return final[:, :num_virtual], final[:, num_virtual:], "whole", None
         prefix = prefixes.prefix(self, batch)
         token_final, _ = self.prefill(input_ids, batch.key_mask, prefix, batch.adapter_of_row)
@@ -127,7 +133,7 @@ class BloomPath:
         the prompt's Prefix, and the tokens' final hidden [1, T, H] and K/V as
         ``prefill`` returns them."""
         num_virtual = prompt.shape[0]
-        final, kv = self.decoder.forward(self._embed(input_ids, prompt), key_mask)
+        final, kv = self.decoder.forward(self._embed_row(input_ids, prompt), key_mask)
         kv = _to_cache_layout(kv)
         # Copies, so the cached prefix does not keep the tokens' K/V alive.
         prefix = Prefix(
