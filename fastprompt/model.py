@@ -18,6 +18,12 @@ positions go through ``lm_head`` (``loss.py``). The rule for logits:
 * otherwise (no labels, or gradients off as in ``Trainer.evaluate/predict``):
   ``logits`` ``[B, P+T, V]`` as PEFT returns them, and the loss if labels.
 
+Documents flattened into one row by a padding-free collator (``position_ids``
+restarting, ``cu_seq_lens_*`` or ``seq_idx``) are served one document at a
+time, each behind the prompt, as PEFT's pass over that document alone would
+(``documents.py``); PEFT's own forward would let them attend to each other, so
+such a call that cannot take the fast path raises instead of running it.
+
 A call the fast path cannot serve exactly runs PEFT's own code and says so
 once per reason (logger ``fastprompt``): ``inputs_embeds``, ``output_attentions``,
 ``output_hidden_states``, ``task_ids``, unknown extra arguments, or a model
@@ -38,6 +44,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import adapter_check
 from .batch import PromptBatch, positions_to_keep, with_virtual_tokens
+from .documents import BOUNDARY_KWARGS, find_documents
 from .eligibility import RandomDraws, has_forward_hooks, module_modes
 from .loading import names_a_directory
 from .loss import IGNORE_INDEX, prefix_causal_lm_loss
@@ -364,12 +371,21 @@ class FastPromptModel(PeftModelForCausalLM):
     ):
         adapter_names = kwargs.pop("adapter_names", None)
         return_logits = kwargs.pop("return_logits", False)
+        boundaries = {name: kwargs.pop(name) for name in BOUNDARY_KWARGS if name in kwargs}
         reason = self._refusal(
             input_ids, inputs_embeds, labels, output_attentions, output_hidden_states, return_dict, task_ids, kwargs
         )
+        documents = None
+        if torch.is_tensor(input_ids) and input_ids.dim() == 2 and any(v is not None for v in boundaries.values()):
+            documents = find_documents(input_ids, attention_mask, boundaries)
         if reason is not None:
             if adapter_names is not None:
                 raise ValueError(f"adapter_names needs fastprompt's fast path, which this call cannot take: {reason}")
+            if documents is not None:
+                raise ValueError(
+                    f"documents flattened into a row need fastprompt's fast path, which this call cannot take: "
+                    f"{reason} (PEFT's forward would let them attend to each other)"
+                )
             self._record(None, "peft", reason)
             return super().forward(
                 input_ids=input_ids,
@@ -381,8 +397,18 @@ class FastPromptModel(PeftModelForCausalLM):
                 return_dict=return_dict,
                 task_ids=task_ids,
                 **kwargs,
+                **boundaries,
             )
         _check_inputs(input_ids, attention_mask, labels)
+        rows = input_ids.shape[0]
+        if documents is not None:
+            # One right-padded row per document, each behind its own copy of the prompt.
+            input_ids = documents.unflatten(input_ids, fill=0)
+            attention_mask = documents.padding_mask(input_ids.device)
+            if labels is not None:
+                labels = documents.unflatten(labels.to(input_ids.device), fill=IGNORE_INDEX)
+            if adapter_names is not None:
+                adapter_names = [adapter_names[row] for row in documents.rows]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(input_ids.device)
@@ -406,9 +432,11 @@ class FastPromptModel(PeftModelForCausalLM):
                 path.softcap,
             )
         if labels is None or return_logits or not torch.is_grad_enabled():
-            hidden = torch.cat(
-                [prefix_final.expand(input_ids.shape[0], -1, -1).to(token_final.dtype), token_final], dim=1
-            )
+            if documents is not None:
+                token_final = documents.flatten(token_final)
+                if prefix_final.shape[0] > 1:
+                    prefix_final = prefix_final[documents.first_of_each_row()]
+            hidden = torch.cat([prefix_final.expand(rows, -1, -1).to(token_final.dtype), token_final], dim=1)
             logits = path.logits(hidden)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
