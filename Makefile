@@ -70,7 +70,7 @@ bench-full: native
 		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/generation.json
 	$(PYTHON) bench/report.py $(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/*.json
 
-# Native backend of the fused embed_concat op; see kernels/README.md.
+# Native backend of the packer (the fused pack_embed op); see kernels/README.md.
 native: install
 	cmake -S . -B $(NATIVE_BUILD_DIR) -DCMAKE_BUILD_TYPE=Release \
 		-DPython3_EXECUTABLE="$$($(PYTHON) -c 'import sys; print(sys.executable)')" $(NATIVE_CMAKE_ARGS)
@@ -79,7 +79,7 @@ native: install
 clean-native:
 	rm -rf $(NATIVE_BUILD_DIR) fastprompt/_native/*.so
 
-# Device code of the CUDA backend (kernels/embed_concat_cuda.cu) for each GPU generation, on any
+# Device code of the CUDA backend (kernels/pack_embed_cuda.cu) for each GPU generation, on any
 # machine with nvcc: no GPU and no CUDA build of torch needed, as the CPU wheel ships the c10/ATen
 # CUDA headers. Fails on a compile error or a register spill (ptxas's spill warning is made an
 # error). Each architecture's ptxas report (registers, spills per kernel) is written to
@@ -106,6 +106,6 @@ $(CUDA_CHECK_TARGETS): cuda-compile-check-sm_%:
 	@test -d "$(CUDA_CHECK_TORCH_INCLUDE)/ATen" || { echo "torch headers not found for $(PYTHON)"; exit 1; }
 	mkdir -p $(CUDA_CHECK_DIR)
 	$(NVCC) $(CUDA_CHECK_FLAGS) -I"$(CUDA_CHECK_TORCH_INCLUDE)" -arch=sm_$* -cubin --resource-usage \
-		-Xptxas --warn-on-spills,--warning-as-error kernels/embed_concat_cuda.cu \
+		-Xptxas --warn-on-spills,--warning-as-error kernels/pack_embed_cuda.cu \
 		-o $(CUDA_CHECK_DIR)/sm_$*.cubin > $(CUDA_CHECK_DIR)/sm_$*.log 2>&1; \
 	status=$$?; cat $(CUDA_CHECK_DIR)/sm_$*.log; exit $$status

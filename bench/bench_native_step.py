@@ -28,7 +28,7 @@ CASE = "chat-batch"
 IMPLS = ("native", "torch")
 
 if not backend_info()["native_available"]:
-    pytest.skip("native embed_concat not built (make native)", allow_module_level=True)
+    pytest.skip("native pack_embed not built (make native)", allow_module_level=True)
 if SETTING["device"] != "cpu" or not SHAPE.fast_path:
     pytest.skip("the native op runs on CPU, on fastprompt's fast path only", allow_module_level=True)
 

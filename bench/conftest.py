@@ -42,7 +42,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "load_average_1min_start_end": [_session.get("load_at_start"), round(os.getloadavg()[0], 2)],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "versions": _versions(),
-        "embed_concat_backend": backend_info(),
+        "pack_embed_backend": backend_info(),
         # The sizes too, so that bench/gpu_summary.py reads them here rather than importing transformers.
         "setting": {**setting, "label": setting_label(setting), "dims": dataclasses.asdict(dims(setting["model"]))},
     }

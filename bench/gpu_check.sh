@@ -43,16 +43,16 @@ if [[ "${1:-}" == "--dry-run" ]]; then
     # The static-cache contender runs its step uncompiled: inductor's first compile on a CPU takes
     # half a minute. The compiled step's tokens are tested in tests/parity/test_generation.py.
     export TORCH_COMPILE_DISABLE=1
-    BENCH_CASES=([bench_ops.py]="cpu-float32-B8P20T64H512V46145" [bench_training.py]="tutorial"
+    BENCH_CASES=([bench_ops.py]="cpu-float32-A1P20B8T64H512V46145K512" [bench_training.py]="tutorial"
                  [bench_generation.py]="P8-T64-B1")
-    KERNEL_TESTS=(tests/unit/ops/test_ops_embed_concat.py -k "bad_inputs")
+    KERNEL_TESTS=(tests/unit/ops/test_ops_pack_embed.py -k "bad_inputs")
     PARITY_TESTS=(tests/parity/test_parity_peft.py -k "fp32 and bloom and 3-8-12-left")
     GENERATION_TESTS=(tests/parity/test_generation.py -k "equal_the_peft_intended_path and bloom")
 else
     DEVICE=cuda MODEL=bloom-1b4-zh
     LIMIT_SCALE=1
     export FASTPROMPT_TEST_CUDA=1
-    KERNEL_TESTS=(tests/unit/ops/test_ops_embed_concat.py)
+    KERNEL_TESTS=(tests/unit/ops/test_ops_pack_embed.py)
     PARITY_TESTS=(tests/parity/test_parity_peft.py -k "fp32 or bf16 or int8 or holes")
     GENERATION_TESTS=(tests/parity/test_generation.py -k "peft_intended or bf16 or int8 or own_loop or static")
 fi

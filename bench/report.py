@@ -49,11 +49,13 @@ def provenance(data: dict) -> list[str]:
         ]
     load = ours.get("load_average_1min_start_end") or ["?", "?"]
     versions = ", ".join(f"{name} {v}" for name, v in ours["versions"].items())
+    # Results recorded before the op became the packer name it embed_concat.
+    backends = ours.get("pack_embed_backend") or ours.get("embed_concat_backend") or {}
     return [
         f"machine: {ours['cpu_model']}, {ours['logical_cpus']} logical CPUs ({ours['usable_cpus']} usable), "
         f"{ours['torch_threads']} torch threads, GPU: {ours['gpu'] or 'none'}, "
         f"1-min load average {load[0]} at start, {load[1]} at end",
-        f"versions: {versions}; embed_concat on CPU: {ours['embed_concat_backend'].get('cpu')}",
+        f"versions: {versions}; pack_embed on CPU: {backends.get('cpu')}",
         commit_line,
     ]
 

@@ -1,7 +1,7 @@
-"""Compile the Triton `embed_concat` kernels for CUDA GPUs ahead of time, on a machine without one.
+"""Compile the Triton `pack_embed` kernels for CUDA GPUs ahead of time, on a machine without one.
 
-The launches come from the real host code, not from a copy of it: while `embed_concat_forward` and
-`embed_concat_backward` run on small CPU tensors, every kernel of the module is swapped for a
+The launches come from the real host code, not from a copy of it: while `pack_embed_forward` and
+`pack_embed_backward` run on small CPU tensors, every kernel of the module is swapped for a
 recorder. They run once per hidden size asked for and per input the host accepts: table and prompt
 dtype, and LayerNorm off / weight only / weight and bias. Each recorded launch is then specialised
 the way Triton's launcher specialises it on a GPU of the target capability, and compiled by
@@ -31,16 +31,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from fastprompt.ops import embed_concat_triton
+from fastprompt.ops import pack_embed_triton
 
 LAYER_NORMS = ("none", "weight", "weight+bias")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHORT_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
 # Triton specialises integer arguments equal to 1 or divisible by 16 (a launch with such a value
-# compiles other code). The integer arguments the launches pass are the batch, P, T (and hidden
-# plus the table's row stride, both the hidden size). Each (batch, P, T) below puts every one of
-# them in one class: the general case, all equal to 1, all divisible by 16.
-ROW_SHAPES = ((3, 5, 7), (1, 1, 1), (16, 16, 16))
+# compiles other code). The integer arguments the launches pass are the prompt row count A*P (and
+# hidden plus the table's row stride, both the hidden size); the kept count K and the batch only
+# size the grid. Each (A, P, B, T) below puts A*P in one class: the general case (15), equal to 1,
+# divisible by 16; the batch rows are 1 and 16 alongside.
+ROW_SHAPES = ((3, 5, 2, 7), (1, 1, 1, 1), (1, 16, 16, 16))
 
 
 def input_dtypes(all_dtypes: bool) -> list[tuple[torch.dtype, torch.dtype, torch.dtype]]:
@@ -76,32 +77,33 @@ def recorded_launches():
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(Launch(self.kernel, args, kwargs))
 
-    kernels = {name: value for name, value in vars(embed_concat_triton).items() if isinstance(value, JITFunction)}
+    kernels = {name: value for name, value in vars(pack_embed_triton).items() if isinstance(value, JITFunction)}
     if not kernels:
         raise RuntimeError("no compilable kernels: TRITON_INTERPRET must be unset when triton is imported")
     for name, kernel in kernels.items():
-        setattr(embed_concat_triton, name, Recorder(kernel))
+        setattr(pack_embed_triton, name, Recorder(kernel))
     try:
         yield launches
     finally:
         for name, kernel in kernels.items():
-            setattr(embed_concat_triton, name, kernel)
+            setattr(pack_embed_triton, name, kernel)
 
 
 def host_launches(
-    hidden: int, ids_dtype, table_dtype, prompt_dtype, layer_norm: str, shape: tuple[int, int, int] = ROW_SHAPES[0]
+    hidden: int, ids_dtype, table_dtype, prompt_dtype, layer_norm: str, shape: tuple[int, ...] = ROW_SHAPES[0]
 ) -> list[Launch]:
-    """Every kernel launch of one forward and one backward (the prompt's gradient) for a batch
-    of `shape` = (batch, P, T)."""
-    batch, prompt_rows, tokens = shape
+    """Every kernel launch of one forward and one backward (the prompts' gradient) for A prompts
+    of P rows in front of a batch of B rows of T tokens, `shape` = (A, P, B, T), every token kept."""
+    prompts_count, prompt_rows, batch, tokens = shape
     ids = torch.zeros(batch, tokens, dtype=ids_dtype)
+    token_index = torch.arange(batch * tokens)
     weight = torch.zeros(2, hidden, dtype=table_dtype)
-    prompt = torch.zeros(prompt_rows, hidden, dtype=prompt_dtype)
+    prompts = torch.zeros(prompts_count, prompt_rows, hidden, dtype=prompt_dtype)
     ln_weight = None if layer_norm == "none" else torch.ones(hidden, dtype=table_dtype)
     ln_bias = torch.zeros(hidden, dtype=table_dtype) if layer_norm == "weight+bias" else None
     with recorded_launches() as launches:
-        out = embed_concat_triton.embed_concat_forward(ids, weight, prompt, ln_weight, ln_bias, 1e-5)
-        embed_concat_triton.embed_concat_backward(out, prompt, ln_weight, 1e-5)
+        out = pack_embed_triton.pack_embed_forward(ids, token_index, prompts, weight, ln_weight, ln_bias, 1e-5)
+        pack_embed_triton.pack_embed_backward(out, prompts, ln_weight, 1e-5)
     return launches
 
 
@@ -129,7 +131,7 @@ class CompileJob:
             "block_h": named["BLOCK_H"],
             "num_warps": self.options["num_warps"],
             # Which fastprompt was compiled: the test checks it is the checkout's.
-            "source": embed_concat_triton.__file__,
+            "source": pack_embed_triton.__file__,
         }
 
 

@@ -1,17 +1,15 @@
-"""Fused embedding + prompt concat (+ LayerNorm), backends loaded lazily (no triton import here); and the
-gated-MLP activation that saves less for backward."""
+"""The packer (prompts + kept token embeddings + optional LayerNorm in one op, backends loaded lazily:
+no triton import here), and the gated-MLP activation that saves less for backward."""
 
-from .dispatch import backend_info, embed_concat, pack_embed
+from .dispatch import backend_info, pack_embed
 from .gated_activation import ACTIVATIONS, gated_activation
 from .packing import PackLayout, pack_layout
-from .reference import embed_concat_reference, pack_embed_reference
+from .reference import pack_embed_reference
 
 __all__ = [
     "ACTIVATIONS",
     "PackLayout",
     "backend_info",
-    "embed_concat",
-    "embed_concat_reference",
     "gated_activation",
     "pack_embed",
     "pack_embed_reference",

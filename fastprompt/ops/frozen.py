@@ -1,4 +1,4 @@
-"""The one rule every `embed_concat` backend shares about gradients: only the prompt gets one.
+"""The one rule every `pack_embed` backend shares about gradients: only the prompts get one.
 
 Prompt tuning keeps the base model frozen, so no backend computes gradients for the embedding
 table or the LayerNorm parameters. A backward that returned None for a tensor that requires grad
@@ -20,7 +20,7 @@ def check_frozen(weight: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: 
     trainable = [name for name, tensor in named if tensor is not None and tensor.requires_grad]
     if trainable:
         raise ValueError(
-            "embed_concat treats the embedding table and the LayerNorm parameters as frozen and computes "
-            f"the prompt's gradient only, but these require grad: {', '.join(trainable)}. Freeze them "
+            "pack_embed treats the embedding table and the LayerNorm parameters as frozen and computes "
+            f"the prompts' gradient only, but these require grad: {', '.join(trainable)}. Freeze them "
             "(requires_grad_(False)) or call it under torch.no_grad()."
         )

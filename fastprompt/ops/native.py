@@ -1,20 +1,20 @@
-"""Native (C++/OpenMP, optionally CUDA) backend of the fused ``embed_concat`` op.
+"""Native (C++/OpenMP, optionally CUDA) backend of the packer, ``pack_embed``.
 
 The kernels live in ``kernels/`` and are built by ``make native`` into
 ``fastprompt/_native/libfastprompt_native.so`` as torch custom ops
-(``torch.ops.fastprompt.embed_concat_fwd`` / ``embed_concat_bwd``), not as a
+(``torch.ops.fastprompt.pack_embed_fwd`` / ``pack_embed_bwd``), not as a
 pybind module: the dispatcher then handles devices, and ``torch.compile`` can
 trace through them once the fake kernels below describe their outputs.
 
 Building is optional. ``available()`` loads the library at most once and
 reports ``False`` (never raises) when it is missing or unusable;
 ``load_error()`` says why, for the dispatcher's report. Call ``available()``
-once eagerly before ``torch.compile`` traces ``embed_concat_native`` (the
+once eagerly before ``torch.compile`` traces ``pack_embed_native`` (the
 dispatcher does): the load itself is file-system work dynamo cannot trace.
 
 Autograd is ``torch.library.register_autograd`` on the forward op, so eager
-and compiled code share one backward. It differentiates the prompt only:
-``embed_concat_native`` refuses a table or LayerNorm parameter that requires
+and compiled code share one backward. It differentiates the prompts only:
+``pack_embed_native`` refuses a table or LayerNorm parameter that requires
 grad (``frozen.py``) before the op runs.
 """
 
@@ -40,22 +40,25 @@ def load_error() -> str | None:
     return _load()
 
 
-def embed_concat_native(
+def pack_embed_native(
     input_ids: torch.Tensor,
+    token_index: torch.Tensor,
+    prompts: torch.Tensor,
     weight: torch.Tensor,
-    prompt: torch.Tensor,
     ln_weight: torch.Tensor | None = None,
     ln_bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Same contract as ``fastprompt.ops.reference.embed_concat_reference``."""
+    """Same contract as ``fastprompt.ops.reference.pack_embed_reference``."""
     if not available():
         raise RuntimeError(f"fastprompt native backend unavailable: {load_error()}")
     check_frozen(weight, ln_weight, ln_bias)
     if ln_weight is None:
         # The reference applies no LayerNorm, hence no bias, without ln_weight.
         ln_bias = None
-    out, _mean, _rstd = torch.ops.fastprompt.embed_concat_fwd(input_ids, weight, prompt, ln_weight, ln_bias, float(eps))
+    out, _mean, _rstd = torch.ops.fastprompt.pack_embed_fwd(
+        input_ids, token_index, prompts, weight, ln_weight, ln_bias, float(eps)
+    )
     return out
 
 
@@ -92,33 +95,32 @@ def _stats_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
-def _fake_forward(input_ids, weight, prompt, ln_weight, ln_bias, eps):
-    batch, tokens = input_ids.shape
-    rows = prompt.shape[0] + tokens
-    out = weight.new_empty((batch, rows, weight.shape[1]))
-    stats_shape = (batch, rows) if ln_weight is not None else (0,)
+def _fake_forward(input_ids, token_index, prompts, weight, ln_weight, ln_bias, eps):
+    prompt_rows = prompts.shape[0] * prompts.shape[1]
+    out = weight.new_empty((prompt_rows + token_index.shape[0], weight.shape[1]))
+    stats_shape = (prompt_rows,) if ln_weight is not None else (0,)
     stats_dtype = _stats_dtype(weight.dtype)
     return out, weight.new_empty(stats_shape, dtype=stats_dtype), weight.new_empty(stats_shape, dtype=stats_dtype)
 
 
-def _fake_backward(grad_out, input_ids, weight, prompt, ln_weight, mean, rstd):
-    return weight.new_empty(prompt.shape, dtype=prompt.dtype)
+def _fake_backward(grad_out, prompts, ln_weight, mean, rstd):
+    return prompts.new_empty(prompts.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    input_ids, weight, prompt, ln_weight, _ln_bias, _eps = inputs
+    _input_ids, _token_index, prompts, _weight, ln_weight, _ln_bias, _eps = inputs
     _out, mean, rstd = output
-    ctx.save_for_backward(input_ids, weight, prompt, ln_weight, mean, rstd)
+    ctx.save_for_backward(prompts, ln_weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    input_ids, weight, prompt, ln_weight, mean, rstd = ctx.saved_tensors
-    grad_prompt = torch.ops.fastprompt.embed_concat_bwd(grad_out, input_ids, weight, prompt, ln_weight, mean, rstd)
-    return None, None, grad_prompt, None, None, None
+    prompts, ln_weight, mean, rstd = ctx.saved_tensors
+    grad_prompts = torch.ops.fastprompt.pack_embed_bwd(grad_out, prompts, ln_weight, mean, rstd)
+    return None, None, grad_prompts, None, None, None, None
 
 
 def _register_python_side() -> None:
-    torch.library.register_fake("fastprompt::embed_concat_fwd", _fake_forward)
-    torch.library.register_fake("fastprompt::embed_concat_bwd", _fake_backward)
-    torch.library.register_autograd("fastprompt::embed_concat_fwd", _backward, setup_context=_setup_context)
+    torch.library.register_fake("fastprompt::pack_embed_fwd", _fake_forward)
+    torch.library.register_fake("fastprompt::pack_embed_bwd", _fake_backward)
+    torch.library.register_autograd("fastprompt::pack_embed_fwd", _backward, setup_context=_setup_context)

@@ -1,17 +1,17 @@
-"""Torch reference for the fused embedding op.
+"""Torch reference for the fused embedding op, the packer.
 
-`embed_concat_reference` is the single definition of what every backend of
-`embed_concat` (Triton, native C++/CUDA) must compute. Tests and benchmarks
+`pack_embed_reference` is the single definition of what every backend of
+`pack_embed` (Triton, native C++/CUDA) must compute. Tests and benchmarks
 import it from here; nothing else re-implements it.
 
-    out[b, :P]  = LN(prompt)            (LN only when ln_weight is given)
-    out[b, P:]  = LN(weight[input_ids[b]])
+    out[:A*P]  = LN(prompts.reshape(A*P, H))            (LN only when ln_weight is given)
+    out[A*P:]  = LN(weight[input_ids.flatten()[token_index]])
 
 LayerNorm statistics are taken in fp32 and the result is cast back to the
 embedding dtype, which is what BLOOM's `word_embeddings_layernorm` does under
 autocast-free bf16/fp16 (nn.LayerNorm upcasts internally on CUDA and CPU).
 
-Gradients are plain autograd's. The backends differentiate `prompt` only (the
+Gradients are plain autograd's. The backends differentiate `prompts` only (the
 table and LayerNorm are frozen, `frozen.py`), so that is the one gradient they
 are checked against.
 """
@@ -20,30 +20,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def embed_concat_reference(
-    input_ids: torch.Tensor,
-    weight: torch.Tensor,
-    prompt: torch.Tensor,
-    ln_weight: torch.Tensor | None = None,
-    ln_bias: torch.Tensor | None = None,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    batch = input_ids.shape[0]
-    tokens = F.embedding(input_ids, weight)
-    prompt_rows = prompt.to(weight.dtype).unsqueeze(0).expand(batch, -1, -1)
-    rows = torch.cat([prompt_rows, tokens], dim=1)
-    if ln_weight is None:
-        return rows
-    normed = F.layer_norm(
-        rows.float(),
-        (rows.shape[-1],),
-        ln_weight.float(),
-        None if ln_bias is None else ln_bias.float(),
-        eps,
-    )
-    return normed.to(weight.dtype)
 
 
 def pack_embed_reference(
@@ -57,7 +33,7 @@ def pack_embed_reference(
 ) -> torch.Tensor:
     """The packed sequence's embeddings [A*P + K, H]: the A prompts [A, P, H]
     row after row, then ``weight[input_ids.flatten()[token_index]]``, each
-    position LayerNorm'ed as ``embed_concat_reference`` does."""
+    position LayerNorm'ed when ``ln_weight`` is given."""
     hidden = weight.shape[1]
     tokens = F.embedding(input_ids.reshape(-1).index_select(0, token_index), weight)
     rows = torch.cat([prompts.reshape(-1, hidden).to(weight.dtype), tokens])

@@ -1,6 +1,6 @@
 """The CUDA backend's device code compiles for every GPU generation we target, without spills.
 
-`make cuda-compile-check` compiles kernels/embed_concat_cuda.cu to one cubin per architecture
+`make cuda-compile-check` compiles kernels/pack_embed_cuda.cu to one cubin per architecture
 with nvcc. It needs no GPU and no CUDA build of torch, only nvcc, so the test is skipped where
 nvcc is missing. The target itself fails on a spill; the test also reads each architecture's
 ptxas report, checks it, and publishes the register/spill table.
@@ -112,10 +112,10 @@ def test_cuda_kernels_compile_for_every_gpu_generation_without_spills(request, t
         for (kernel, arch), row in sorted(by_kernel.items())
     ]
     title = (
-        f"CUDA embed_concat, nvcc for sm_{', sm_'.join(archs)}: {len(by_kernel)} kernels "
+        f"CUDA pack_embed, nvcc for sm_{', sm_'.join(archs)}: {len(by_kernel)} kernels "
         f"in {elapsed:.0f} s with make -j{jobs}"
     )
-    publish(request.config, "cuda_embed_concat", title, "\n".join(summary), "\n".join(details))
+    publish(request.config, "cuda_pack_embed", title, "\n".join(summary), "\n".join(details))
 
     spills = [f"{kernel} sm_{arch}: {row}" for (kernel, arch), row in by_kernel.items() if spilled(row)]
     assert not spills, "register spills:\n" + "\n".join(spills)

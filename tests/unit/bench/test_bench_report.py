@@ -18,7 +18,7 @@ MACHINE = {
         "load_average_1min_start_end": [0.5, 1.5],
         "gpu": None,
         "versions": {"torch": "2.13.0", "peft": "0.21.2"},
-        "embed_concat_backend": {"cpu": "native"},
+        "pack_embed_backend": {"cpu": "native"},
     }
 }
 

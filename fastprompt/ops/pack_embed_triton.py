@@ -1,21 +1,20 @@
-"""Triton kernels for `embed_concat`: gather + prompt concat + optional LayerNorm in one pass.
+"""Triton kernels for `pack_embed`: the packed sequence's embeddings, gather + prompts + optional
+LayerNorm in one pass.
 
-Trade-off. The unfused path (`reference.embed_concat_reference`) writes the gathered token rows,
-copies them again into the concatenated tensor, upcasts that to fp32 for LayerNorm and writes the
-result once more; its backward runs the LayerNorm backward over all B*(P+T) rows and only then
-slices and sums the prompt part. Here the forward is one program per output row that reads its
-source row (prompt row or `weight[id]`), normalises it in registers and writes the output once.
+Trade-off. The unfused path (`reference.pack_embed_reference`) gathers the kept ids, writes the
+gathered rows, copies them again behind the prompts with `cat`, upcasts that to fp32 for LayerNorm
+and writes the result once more; its backward runs the LayerNorm backward over all A*P + K rows and
+then slices the prompt part. Here the forward is one program per output row that reads its source
+row (a prompt row, or `weight[ids_flat[token_index[k]]]`), normalises it in registers and writes the
+output once, straight into the packed buffer.
 
-The backward computes the prompt's gradient only: the table and the LayerNorm parameters are
-frozen (`frozen.check_frozen`), so token rows cost nothing. It exploits two facts. LayerNorm's
-backward is linear in the incoming gradient for a fixed input, and a prompt row is the same input
-for every batch item, so the prompt gradient is one LayerNorm backward applied to the batch-sum of
-the output gradient: one program per prompt row loops over the batch accumulating in fp32, so no
-[B, P, H] temporary exists.
+The backward computes the prompts' gradient only: the table and the LayerNorm parameters are frozen
+(`frozen.check_frozen`), so token rows cost nothing. Each prompt row appears once in the packed
+sequence, so its gradient is one LayerNorm backward of its own output row: one program per prompt
+row, statistics recomputed from the prompt (A*P rows: cheaper than saving them). Without LayerNorm
+the gradient is the first A*P rows of grad_out, cast to the prompts' dtype, and no kernel runs.
 
-What we give up: a whole row must fit one program (H <= 65536), and the prompt backward has only
-P programs, so for large B it is latency-bound rather than bandwidth-bound; it still reads just
-B*P*H gradient elements, far less than the unfused backward moves.
+What we give up: a whole row must fit one program (H <= 65536).
 """
 
 from __future__ import annotations
@@ -67,15 +66,15 @@ def _layer_norm_input_grad(x_hat, weighted_grad, rstd, hidden):
 
 
 @triton.jit
-def _embed_concat_fwd_kernel(
+def _pack_embed_fwd_kernel(
     ids_ptr,
+    token_index_ptr,
+    prompts_ptr,
     weight_ptr,
-    prompt_ptr,
     ln_weight_ptr,
     ln_bias_ptr,
     out_ptr,
-    n_prompt,
-    n_tokens,
+    n_prompt_rows,
     hidden,
     weight_row_stride,
     eps,
@@ -84,10 +83,7 @@ def _embed_concat_fwd_kernel(
     BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0)
-    seq = n_prompt + n_tokens
-    batch_idx = row // seq
-    pos = row % seq
-    is_prompt = pos < n_prompt
+    is_prompt = row < n_prompt_rows
     cols = tl.arange(0, BLOCK_H)
     col_mask = cols < hidden
 
@@ -95,11 +91,12 @@ def _embed_concat_fwd_kernel(
     # data-dependent branch. Masks are built as `cols < width` with a per-source width because the
     # interpreter mishandles `vector_mask & scalar_mask`.
     token_width = tl.where(is_prompt, 0, hidden)
-    token_id = tl.load(ids_ptr + batch_idx * n_tokens + (pos - n_prompt), mask=pos >= n_prompt, other=0)
+    flat = tl.load(token_index_ptr + (row - n_prompt_rows), mask=row >= n_prompt_rows, other=0)
+    token_id = tl.load(ids_ptr + flat, mask=row >= n_prompt_rows, other=0)
     token_row = tl.load(
         weight_ptr + token_id.to(tl.int64) * weight_row_stride + cols, mask=cols < token_width, other=0.0
     )
-    prompt_row = tl.load(prompt_ptr + pos * hidden + cols, mask=cols < hidden - token_width, other=0.0)
+    prompt_row = tl.load(prompts_ptr + row.to(tl.int64) * hidden + cols, mask=cols < hidden - token_width, other=0.0)
     # The prompt is rounded to the embedding dtype first, exactly as the reference does.
     out_dtype = out_ptr.dtype.element_ty
     x = tl.where(is_prompt, _cast_rne(prompt_row, out_dtype), token_row).to(tl.float32)
@@ -118,82 +115,68 @@ def _embed_concat_fwd_kernel(
 @triton.jit
 def _prompt_grad_kernel(
     grad_out_ptr,
-    prompt_ptr,
+    prompts_ptr,
     ln_weight_ptr,
-    grad_prompt_ptr,
-    batch,
-    n_prompt,
-    n_tokens,
+    grad_prompts_ptr,
     hidden,
     eps,
-    HAS_LN: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    p = tl.program_id(0)
-    seq = n_prompt + n_tokens
+    row = tl.program_id(0)
+    offset = row.to(tl.int64) * hidden
     cols = tl.arange(0, BLOCK_H)
     col_mask = cols < hidden
 
-    grad_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for b in range(0, batch):
-        offset = (b * seq + p).to(tl.int64) * hidden
-        grad_sum += tl.load(grad_out_ptr + offset + cols, mask=col_mask, other=0.0).to(tl.float32)
-
-    if HAS_LN:
-        # Statistics are recomputed from the prompt: the forward saves none, the row is identical
-        # for every item, and this keeps B = 0 free of special cases.
-        x = tl.load(prompt_ptr + p * hidden + cols, mask=col_mask, other=0.0)
-        x = _cast_rne(x, grad_out_ptr.dtype.element_ty).to(tl.float32)
-        mean, rstd = _layer_norm_stats(x, col_mask, hidden, eps)
-        x_hat = tl.where(col_mask, (x - mean) * rstd, 0.0)
-        ln_w = tl.load(ln_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        grad_prompt = _layer_norm_input_grad(x_hat, ln_w * grad_sum, rstd, hidden)
-    else:
-        grad_prompt = grad_sum
-    tl.store(
-        grad_prompt_ptr + p * hidden + cols, _cast_rne(grad_prompt, grad_prompt_ptr.dtype.element_ty), mask=col_mask
-    )
+    grad = tl.load(grad_out_ptr + offset + cols, mask=col_mask, other=0.0).to(tl.float32)
+    x = tl.load(prompts_ptr + offset + cols, mask=col_mask, other=0.0)
+    x = _cast_rne(x, grad_out_ptr.dtype.element_ty).to(tl.float32)
+    mean, rstd = _layer_norm_stats(x, col_mask, hidden, eps)
+    x_hat = tl.where(col_mask, (x - mean) * rstd, 0.0)
+    ln_w = tl.load(ln_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    grad_prompt = _layer_norm_input_grad(x_hat, ln_w * grad, rstd, hidden)
+    tl.store(grad_prompts_ptr + offset + cols, _cast_rne(grad_prompt, grad_prompts_ptr.dtype.element_ty), mask=col_mask)
 
 
 def interpreted() -> bool:
     """True when TRITON_INTERPRET=1 was set as these kernels were decorated: they then run on CPU
     tensors through Triton's numpy interpreter (and cannot take CUDA tensors)."""
-    return not isinstance(_embed_concat_fwd_kernel, triton.runtime.JITFunction)
+    return not isinstance(_pack_embed_fwd_kernel, triton.runtime.JITFunction)
 
 
 def _launch_settings(hidden: int) -> tuple[int, int]:
     if hidden > MAX_HIDDEN:
-        raise ValueError(f"embed_concat_triton supports hidden size <= {MAX_HIDDEN}, got {hidden}")
+        raise ValueError(f"pack_embed_triton supports hidden size <= {MAX_HIDDEN}, got {hidden}")
     block = triton.next_power_of_2(hidden)
     # Enough warps that each thread holds a handful of elements of the row.
     num_warps = max(1, min(16, block // 256))
     return block, num_warps
 
 
-def embed_concat_forward(
+def pack_embed_forward(
     input_ids: torch.Tensor,
+    token_index: torch.Tensor,
+    prompts: torch.Tensor,
     weight: torch.Tensor,
-    prompt: torch.Tensor,
     ln_weight: torch.Tensor | None,
     ln_bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    """Launch the forward kernel. Returns out [B, P+T, H]."""
-    batch, n_tokens = input_ids.shape
-    n_prompt, hidden = prompt.shape
+    """Launch the forward kernel. Returns out [A*P + K, H]."""
+    hidden = weight.shape[1]
+    n_prompt_rows = prompts.shape[0] * prompts.shape[1]
     block, num_warps = _launch_settings(hidden)
-    out = torch.empty(batch, n_prompt + n_tokens, hidden, dtype=weight.dtype, device=weight.device)
-    n_rows = batch * (n_prompt + n_tokens)
-    if n_rows:
-        _embed_concat_fwd_kernel[(n_rows,)](
+    n_rows = n_prompt_rows + token_index.shape[0]
+    out = torch.empty(n_rows, hidden, dtype=weight.dtype, device=weight.device)
+    if n_rows and hidden:
+        _pack_embed_fwd_kernel[(n_rows,)](
             input_ids,
+            token_index,
+            prompts,
             weight,
-            prompt,
             ln_weight,
             ln_bias,
             out,
-            n_prompt,
-            n_tokens,
+            n_prompt_rows,
             hidden,
             weight.stride(0),
             eps,
@@ -205,71 +188,71 @@ def embed_concat_forward(
     return out
 
 
-def embed_concat_backward(
+def pack_embed_backward(
     grad_out: torch.Tensor,
-    prompt: torch.Tensor,
+    prompts: torch.Tensor,
     ln_weight: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    """Launch the prompt-gradient kernel. Returns grad_prompt [P, H] in prompt's dtype."""
-    grad_out = grad_out.contiguous()
-    batch, rows_per_item, _ = grad_out.shape
-    n_prompt, hidden = prompt.shape
+    """The prompts' gradient [A, P, H] in their dtype, from the first A*P rows of grad_out."""
+    hidden = grad_out.shape[1]
+    n_prompt_rows = prompts.shape[0] * prompts.shape[1]
+    prompt_grad_out = grad_out[:n_prompt_rows]
+    if ln_weight is None:
+        return prompt_grad_out.to(prompts.dtype, copy=True).reshape(prompts.shape)
     block, num_warps = _launch_settings(hidden)
-    grad_prompt = torch.empty_like(prompt)
-    if n_prompt:
-        _prompt_grad_kernel[(n_prompt,)](
-            grad_out,
-            prompt,
+    grad_prompts = torch.empty_like(prompts)
+    if n_prompt_rows and hidden:
+        _prompt_grad_kernel[(n_prompt_rows,)](
+            prompt_grad_out.contiguous(),
+            prompts,
             ln_weight,
-            grad_prompt,
-            batch,
-            n_prompt,
-            rows_per_item - n_prompt,
+            grad_prompts,
             hidden,
             eps,
-            HAS_LN=ln_weight is not None,
             BLOCK_H=block,
             num_warps=num_warps,
         )
-    return grad_prompt
+    return grad_prompts
 
 
-class EmbedConcatTriton(torch.autograd.Function):
-    """Differentiable in `prompt` only; `embed_concat_triton` refuses a table or LayerNorm parameter
+class PackEmbedTriton(torch.autograd.Function):
+    """Differentiable in `prompts` only; `pack_embed_triton` refuses a table or LayerNorm parameter
     that requires grad before applying it."""
 
     @staticmethod
-    def forward(ctx, input_ids, weight, prompt, ln_weight, ln_bias, eps):
-        ctx.save_for_backward(prompt, ln_weight)
+    def forward(ctx, input_ids, token_index, prompts, weight, ln_weight, ln_bias, eps):
+        ctx.save_for_backward(prompts, ln_weight)
         ctx.eps = eps
-        return embed_concat_forward(input_ids, weight, prompt, ln_weight, ln_bias, eps)
+        return pack_embed_forward(input_ids, token_index, prompts, weight, ln_weight, ln_bias, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        prompt, ln_weight = ctx.saved_tensors
-        return None, None, embed_concat_backward(grad_out, prompt, ln_weight, ctx.eps), None, None, None
+        prompts, ln_weight = ctx.saved_tensors
+        return None, None, pack_embed_backward(grad_out, prompts, ln_weight, ctx.eps), None, None, None, None
 
 
-def embed_concat_triton(
+def pack_embed_triton(
     input_ids: torch.Tensor,
+    token_index: torch.Tensor,
+    prompts: torch.Tensor,
     weight: torch.Tensor,
-    prompt: torch.Tensor,
     ln_weight: torch.Tensor | None = None,
     ln_bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Fused `embed_concat_reference`; inputs are assumed validated (see `dispatch.embed_concat`)."""
+    """Fused `pack_embed_reference`; inputs are assumed validated (see `dispatch.pack_embed`)."""
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"embed_concat_triton supports fp32, fp16 and bf16 weights, got {weight.dtype}")
+        raise TypeError(f"pack_embed_triton supports fp32, fp16 and bf16 weights, got {weight.dtype}")
     check_frozen(weight, ln_weight, ln_bias)
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    return EmbedConcatTriton.apply(
+    return PackEmbedTriton.apply(
         input_ids.contiguous(),
+        token_index.contiguous(),
+        prompts.contiguous(),
         weight,
-        prompt.contiguous(),
         None if ln_weight is None else ln_weight.contiguous(),
         None if ln_bias is None else ln_bias.contiguous(),
         float(eps),
