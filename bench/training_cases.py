@@ -15,13 +15,18 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_
 DEMO_DATA_ENV = "FASTPROMPT_BENCH_DEMO_DATA"
 
 # batch, virtual tokens, real tokens (None: real alpaca_zh samples, MAX_LENGTH
-# 256, ~200 tokens), which labels are kept. The shapes of issue 11, whose
-# BLOOM-1b4-zh measurements these continue.
+# 256, ~200 tokens), which labels are kept. The first three are the shapes of
+# issue 11, whose BLOOM-1b4-zh measurements these continue. alpaca-ragged
+# (issue 20): the tutorial's samples 8 to a batch in a seeded random order,
+# padded to the longest row, where padding-free packing has pads to skip.
 CASES = {
     "tutorial": dict(batch=1, virtual=8, length=None, labels="response"),
     "chat-batch": dict(batch=4, virtual=20, length=128, labels="second_half"),
     "classify": dict(batch=8, virtual=100, length=32, labels="last"),
+    "alpaca-ragged": dict(batch=8, virtual=8, length=None, labels="response"),
 }
+# The order in which alpaca-ragged draws its batches (torch.randperm's seed).
+RAGGED_ORDER_SEED = 0
 CONTENDERS = ("fastprompt", "peft")
 
 
@@ -47,7 +52,14 @@ def data_source(case: str) -> str:
     path = tutorial_data_path()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     kind = "real alpaca_zh samples" if path == SHARED_DATA else f"bundled demo data ({DEMO_DATA_ENV}=1)"
-    return f"{kind}: {path.name}, sha256 {digest}, tiny-bloom's tokenizer, MAX_LENGTH 256"
+    source = f"{kind}: {path.name}, sha256 {digest}, tiny-bloom's tokenizer, MAX_LENGTH 256"
+    if CASES[case]["batch"] > 1:
+        source += (
+            f"; {CASES[case]['batch']} per batch in a random order (torch.randperm, seed {RAGGED_ORDER_SEED}), "
+            "padded to the longest row by transformers' DataCollatorForSeq2Seq (the tokenizer's side, left; "
+            "labels -100 on the instruction and the pads)"
+        )
+    return source
 
 
 def random_batches(count: int, batch: int, length: int, labels: str, vocab_size: int, device="cpu") -> list[dict]:
@@ -73,12 +85,30 @@ def make_batches(case: str, count: int, vocab_size: int, device="cpu") -> list[d
         # The tutorial's preprocessing (template, -100 on the instruction, eos,
         # MAX_LENGTH) through tiny-bloom's tokenizer, whose ids fit every
         # benchmark model's vocabulary.
-        data = load_alpaca(tutorial_data_path(), fastprompt.load_model("tiny-bloom").tokenizer)
-        return [
-            {key: torch.tensor([values], device=device) for key, values in data[index].items()}
-            for index in range(count)
-        ]
+        tokenizer = fastprompt.load_model("tiny-bloom").tokenizer
+        data = load_alpaca(tutorial_data_path(), tokenizer)
+        if spec["batch"] == 1:
+            return [
+                {key: torch.tensor([values], device=device) for key, values in data[index].items()}
+                for index in range(count)
+            ]
+        return ragged_batches(data, tokenizer, count, spec["batch"], device)
     return random_batches(count, spec["batch"], spec["length"], spec["labels"], vocab_size, device)
+
+
+def ragged_batches(data, tokenizer, count: int, batch: int, device="cpu") -> list[dict]:
+    """``count`` batches of ``batch`` examples in a seeded random order, each
+    padded to its longest row as a Trainer's DataCollatorForSeq2Seq pads them."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if count * batch > len(data):
+        raise ValueError(f"{count} batches of {batch} need {count * batch} examples, the data has {len(data)}")
+    collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", return_tensors="pt")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(RAGGED_ORDER_SEED)).tolist()
+    return [
+        {key: value.to(device) for key, value in collate([data[i] for i in order[k * batch : (k + 1) * batch]]).items()}
+        for k in range(count)
+    ]
 
 
 def trained_tokens(batch: dict) -> int:
@@ -87,9 +117,16 @@ def trained_tokens(batch: dict) -> int:
 
 
 def step_shape(batch: dict, virtual: int) -> dict:
-    """A batch as ``flop_count.training_step`` counts it."""
+    """A batch as ``flop_count.training_step`` counts it: each row's real
+    length too, which the packed pass computes and PEFT pads to the longest."""
     rows, tokens = batch["input_ids"].shape
-    return dict(batch=rows, prompt=virtual, tokens=tokens, labelled=int((batch["labels"] != -100).sum()))
+    return dict(
+        batch=rows,
+        prompt=virtual,
+        tokens=tokens,
+        labelled=int((batch["labels"] != -100).sum()),
+        lengths=batch["attention_mask"].sum(dim=1).tolist(),
+    )
 
 
 def make_contender(name: str, base, virtual: int):
