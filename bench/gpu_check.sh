@@ -45,7 +45,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
     export TORCH_COMPILE_DISABLE=1
     BENCH_CASES=([op_bandwidth]="cpu-float32-B8P20T64H512V46145" [training_bf16]="tutorial or method_comparison"
                  [training_int8]="tutorial" [generation_bf16]="P8-T64-B1" [generation_int8]="P8-T64-B1")
-    # The method comparison's plumbing at a tiny width (its full-width quick shape takes a CPU 30 s).
+    # The method comparison's plumbing at a tiny width (its quick shape takes a busy CPU 30-80 s).
     export FASTPROMPT_BENCH_MC_MODEL=llama-tiny
     KERNEL_TESTS=(tests/unit/ops/test_ops_embed_concat.py -k "bad_inputs")
     PARITY_TESTS=(tests/parity/test_parity_peft.py -k "fp32 and bloom and 3-8-12-left")
@@ -134,7 +134,9 @@ tests generation 40 "${GENERATION_TESTS[@]}"
 # (bench_method_comparison.py: Llama-3.2-3B's shape, all 28 layers, fastprompt vs PEFT prompt tuning,
 # LoRA r32 and prefix tuning), in the same interpreter: its four models share one set of weights,
 # and the step's budget grows by its ~20 steps of a 3B model plus one model init, and alpaca-ragged's
-# dozen small steps (15 s, from env, op_bandwidth and generation_int8: 5 s each)
+# dozen small steps (15 s, from env, op_bandwidth and generation_int8: 5 s each; estimates: no GPU
+# has run these yet). Its table sets PEFT's published figures (an L40S; method_comparison.PUBLISHED,
+# which cites PEFT's results files) beside each PEFT method's row.
 bench op_bandwidth 25 float32 bench_ops.py
 bench training_bf16 80 bfloat16 "bench_training.py bench_method_comparison.py"
 bench training_int8 65 int8 bench_training.py
