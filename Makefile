@@ -49,6 +49,8 @@ bench: native
 		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/training.json
 	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_generation.py \
 		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/generation.json
+	FASTPROMPT_BENCH_MC_MODEL=llama-3.2-3b-quick $(BENCH_PYTEST) bench/bench_method_comparison.py \
+		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/method_comparison-quick.json
 	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_ops.py bench/bench_native_step.py \
 		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/ops.json
 	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_scaling.py \
@@ -69,6 +71,22 @@ bench-full: native
 	FASTPROMPT_BENCH_MODEL=$(BENCH_FULL_MODEL) $(BENCH_PYTEST) bench/bench_generation.py \
 		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/generation.json
 	$(PYTHON) bench/report.py $(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/*.json
+
+# PEFT's method comparison (bench/method_comparison.py): Llama-3.2-3B's shape with random weights,
+# fastprompt vs PEFT prompt tuning, LoRA r32 and prefix tuning. On a CPU at BENCH_MC_LAYERS of its
+# 28 layers (the FLOP bound is also given at full depth); BENCH_MC_DTYPE=bfloat16 as PEFT runs it.
+# BENCH_MC_MODEL=llama-3.2-3b-quick: the smoke test (2 narrow layers, seconds a round).
+BENCH_MC_MODEL ?= llama-3.2-3b
+BENCH_MC_LAYERS ?= 2
+BENCH_MC_DTYPE ?= float32
+.PHONY: bench-method-comparison
+bench-method-comparison: native
+	$(PYTHON) -m pip install -qq "torch==2.13.0" -e ".[dev,bench]"
+	mkdir -p $(BENCH_RESULTS)/$(BENCH_MC_MODEL)
+	FASTPROMPT_BENCH_MC_MODEL=$(BENCH_MC_MODEL) FASTPROMPT_BENCH_MC_LAYERS=$(BENCH_MC_LAYERS) \
+		FASTPROMPT_BENCH_DTYPE=$(BENCH_MC_DTYPE) $(BENCH_PYTEST) bench/bench_method_comparison.py \
+		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_MC_MODEL)/method_comparison-$(BENCH_MC_LAYERS)-layers-$(BENCH_MC_DTYPE).json
+	$(PYTHON) bench/report.py $(BENCH_RESULTS)/$(BENCH_MC_MODEL)/method_comparison-*.json
 
 # Native backend of the packer (the fused pack_embed op); see kernels/README.md.
 native: install

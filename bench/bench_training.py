@@ -39,7 +39,8 @@ SETTING = model_shapes.setting_from_env()
 SHAPE = model_shapes.SHAPES[SETTING["model"]]
 # Quick run: enough rounds for stable medians. Real shapes: a step takes
 # seconds to tens of seconds on a CPU, so a few alternated rounds.
-ROUNDS = {"tutorial": 16, "chat-batch": 6, "classify": 6} if SHAPE.quick else dict.fromkeys(CASES, 3)
+QUICK_ROUNDS = {"tutorial": 16, "chat-batch": 6, "classify": 6, "alpaca-ragged": 6}
+ROUNDS = QUICK_ROUNDS if SHAPE.quick else dict.fromkeys(CASES, 3)
 
 
 @pytest.mark.parametrize("case", list(CASES))

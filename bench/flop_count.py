@@ -27,6 +27,15 @@ computes ``lm_head`` on each row's last position in both; fastprompt's cached
 prefix skips the prompt positions altogether, a cold cache runs them once.
 A family without a fast path in fastprompt (``fast_path=False``) runs PEFT's
 code, so its bound is 1.
+
+Ragged batches (rows of different real lengths, padded to the longest row T):
+PEFT computes every padded position, B·(P+T); fastprompt's packed pass needs
+only P + Σ len_i (each row's real tokens over its prompt and its own earlier
+tokens). The method comparison (``bench_method_comparison.py``) adds PEFT's
+other methods on the same batches: LoRA runs B·T positions plus its rank-r
+matrices on q_proj and v_proj (trained: their weight gradients count too);
+prefix tuning runs B·T positions, each attending to P extra keys per layer
+(stored keys and values: no projection), so only attention grows with P.
 """
 
 from __future__ import annotations
@@ -97,16 +106,56 @@ def head(dims: Dims, rows: int, backward: bool) -> int:
     return 2 * flops if backward else flops
 
 
-def training_step(dims: Dims, contender: str, *, batch: int, prompt: int, tokens: int, labelled: int) -> int:
-    """One step over a [batch, tokens] batch with ``labelled`` labels != -100."""
+def training_step(
+    dims: Dims,
+    contender: str,
+    *,
+    batch: int,
+    prompt: int,
+    tokens: int,
+    labelled: int,
+    lengths: list[int] | None = None,
+) -> int:
+    """One step over a [batch, tokens] batch with ``labelled`` labels != -100;
+    ``lengths``: each row's real tokens when the rows are padded to ``tokens``
+    (None: no padding). ``contender``: "peft" (prompt tuning) or "fastprompt"."""
     length = prompt + tokens
     if contender == "peft":
         return body(dims, batch * length, length, True) + head(dims, batch * length, True)
+    lengths = lengths or [tokens] * batch
     if batch == 1:
-        work = body(dims, length, length, True)
+        work = body(dims, prompt + lengths[0], prompt + lengths[0], True)
     else:
-        work = body(dims, prompt, prompt, True) + body(dims, batch * tokens, length, True)
+        work = body(dims, prompt, prompt, True) + sum(body(dims, real, prompt + real, True) for real in lengths)
     return work + head(dims, labelled, True)
+
+
+def lora_extra(dims: Dims, positions: int, rank: int) -> int:
+    """LoRA's own FLOPs on q_proj and v_proj: x·A then ·B per position, three
+    times over in a step (forward, input gradient, and the gradients of A and B,
+    which are trained)."""
+    query = dims.hidden + dims.heads * dims.head_dim  # A is hidden x r, B is r x the projection's outputs
+    value = dims.hidden + dims.kv_heads * dims.head_dim
+    per_position = 2 * rank * (query + value)
+    return 3 * dims.layers * positions * per_position
+
+
+def method_step(dims: Dims, method: str, *, batch: int, prompt: int, tokens: int, labelled: int, lengths=None, rank=32):
+    """One training step of a PEFT method on a [batch, tokens] batch padded to
+    ``tokens``: "prompt_tuning" (PEFT), "fastprompt" (``training_step``'s),
+    "lora" (rank ``rank`` on q_proj/v_proj; no virtual tokens) or
+    "prefix_tuning" (``prompt`` stored keys/values in every layer)."""
+    if method in ("prompt_tuning", "fastprompt"):
+        contender = "peft" if method == "prompt_tuning" else "fastprompt"
+        return training_step(
+            dims, contender, batch=batch, prompt=prompt, tokens=tokens, labelled=labelled, lengths=lengths
+        )
+    positions = batch * tokens
+    if method == "lora":
+        return body(dims, positions, tokens, True) + lora_extra(dims, positions, rank) + head(dims, positions, True)
+    if method == "prefix_tuning":
+        return body(dims, positions, prompt + tokens, True) + head(dims, positions, True)
+    raise ValueError(f"unknown method {method!r}")
 
 
 def training_bound(dims: Dims, steps: Iterable[dict], fast_path: bool = True) -> float:

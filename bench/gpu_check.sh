@@ -26,7 +26,7 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 : > "$OUT/steps.tsv"
 
-# The benchmark cases a run selects per suite (a pytest -k expression); none on the GPU: every case.
+# The benchmark cases a run selects per step (a pytest -k expression); none on the GPU: every case.
 declare -A BENCH_CASES=()
 if [[ "${1:-}" == "--dry-run" ]]; then
     DEVICE=cpu MODEL=bloom-tiny
@@ -43,8 +43,10 @@ if [[ "${1:-}" == "--dry-run" ]]; then
     # The static-cache contender runs its step uncompiled: inductor's first compile on a CPU takes
     # half a minute. The compiled step's tokens are tested in tests/parity/test_generation.py.
     export TORCH_COMPILE_DISABLE=1
-    BENCH_CASES=([bench_ops.py]="cpu-float32-A1P20B8T64H512V46145K512" [bench_training.py]="tutorial"
-                 [bench_generation.py]="P8-T64-B1")
+    BENCH_CASES=([op_bandwidth]="cpu-float32-A1P20B8T64H512V46145K512" [training_bf16]="tutorial or method_comparison"
+                 [training_int8]="tutorial" [generation_bf16]="P8-T64-B1" [generation_int8]="P8-T64-B1")
+    # The method comparison's plumbing at a tiny width (its quick shape takes a busy CPU 30-80 s).
+    export FASTPROMPT_BENCH_MC_MODEL=llama-tiny
     KERNEL_TESTS=(tests/unit/ops/test_ops_pack_embed.py -k "bad_inputs")
     PARITY_TESTS=(tests/parity/test_parity_peft.py -k "fp32 and bloom and 3-8-12-left")
     GENERATION_TESTS=(tests/parity/test_generation.py -k "equal_the_peft_intended_path and bloom")
@@ -53,6 +55,8 @@ else
     LIMIT_SCALE=1
     export FASTPROMPT_TEST_CUDA=1
     KERNEL_TESTS=(tests/unit/ops/test_ops_pack_embed.py)
+    # 8-bit steps cost seconds each here: the ragged alpaca case runs in bf16 only.
+    BENCH_CASES=([training_int8]="not alpaca-ragged")
     PARITY_TESTS=(tests/parity/test_parity_peft.py -k "fp32 or bf16 or int8 or holes")
     GENERATION_TESTS=(tests/parity/test_generation.py -k "peft_intended or bf16 or int8 or own_loop or static")
 fi
@@ -103,34 +107,42 @@ tests() {  # tests NAME SECONDS PYTEST_ARGS...: JUnit XML for the summary
     shift 2
     step "${name}" "${seconds}" python -m pytest -q -p no:cacheprovider --junitxml="${OUT}/${name}.xml" "$@"
 }
-bench() {  # bench NAME SECONDS DTYPE SUITE [EXTRA_ENV...]
-    local name=$1 seconds=$2 dtype=$3 suite=$4
+bench() {  # bench NAME SECONDS DTYPE "SUITE..." [EXTRA_ENV...]: the suites (bench/ files) in one pytest run
+    local name=$1 seconds=$2 dtype=$3 suites=()
+    read -ra suites <<< "$4"
     shift 4
     if [[ "${dtype}" == int8 && -n "${NO_BITSANDBYTES}" ]]; then
         skip "${name}" "${seconds}" "${NO_BITSANDBYTES}"
         return 0
     fi
     local cases=()
-    if [[ -n "${BENCH_CASES[${suite}]:-}" ]]; then
-        cases=(-k "${BENCH_CASES[${suite}]}")
+    if [[ -n "${BENCH_CASES[${name}]:-}" ]]; then
+        cases=(-k "${BENCH_CASES[${name}]}")
     fi
     step "${name}" "${seconds}" env FASTPROMPT_BENCH_DTYPE="${dtype}" "$@" \
-        python -m pytest -q -p no:cacheprovider "bench/${suite}" "${cases[@]}" --benchmark-json="${OUT}/${name}.json"
+        python -m pytest -q -p no:cacheprovider "${suites[@]/#/bench/}" "${cases[@]}" \
+        --benchmark-json="${OUT}/${name}.json"
 }
 
 # --- correctness: kernels on the device, then the model against real PEFT on the device
-step env 20 python bench/gpu_env.py "${OUT}/env.json" --device "${DEVICE}"
+step env 15 python bench/gpu_env.py "${OUT}/env.json" --device "${DEVICE}"
 tests kernels 50 "${KERNEL_TESTS[@]}"
 tests parity 50 "${PARITY_TESTS[@]}"
 tests generation 40 "${GENERATION_TESTS[@]}"
 
-# --- speed vs PEFT, on BLOOM-1b4-zh's shape (random weights)
-bench op_bandwidth 30 float32 bench_ops.py
-bench training_bf16 65 bfloat16 bench_training.py
+# --- speed vs PEFT, on BLOOM-1b4-zh's shape (random weights); in bf16 also PEFT's method comparison
+# (bench_method_comparison.py: Llama-3.2-3B's shape, all 28 layers, fastprompt vs PEFT prompt tuning,
+# LoRA r32 and prefix tuning), in the same interpreter: its four models share one set of weights,
+# and the step's budget grows by its ~20 steps of a 3B model plus one model init, and alpaca-ragged's
+# dozen small steps (15 s, from env, op_bandwidth and generation_int8: 5 s each; estimates: no GPU
+# has run these yet). Its table sets PEFT's published figures (an L40S; method_comparison.PUBLISHED,
+# which cites PEFT's results files) beside each PEFT method's row.
+bench op_bandwidth 25 float32 bench_ops.py
+bench training_bf16 80 bfloat16 "bench_training.py bench_method_comparison.py"
 bench training_int8 65 int8 bench_training.py
 # Eager and compiled (static-cache, CUDA-graph) decode in bf16; 8-bit layers are not compiled.
 bench generation_bf16 70 bfloat16 bench_generation.py FASTPROMPT_BENCH_DECODE_VARIANTS=1
-bench generation_int8 45 int8 bench_generation.py FASTPROMPT_BENCH_DECODE_VARIANTS=0
+bench generation_int8 40 int8 bench_generation.py FASTPROMPT_BENCH_DECODE_VARIANTS=0
 
 step summary 10 python bench/gpu_summary.py "${OUT}"
 cat "${OUT}/summary.md"

@@ -45,7 +45,9 @@ class Alternation:
     returning an output; ``check(reference_output, output)`` raises when two
     outputs differ, and may return a number saying by how much; ``measure(output)``
     may add metrics to each sample beside the call's wall time ("seconds"); ``sync`` waits for an asynchronous device
-    before a clock is read."""
+    before a clock is read; ``checked`` names the contenders whose outputs are checked against the reference's
+    (default: every other one; a method that computes something else, such as LoRA beside prompt tuning, is timed
+    but not checked)."""
 
     def __init__(
         self,
@@ -55,9 +57,13 @@ class Alternation:
         measure: Callable[[Any], dict] | None = None,
         sync: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        checked: tuple[str, ...] | None = None,
     ):
         if reference not in contenders or len(contenders) < 2:
             raise ValueError("need a reference and at least one other contender")
+        self.checked = tuple(name for name in contenders if name != reference) if checked is None else checked
+        if not set(self.checked) <= set(contenders) - {reference}:
+            raise ValueError(f"checked contenders {self.checked} must be contenders other than the reference")
         self.contenders, self.reference, self.check = contenders, reference, check
         self.measure, self.sync, self.clock = measure, sync, clock
         self.samples: dict[str, list[dict]] = {name: [] for name in contenders}
@@ -82,7 +88,7 @@ class Alternation:
                 sample.update(self.measure(outputs[name]))
             self.samples[name].append(sample)
         for name, output in outputs.items():
-            if name != self.reference:
+            if name in self.checked:
                 try:
                     difference = self.check(outputs[self.reference], output)
                 except AssertionError as err:

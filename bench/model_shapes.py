@@ -11,6 +11,7 @@ takes seconds on a CPU. To benchmark another model, add an entry to SHAPES.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -62,6 +63,56 @@ SHAPES = {
         ),
         fast_path=True,
     ),
+    # PEFT's method comparison model (method_comparison/MetaMathQA: Llama-3.2-3B), for
+    # bench_method_comparison.py; rope theta as Llama 3.2's (its llama3 long-context scaling left out:
+    # it changes no shape and no cost at 768 tokens).
+    "llama-3.2-3b": ModelShape(
+        LlamaConfig(
+            hidden_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=8192,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+        ),
+        fast_path=True,
+    ),
+    # Its quick setting (the method comparison's smoke test and the GPU check's dry run): Llama's
+    # layout (grouped KV heads 3:1, gated MLP, tied embeddings) at a width a CPU steps in a second.
+    "llama-3.2-3b-quick": ModelShape(
+        LlamaConfig(
+            hidden_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=64,
+            intermediate_size=1024,
+            vocab_size=8192,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+        ),
+        quick=True,
+        fast_path=True,
+    ),
+    # The method comparison in the GPU check's dry run: its plumbing (four contenders, the lengths of
+    # PEFT's batches) at a width where its eight steps take a second or two.
+    "llama-tiny": ModelShape(
+        LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            vocab_size=512,
+            tie_word_embeddings=True,
+        ),
+        quick=True,
+        fast_path=True,
+    ),
     "qwen2.5-0.5b": ModelShape(
         Qwen2Config(
             hidden_size=896,
@@ -77,40 +128,50 @@ SHAPES = {
 }
 
 
-def dims(name: str) -> Dims:
-    return Dims.from_config(SHAPES[name].config)
+def dims(name: str, layers: int | None = None) -> Dims:
+    """The sizes of ``name``, at ``layers`` of its decoder layers when given."""
+    full = Dims.from_config(SHAPES[name].config)
+    return full if layers is None else dataclasses.replace(full, layers=layers)
 
 
-def label(name: str) -> str:
-    """What every table says about the model it measured."""
+def label(name: str, layers: int | None = None) -> str:
+    """What every table says about the model it measured (``layers``: how many
+    of its decoder layers a run kept)."""
     d = dims(name)
     kind = "quick run" if SHAPES[name].quick else "real shape"
+    depth = f"{d.layers} layers" if layers in (None, d.layers) else f"{layers} of its {d.layers} layers"
     return (
-        f"{name} ({kind}: {SHAPES[name].config.model_type}, hidden {d.hidden}, {d.layers} layers, "
+        f"{name} ({kind}: {SHAPES[name].config.model_type}, hidden {d.hidden}, {depth}, "
         f"{d.heads} heads of {d.head_dim} / {d.kv_heads} KV, MLP {d.intermediate}, vocab {d.vocab}; "
         f"random weights)"
     )
 
 
-def _from_config(name: str, dtype: torch.dtype, seed: int, device: str):
+def _from_config(name: str, dtype: torch.dtype, seed: int, device: str, layers: int | None = None):
+    config = copy.deepcopy(SHAPES[name].config)
+    if layers is not None:
+        config.num_hidden_layers = layers
     torch.manual_seed(seed)
     with torch.device(device):  # initialise in place: a 1.4B model on GPU in seconds
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(SHAPES[name].config)).to(dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config).to(dtype=dtype)
     return model.requires_grad_(False).eval()
 
 
-def build_base(model: str = "bloom-mini", dtype: str = "float32", device: str = "cpu", seed: int = 0):
-    """A frozen benchmark model by shape name; dtype "int8" quantises the
-    linear layers with bitsandbytes (via a temporary checkpoint, as users load
-    8-bit models) with fp16 activations."""
+def build_base(
+    model: str = "bloom-mini", dtype: str = "float32", device: str = "cpu", seed: int = 0, layers: int | None = None
+):
+    """A frozen benchmark model by shape name (``layers``: its first that many
+    decoder layers' shape, for a CPU run of a deep model); dtype "int8"
+    quantises the linear layers with bitsandbytes (via a temporary checkpoint,
+    as users load 8-bit models) with fp16 activations."""
     if dtype != "int8":
-        return _from_config(model, getattr(torch, dtype), seed, device)
+        return _from_config(model, getattr(torch, dtype), seed, device, layers)
     import tempfile
 
     import fastprompt
 
     with tempfile.TemporaryDirectory() as directory:
-        _from_config(model, torch.float32, seed, "cpu").save_pretrained(directory)
+        _from_config(model, torch.float32, seed, "cpu", layers).save_pretrained(directory)
         return fastprompt.load_model(directory, load_in_8bit=True, device_map=device)
 
 

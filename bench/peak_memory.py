@@ -24,7 +24,9 @@ contender and case, too slow for a plumbing run (``bench/gpu_check.sh
 --dry-run``). The CUDA measurement, in-process, is unaffected.
 
     python bench/peak_memory.py --case classify --contender peft
-(with MALLOC_ENV set) prints one JSON line.
+(with MALLOC_ENV set) prints one JSON line; ``--case method-comparison`` with a
+contender of ``method_comparison.CONTENDERS`` and ``--layers`` measures the
+method comparison's step.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import method_comparison  # noqa: E402
 from model_shapes import SHAPES, build_base  # noqa: E402
 from training_cases import CASES, CONTENDERS, make_batches, make_contender, train_step  # noqa: E402
+
+METHOD_COMPARISON = "method-comparison"
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
 CPU_METHOD = (
@@ -88,8 +93,9 @@ def _status_kib(field: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=sorted(CASES), required=True)
-    parser.add_argument("--contender", choices=CONTENDERS, required=True)
+    parser.add_argument("--case", choices=sorted(CASES) + [METHOD_COMPARISON], required=True)
+    parser.add_argument("--contender", choices=sorted({*CONTENDERS, *method_comparison.CONTENDERS}), required=True)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers kept (default: all)")
     parser.add_argument("--model", default="bloom-mini", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
     parser.add_argument("--device", default="cpu", choices=["cpu"])
@@ -101,9 +107,13 @@ def main() -> None:
         raise SystemExit(f"run with {' '.join(unset)} in the environment (bench/peak_memory.py's measure() sets them)")
     torch.set_num_threads(args.threads)
 
-    base = build_base(args.model, args.dtype, args.device)
-    model, optimizer = make_contender(args.contender, base, CASES[args.case]["virtual"])
-    warmup, measured = make_batches(args.case, 2, base.config.vocab_size)
+    base = build_base(args.model, args.dtype, args.device, layers=args.layers)
+    if args.case == METHOD_COMPARISON:
+        model, optimizer = method_comparison.make_contender(args.contender, base)
+        warmup, measured = method_comparison.make_batches(2, base.config.vocab_size)
+    else:
+        model, optimizer = make_contender(args.contender, base, CASES[args.case]["virtual"])
+        warmup, measured = make_batches(args.case, 2, base.config.vocab_size)
     train_step(model, optimizer, warmup)
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:

@@ -9,7 +9,9 @@ module: its case name, then the ``extra_info`` keys in the order recorded.
 The keys that describe a whole run (the model's label, the data source, how
 memory was measured) are printed above their table instead of as columns.
 Tables with more columns than fit a terminal are printed transposed: one
-column per case.
+column per case. A benchmark of several contenders with figures of their own
+(``extra_info["contenders"]``: name -> metrics, as the method comparison
+records) gets a table of its own below, one row per contender.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-CONTEXT_KEYS = ("model", "data", "device", "memory_method")
+CONTEXT_KEYS = ("model", "data", "device", "memory_method", "published")
+CONTENDER_KEY = "contenders"
 MAX_COLUMNS = 10
 
 
@@ -77,11 +80,22 @@ def _context(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    columns = list(dict.fromkeys(key for row in rows for key in row if key not in CONTEXT_KEYS))
+    columns = list(
+        dict.fromkeys(key for row in rows for key in row if key not in CONTEXT_KEYS and key != CONTENDER_KEY)
+    )
     grid = [columns] + [[_cell(row.get(col, "")) for col in columns] for row in rows]
     if len(columns) > MAX_COLUMNS:
         grid = [list(line) for line in zip(*grid)]
     return _aligned(grid)
+
+
+def contender_table(row: dict) -> list[str]:
+    """One row per contender of ``row["contenders"]``, under the case's name."""
+    contenders = row[CONTENDER_KEY]
+    columns = list(dict.fromkeys(key for metrics in contenders.values() for key in metrics))
+    grid = [["contender", *columns]]
+    grid += [[name, *(_cell(metrics.get(col, "")) for col in columns)] for name, metrics in contenders.items()]
+    return [f"{row['case']}, per contender:", *_aligned(grid)]
 
 
 def report(paths: list[Path]) -> str:
@@ -105,6 +119,9 @@ def report(paths: list[Path]) -> str:
             shown = lines
         for module, rows in rows_by_module.items():
             out.extend(["", f"== {module}", *_context(rows), *table(rows)])
+            for row in rows:
+                if CONTENDER_KEY in row:
+                    out.extend(["", *contender_table(row)])
     return "\n".join(out).strip("\n") if out else "no benchmark with extra_info found"
 
 

@@ -63,8 +63,16 @@ def test_dry_run_runs_every_step_and_writes_the_summary(dry_run):
     assert {row["file"] for row in bounds} == {"generation_bf16", "generation_int8"}
     assert all(0 < row["fastprompt_of_bound"] for row in bounds)
     text = (out / "summary.md").read_text()
-    for table in ("bench_training.py", "bench_generation.py", "bench_ops.py"):
+    for table in ("bench_training.py", "bench_generation.py", "bench_ops.py", "bench_method_comparison.py"):
         assert table in text
+    # PEFT's method comparison rides in the bf16 training step: one row per contender.
+    contenders = text.split("method_comparison, per contender:")[1].splitlines()[3:7]
+    assert [line.split()[0] for line in contenders] == [
+        "fastprompt",
+        "peft_prompt_tuning",
+        "peft_lora",
+        "peft_prefix_tuning",
+    ]
 
 
 def without_bitsandbytes(folder: Path) -> dict:

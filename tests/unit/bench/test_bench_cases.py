@@ -7,7 +7,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
 
+import flop_count  # noqa: E402
+import method_comparison  # noqa: E402
 import model_shapes  # noqa: E402
+import torch  # noqa: E402
 import training_cases  # noqa: E402
 
 
@@ -35,7 +38,7 @@ def test_random_batches_keep_the_asked_labels():
         second_half["labels"][:, 3:] == second_half["input_ids"][:, 3:]
     ).all()
     (last,) = training_cases.random_batches(1, 2, 6, "last", 50)
-    assert training_cases.step_shape(last, 5) == dict(batch=2, prompt=5, tokens=6, labelled=2)
+    assert training_cases.step_shape(last, 5) == dict(batch=2, prompt=5, tokens=6, labelled=2, lengths=[6, 6])
 
 
 def test_registry_shapes_and_labels():
@@ -65,3 +68,85 @@ def test_unknown_model_is_refused(monkeypatch):
     monkeypatch.setenv("FASTPROMPT_BENCH_MODEL", "gpt-5")
     with pytest.raises(ValueError, match="bloom-mini"):
         model_shapes.setting_from_env()
+
+
+def test_lengths_are_metamathqa_like_and_seeded():
+    lengths = torch.tensor(method_comparison.sample_lengths(20000), dtype=torch.float64)
+    # PEFT's MetaMathQA runs: 210 tokens per sample on average, max_seq_length 768.
+    assert abs(lengths.mean().item() - 210) < 3
+    assert lengths.min() >= method_comparison.MIN_LENGTH and lengths.max() <= 768
+    assert abs(lengths.median().item() - 190) < 3
+    # Log-normal with sigma 0.45: about 5 % above 400 tokens, about 0.1 % cut at 768.
+    assert 0.04 < (lengths > 400).double().mean() < 0.06
+    assert (lengths == 768).double().mean() < 0.003
+    assert method_comparison.sample_lengths(8) == method_comparison.sample_lengths(8)
+    assert method_comparison.sample_lengths(8, seed=1) != method_comparison.sample_lengths(8)
+
+
+def test_method_comparison_batches_are_right_padded_with_labels_on_every_real_token():
+    batches = method_comparison.make_batches(3, 100)
+    lengths = method_comparison.sample_lengths(12)
+    for index, batch in enumerate(batches):
+        rows = lengths[index * 4 : (index + 1) * 4]
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        assert ids.shape == (4, max(rows)) and mask.sum(dim=1).tolist() == rows
+        assert torch.equal(mask, (torch.arange(max(rows)) < torch.tensor(rows)[:, None]).long())  # right pads
+        assert torch.equal(labels[mask == 1], ids[mask == 1]) and (labels[mask == 0] == -100).all()
+        assert training_cases.step_shape(batch, 200)["lengths"] == rows
+
+
+def test_method_comparison_contenders_count_their_padded_positions():
+    (batch,) = method_comparison.make_batches(1, 100)
+    dims = model_shapes.dims("llama-3.2-3b")
+    rows, longest = batch["input_ids"].shape
+    shape = training_cases.step_shape(batch, 200)
+    flops = {name: method_comparison.step_flops(dims, name, batch) for name in method_comparison.CONTENDERS}
+    assert flops["peft_prompt_tuning"] == flop_count.training_step(dims, "peft", **shape)
+    assert flops["fastprompt"] == flop_count.training_step(dims, "fastprompt", **shape)
+    assert flops["peft_lora"] == flop_count.method_step(dims, "lora", **shape, rank=32)
+    # Prompt tuning pays for 200 more positions per row than LoRA; packing pays for no pad.
+    assert flops["fastprompt"] < flops["peft_prefix_tuning"] < flops["peft_prompt_tuning"]
+    assert flops["peft_lora"] < flops["peft_prompt_tuning"]
+
+
+def test_method_comparison_setting_and_shape(monkeypatch):
+    for name in (method_comparison.MODEL_ENV, method_comparison.LAYERS_ENV, "FASTPROMPT_BENCH_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    run = method_comparison.setting()
+    assert run == {"model": "llama-3.2-3b", "dtype": "float32", "device": "cpu", "layers": 2}
+    assert "2 of its 28 layers" in method_comparison.label(run)
+    monkeypatch.setenv("FASTPROMPT_BENCH_DEVICE", "cuda")
+    assert method_comparison.setting()["layers"] == 28
+    monkeypatch.setenv(method_comparison.LAYERS_ENV, "29")
+    with pytest.raises(ValueError, match="28 layers"):
+        method_comparison.setting()
+    llama = model_shapes.dims("llama-3.2-3b")
+    assert (llama.hidden, llama.layers, llama.heads, llama.kv_heads, llama.head_dim) == (3072, 28, 24, 8, 128)
+    assert (llama.intermediate, llama.vocab) == (8192, 128256)
+    config = model_shapes.SHAPES["llama-3.2-3b"].config
+    assert config.tie_word_embeddings and config.rope_parameters["rope_theta"] == 500000.0
+
+
+def test_contenders_share_the_frozen_weights_not_the_modules():
+    base = model_shapes.build_base("llama-tiny")
+    lora, _ = method_comparison.make_contender("peft_lora", method_comparison.sharing_weights(base))
+    prompt, _ = method_comparison.make_contender("fastprompt", method_comparison.sharing_weights(base))
+    q_proj = base.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is torch.nn.Linear  # LoRA wrapped its copy's, not the base's
+    wrapped = lora.get_base_model().model.layers[0].self_attn.q_proj
+    assert wrapped.base_layer.weight is q_proj.weight
+    assert prompt.get_base_model().lm_head.weight is base.lm_head.weight
+
+
+def test_alpaca_ragged_batches_are_padded_as_the_seq2seq_collator_does(shared_dir, monkeypatch):
+    monkeypatch.setattr(training_cases, "SHARED_DATA", shared_dir / "data" / "alpaca_zh_demo.json")
+    first, second = training_cases.make_batches("alpaca-ragged", 2, 46145)
+    for batch in (first, second):
+        mask, labels = batch["attention_mask"], batch["labels"]
+        assert mask.shape[0] == 8 and mask.shape[1] == mask.sum(dim=1).max()
+        assert len(set(mask.sum(dim=1).tolist())) > 1  # ragged
+        assert (mask[:, -1] == 1).all()  # the tokenizer pads on the left
+        assert (labels[mask == 0] == -100).all() and (labels[mask == 1] != -100).any()
+    assert not torch.equal(first["attention_mask"].sum(dim=1), second["attention_mask"].sum(dim=1))
+    source = training_cases.data_source("alpaca-ragged")
+    assert "DataCollatorForSeq2Seq" in source and "seed 0" in source

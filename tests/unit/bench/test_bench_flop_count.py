@@ -85,3 +85,34 @@ def test_dims_from_configs():
     )
     # Q and output 64x64 each, K and V 64x(2 heads * 8) each, gated MLP 3 * 64x96.
     assert llama.layer_weights == 2 * 64 * 64 + 2 * 64 * 16 + 3 * 64 * 96
+
+
+# Ragged: B 2, P 1, rows of 3 and 1 real tokens padded to T 3, every real token labelled.
+RAGGED = dict(batch=2, prompt=1, tokens=3, labelled=4, lengths=[3, 1])
+
+
+def test_ragged_batch_fastprompt_counts_real_positions_and_peft_every_padded_one():
+    # fastprompt: the prompt once, then each row's real tokens over the prompt and themselves.
+    ours = train_body(1, 1) + train_body(3, 4) + train_body(1, 2) + 4 * 80
+    assert flop_count.training_step(TINY, "fastprompt", **RAGGED) == ours == 1640
+    # PEFT prompt tuning: B·(P+T) = 8 positions over 4 keys, lm_head on all 8.
+    peft = train_body(8, 4) + 8 * 80
+    assert flop_count.training_step(TINY, "peft", **RAGGED) == peft == 2944
+    assert flop_count.training_bound(TINY, [RAGGED]) == pytest.approx(2944 / 1640)
+    # Rows of equal length count as before (no lengths given).
+    equal = dict(batch=2, prompt=1, tokens=2, labelled=2)
+    assert flop_count.training_step(TINY, "fastprompt", **equal, lengths=[2, 2]) == 1432
+
+
+def test_lora_and_prefix_tuning_by_hand():
+    # LoRA rank 1 on q (2 -> 2) and v (2 -> 2): x·A then ·B, 2·(2+2) FLOPs each per position,
+    # three times in a step (forward, input gradient, A's and B's gradients): 48 per position.
+    assert flop_count.lora_extra(TINY, positions=1, rank=1) == 48
+    lora = train_body(6, 3) + 6 * 48 + 6 * 80  # B·T = 6 positions over T keys, lm_head on all
+    assert flop_count.method_step(TINY, "lora", **RAGGED, rank=1) == lora == 2352
+    prefix = train_body(6, 4) + 6 * 80  # the same positions, each over P more keys
+    assert flop_count.method_step(TINY, "prefix_tuning", **RAGGED) == prefix == 2208
+    assert flop_count.method_step(TINY, "prompt_tuning", **RAGGED) == 2944
+    assert flop_count.method_step(TINY, "fastprompt", **RAGGED) == 1640
+    with pytest.raises(ValueError, match="ia3"):
+        flop_count.method_step(TINY, "ia3", **RAGGED)

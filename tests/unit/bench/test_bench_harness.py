@@ -110,3 +110,16 @@ def test_a_check_that_returns_a_difference_reports_the_largest():
     contest, _ = fake_contest({"ours": [1] * 3, "theirs": [1] * 3}, check=close)
     contest.run(FakeBenchmark(), rounds=2)
     assert contest.summary("step")["max_difference"] == 0.3
+
+
+def test_only_the_checked_contenders_are_compared_with_the_reference():
+    # "other" computes something else (LoRA beside prompt tuning): timed, never checked.
+    outputs = {"ours": 1.0, "theirs": 1.0, "other": 5.0}
+    contest, _ = fake_contest({name: [1] * 4 for name in outputs}, outputs=outputs, checked=("ours",))
+    contest.run(FakeBenchmark(), rounds=2)
+    assert contest.speedup("other") == 1.0
+    outputs["ours"] = 2.0
+    with pytest.raises(AssertionError, match="ours differs from theirs"):
+        contest.play_round()
+    with pytest.raises(ValueError, match="checked"):
+        fake_contest({"ours": [1], "theirs": [1]}, checked=("theirs",))

@@ -47,3 +47,25 @@ def test_report_names_provenance_model_and_data_and_transposes_wide_tables(tmp_p
     assert "data: step[a]: real samples; step[b]: random ids" in lines
     rows = {line.split()[0]: line.split()[1:] for line in lines if line.startswith(("case", "speedup", "flop_bound"))}
     assert rows == {"case": ["step[a]", "step[b]"], "speedup": ["1.5", "2"], "flop_bound": ["1.25", "2.5"]}
+
+
+def test_contenders_of_their_own_get_one_row_each_below_the_case_table(tmp_path):
+    contenders = {
+        "fastprompt": {"tokens_per_s": 300.0, "flop_bound": 2.5},
+        "peft_lora": {"tokens_per_s": 200.0, "flop_bound": 1.75, "published_tokens_per_s": 6800.0},
+    }
+    data = {
+        "machine_info": MACHINE,
+        "commit_info": {"id": "0123456789abcdef"},
+        "benchmarks": [bench("mc", model="llama", published="PEFT's table", rounds=2, contenders=contenders)],
+    }
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(data))
+    lines = report.report([path]).splitlines()
+    assert "published: PEFT's table" in lines
+    header = next(line for line in lines if line.startswith("case"))
+    assert header.split() == ["case", "rounds"]  # the contenders are no column of the case table
+    start = lines.index("step[mc], per contender:")
+    assert lines[start + 1].split() == ["contender", "tokens_per_s", "flop_bound", "published_tokens_per_s"]
+    assert lines[start + 3].split() == ["fastprompt", "300", "2.5"]
+    assert lines[start + 4].split() == ["peft_lora", "200", "1.75", "6.8e+03"]
