@@ -30,14 +30,17 @@ the pads whose output predicts a label: ``PromptBatch.keep``) as one sequence
 of A*P + K positions through one body call, each position with the id PEFT's
 pass gives it. Attention runs segment by segment (``segments.py``,
 ``segment_attention.py``): a prompt against itself, a row against its prompt
-and its own earlier real tokens, through the user's own attention function;
-the pairs between segments are never computed. So a trained, shared prompt
-always packs where packing is exact (``packs``), one row included: the same
-pairs attend as in PEFT's pass, less the pads, and one row measured as fast as
-PEFT's pass on CPU (a training step of a 4-layer llama, hidden 512, P 20, T 40
-and 120: within 2%, packed ahead). Under gradient checkpointing, whose blocks
-re-run outside the pass, the segments become one dense mask over the packed
-positions (see ``packed``).
+and its own earlier real tokens, through the user's own attention function; the
+pairs between segments are never computed. So a trained prompt shared by
+several rows always packs where packing is exact (``packs``): the same pairs
+attend as in PEFT's pass, less the pads. One row does not: its packed sequence
+is PEFT's pass less the pads one row rarely has, and it measured no faster (a
+training step of a 4-layer llama, hidden 512, P 20, one unpadded row, CPU, one
+thread, median / min of 20 alternating steps: T 40 packed 136 / 75.5 ms, whole
+pass 103 / 74.3 ms; T 120 244 / 161 ms against 247 / 160 ms); on a GPU its
+masks would also keep sdpa off the causal flash kernel the whole pass gets.
+Under gradient checkpointing, whose blocks re-run outside the pass, the
+segments become one dense mask over the packed positions (see ``packed``).
 """
 
 from __future__ import annotations
@@ -212,12 +215,15 @@ class GenericPath:
 
     def plan(self, batch: PromptBatch, rows: int, tokens: int) -> tuple[Pass, str | None]:
         """A trained prompt is recomputed every step: packed with the rows'
-        kept positions in one body call wherever that is exact (``packs``).
+        kept positions in one body call wherever that is exact (``packs``)
+        and there are several rows.
         Otherwise the prompt's pass is shared by the rows unless sharing would
         change what happens (hooks, dropout), cannot work (``unshareable`` says
         why) or cannot help (one row). The reason comes with the pass where
         sharing could not work."""
-        if batch.shares_prefix and batch.trains and self.packs(batch.num_virtual_tokens, tokens):
+        # One row packs to PEFT's own pass over cat(prompt, tokens), less pads a
+        # single row rarely has: measured no faster (module docstring), so it runs that pass.
+        if rows > 1 and batch.shares_prefix and batch.trains and self.packs(batch.num_virtual_tokens, tokens):
             return Pass.PACKED, None
         if rows == 1 or not batch.shares_prefix:
             return Pass.WHOLE, None

@@ -61,14 +61,12 @@ def test_packed_step_matches_peft(family, attention, side):
     assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_one_row_is_packed_and_matches_peft(family):
-    """One row packs too: measured no slower than PEFT's pass on CPU, and its
-    trailing unlabelled pads are left out."""
-    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(6))
+def test_one_row_runs_pefts_pass_and_matches_peft():
+    """One row does not pack (measured no faster: generic.py's docstring): PEFT's own pass."""
+    ours, ref = pair(lambda: tiny_causal_lm("llama", VOCAB), prompt_config(6))
     ids, mask, labels = padded_batch(1, 10, VOCAB, lengths=[7])
     loss = step(ours, ids, mask, labels)
-    assert ours.last_call.run == "packed"
+    assert ours.last_call.run == "whole"
     assert_close(loss, step(ref, ids, mask, labels))
     assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
 
