@@ -216,3 +216,20 @@ def test_no_attention_is_computed_between_segments(monkeypatch):
     per_layer = [(6, 6, (1, 1, 6, 6))] + [(n, 6 + n, (1, 1, n, 6 + n)) for n in kept]
     layers = ours.get_base_model().config.num_hidden_layers
     assert shapes == per_layer * layers
+    # The swap is undone: the model attends as the user configured it again.
+    assert ours.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_length_dependent_rope_sees_pefts_longest_position_when_no_row_reaches_it():
+    """Dynamic NTK scaling derives its frequencies from the largest position id:
+    PEFT's is P + T - 1 even when every row ends in unlabelled pads, so the
+    packed pass runs that position too."""
+    make = lambda: tiny_causal_lm(  # noqa: E731
+        "llama", VOCAB, rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16
+    )
+    ours, ref = pair(make, prompt_config(6))
+    ids, mask, labels = padded_batch(3, 20, VOCAB, side="right", lengths=[17, 15, 12])
+    loss = step(ours, ids, mask, labels)
+    assert ours.last_call.run == "packed"
+    assert_close(loss, step(ref, ids, mask, labels))
+    assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
