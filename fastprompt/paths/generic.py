@@ -216,11 +216,10 @@ class GenericPath:
     def plan(self, batch: PromptBatch, rows: int, tokens: int) -> tuple[Pass, str | None]:
         """A trained prompt is recomputed every step: packed with the rows'
         kept positions in one body call wherever that is exact (``packs``)
-        and there are several rows.
-        Otherwise the prompt's pass is shared by the rows unless sharing would
-        change what happens (hooks, dropout), cannot work (``unshareable`` says
-        why) or cannot help (one row). The reason comes with the pass where
-        sharing could not work."""
+        and there are several rows. Otherwise the prompt's pass is shared by
+        the rows unless sharing would change what happens (hooks, dropout),
+        cannot work (``unshareable`` says why) or cannot help (one row). The
+        reason comes with the pass where sharing could not work."""
         # One row packs to PEFT's own pass over cat(prompt, tokens), less pads a
         # single row rarely has: measured no faster (module docstring), so it runs that pass.
         if rows > 1 and batch.shares_prefix and batch.trains and self.packs(batch.num_virtual_tokens, tokens):
