@@ -79,6 +79,20 @@ def embedding_hooks(embedding: torch.nn.Module) -> bool:
     return any(getattr(hook, "__code__", None) not in harmless for hook in embedding._forward_hooks.values())
 
 
+def plain_embedding(embedding: torch.nn.Module) -> bool:
+    """Whether the input embedding is a plain table lookup that the fused packer
+    (``ops.pack_embed``) may do in its place: ``nn.Embedding``'s own forward, no
+    hook that must run, no ``max_norm`` (which renormalises the table as it
+    reads it), and a frozen table (the packer differentiates the prompts only)."""
+    return (
+        isinstance(embedding, torch.nn.Embedding)
+        and type(embedding).forward is torch.nn.Embedding.forward
+        and not embedding_hooks(embedding)
+        and embedding.max_norm is None
+        and not embedding.weight.requires_grad
+    )
+
+
 def dropout_active(module: torch.nn.Module) -> bool:
     """Any dropout that draws random numbers in this call: a dropout module
     with p > 0 in training mode, or a float ``*dropout*`` rate > 0 that a

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -177,15 +176,15 @@ TRAINING_PASSES = [
 
 def force_training_pass(monkeypatch, model, training_pass: str) -> list[str]:
     """Make ``model`` run a trained prompt's pass as ``training_pass`` says (see
-    TRAINING_PASSES) whatever the cost rule would choose; returns the list
-    that records which pass each call ran ("packed" or "tokens")."""
-    from fastprompt.paths import generic
-
+    TRAINING_PASSES): "packed" is what the path takes wherever it can pack;
+    "two passes" turns packing off. Returns the list that records which pass
+    each call ran ("packed" or "tokens")."""
     ran = []
     if training_pass == "own decoder":
         return ran
-    monkeypatch.setattr(generic, "PACKING_OVERHEAD", math.inf if training_pass == "packed" else -math.inf)
     path = model.paths.generic
+    if training_pass != "packed":
+        monkeypatch.setattr(path, "packs", lambda *args: False)
     for name in ("packed", "tokens"):
         method = getattr(path, name)
         monkeypatch.setattr(path, name, lambda *args, _method=method, _name=name: ran.append(_name) or _method(*args))

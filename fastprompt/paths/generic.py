@@ -24,13 +24,23 @@ take the whole pass instead, or the packed pass below, which needs no cache
 When the prompt is trained, its pass is recomputed every step, and the two
 passes above become two smaller matrix products per linear layer (P rows, then
 B*T rows), which run well below the throughput of one product over all rows
-(measured on CPU: docs/results/CHANGELOG.md). ``packed`` instead runs the prompt
-and every row's tokens as one sequence of A*P + B*T positions through one body
-call, with each position's own position id and a 4D mask that lets a token
-see its row's prompt and its row's earlier tokens. The same pairs attend as in
-the two passes; the price is attention scores for all N^2 pairs of the packed
-sequence, so it is taken only where that stays small next to the linear layers'
-work (``packs``).
+(measured on CPU: docs/results/CHANGELOG.md), and pay for every pad. ``packed``
+instead runs the A prompts and each row's kept positions (its real tokens, and
+the pads whose output predicts a label: ``PromptBatch.keep``) as one sequence
+of A*P + K positions through one body call, each position with the id PEFT's
+pass gives it. Attention runs segment by segment (``segments.py``,
+``segment_attention.py``): a prompt against itself, a row against its prompt
+and its own earlier real tokens, through the user's own attention function; the
+pairs between segments are never computed. So a trained prompt shared by
+several rows always packs where packing is exact (``packs``): the same pairs
+attend as in PEFT's pass, less the pads. One row does not: its packed sequence
+is PEFT's pass less the pads one row rarely has, and it measured no faster (a
+training step of a 4-layer llama, hidden 512, P 20, one unpadded row, CPU, one
+thread, median / min of 20 alternating steps: T 40 packed 136 / 75.5 ms, whole
+pass 103 / 74.3 ms; T 120 244 / 161 ms against 247 / 160 ms); on a GPU its
+masks would also keep sdpa off the causal flash kernel the whole pass gets.
+Under gradient checkpointing, whose blocks re-run outside the pass, the
+segments become one dense mask over the packed positions (see ``packed``).
 """
 
 from __future__ import annotations
@@ -41,10 +51,15 @@ from collections.abc import Callable
 
 import torch
 
+from .. import ops
 from ..batch import PromptBatch
+from ..eligibility import plain_embedding
+from ..ops import PackLayout
 from ..prefix_cache import Prefix, PrefixCache
 from . import generic_generation
 from .gated_mlp import gated_mlps, keeping_less
+from .segment_attention import MASK_FORMATS, Packing, attending_by_segments, dense_mask, mask_in_format
+from .segments import segments
 
 # model_type -> the facts the fast path must reproduce: "softcap", the config
 # field of the logits' soft cap (a label-only loss applies it too); "positions",
@@ -66,14 +81,6 @@ FAMILIES = {
     "gemma2": {"softcap": "final_logit_softcapping"},
     "gemma3_text": {"softcap": "final_logit_softcapping"},
 }
-
-# Attention implementations that apply a given 4D mask as it is (flash kernels
-# take no mask; the packed pass falls back to the two passes there).
-PACKED_MASK_FORMATS = ("sdpa", "eager")
-# The packed pass computes attention scores for every pair of its N positions;
-# it is taken when those beyond what the two passes compute cost at most this
-# fraction of the linear layers' work over the N positions.
-PACKING_OVERHEAD = 0.05
 
 
 class Pass(enum.Enum):
@@ -160,6 +167,29 @@ def length_dependent(rotary: torch.nn.Module, num_virtual_tokens: int, tokens: i
             setattr(rotary, name, value)
 
 
+def model_configs(model: torch.nn.Module) -> list:
+    """Every config the model's modules read (their own and sub-configs): where
+    an attention layer may look up its implementation."""
+    from transformers import PretrainedConfig
+
+    found = {}
+
+    def visit(config):
+        if id(config) in found:
+            return
+        found[id(config)] = config
+        for key in getattr(config, "sub_configs", {}):
+            sub = getattr(config, key, None)
+            if isinstance(sub, PretrainedConfig):
+                visit(sub)
+
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            visit(config)
+    return list(found.values())
+
+
 class GenericPath:
     """Runs the body of ``model`` (a ``*ForCausalLM``) on embeddings, with or
     without the prompt's K/V as a pre-filled cache, or packed."""
@@ -176,13 +206,8 @@ class GenericPath:
         softcap_field = FAMILIES[self.family].get("softcap")
         self.softcap = getattr(model.config, softcap_field, None) if softcap_field else None
         self.positions = FAMILIES[self.family].get("positions", "arange")
-        text = model.config.get_text_config()
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        # Multiply-adds per attending pair (scores and weighted values) and per
-        # position through one block's matrices: the two costs ``packs`` weighs.
-        self.macs_per_pair = 2 * text.num_attention_heads * head_dim
-        self.macs_per_position = sum(p.numel() for p in self.blocks[0].parameters() if p.dim() == 2)
         self.rotaries = rotary_embeddings(self.body)
+        self.configs = model_configs(model)
 
     @property
     def lm_head(self) -> torch.nn.Module:
@@ -190,16 +215,14 @@ class GenericPath:
 
     def plan(self, batch: PromptBatch, rows: int, tokens: int) -> tuple[Pass, str | None]:
         """A trained prompt is recomputed every step: packed with the rows'
-        tokens in one body call where that pays. Otherwise the prompt's pass is
-        shared by the rows unless sharing would change what happens (hooks,
-        dropout), cannot work (``unshareable`` says why) or cannot help (one
-        row). The reason comes with the pass where sharing could not work."""
-        if (
-            rows > 1
-            and batch.shares_prefix
-            and batch.trains
-            and self.packs(batch.num_adapters, batch.num_virtual_tokens, rows, tokens)
-        ):
+        kept positions in one body call wherever that is exact (``packs``)
+        and there are several rows. Otherwise the prompt's pass is shared by
+        the rows unless sharing would change what happens (hooks, dropout),
+        cannot work (``unshareable`` says why) or cannot help (one row). The
+        reason comes with the pass where sharing could not work."""
+        # One row packs to PEFT's own pass over cat(prompt, tokens), less pads a
+        # single row rarely has: measured no faster (module docstring), so it runs that pass.
+        if rows > 1 and batch.shares_prefix and batch.trains and self.packs(batch.num_virtual_tokens, tokens):
             return Pass.PACKED, None
         if rows == 1 or not batch.shares_prefix:
             return Pass.WHOLE, None
@@ -212,7 +235,7 @@ class GenericPath:
         rows, tokens = input_ids.shape
         chosen, reason = self.plan(batch, rows, tokens)
         if chosen is Pass.PACKED:
-            prefix_final, token_final = self.packed(input_ids, batch.prompts, batch.key_mask, batch.adapter_of_row)
+            prefix_final, token_final = self.packed(input_ids, batch)
         elif chosen is Pass.WHOLE:
             final = self.whole(input_ids, batch.row_prompts(rows), batch.key_mask)
             return final[:, : batch.num_virtual_tokens], final[:, batch.num_virtual_tokens :], chosen.value, reason
@@ -325,74 +348,84 @@ class GenericPath:
         self.fill(cache, prefix, adapter_of_row, input_ids.shape[0])
         return self._run(self.embed_tokens(input_ids), key_mask, cache)
 
-    def packs(self, num_adapters: int, num_virtual_tokens: int, rows: int, tokens: int) -> bool:
-        """Whether ``packed`` can run this call exactly and pays: positions the
-        body can be given, a mask the attention applies as given, every row
-        within each sliding window (the packed mask is one for all layers), and
-        the extra attention pairs cheap next to the linear layers."""
-        config = self.model.config
-        if self.positions is None or config._attn_implementation not in PACKED_MASK_FORMATS:
+    def packs(self, num_virtual_tokens: int, tokens: int) -> bool:
+        """Whether ``packed`` can run this call exactly: positions the body can
+        be given (BLOOM's ALiBi comes from a 2D mask), an attention whose masks
+        ``segment_attention`` can write (flash kernels take none), and every
+        row within each sliding window (the segments are the same for all
+        layers, so a windowed layer must see no further than PEFT's does)."""
+        if self.positions is None or self.model.config._attn_implementation not in MASK_FORMATS:
             return False
-        if not self._within_windows(num_virtual_tokens + tokens):
-            return False
-        prompt_positions = num_adapters * num_virtual_tokens
-        positions = prompt_positions + rows * tokens
-        # The two passes: causal pairs among the prompt, then every token against P + T keys.
-        two_pass = prompt_positions * (num_virtual_tokens + 1) / 2 + rows * tokens * (num_virtual_tokens + tokens)
-        extra = (positions * positions - two_pass) * self.macs_per_pair
-        return extra <= PACKING_OVERHEAD * positions * self.macs_per_position
+        return self._within_windows(num_virtual_tokens + tokens)
 
-    def packed(self, input_ids, prompts, key_mask, adapter_of_row: torch.Tensor | None):
-        """The A prompts and the B rows' T tokens as one sequence through one
-        body call. prompts: [A, P, H]; key_mask [B, P+T]; ``adapter_of_row``
-        maps each row to its prompt (None: all rows read prompt 0). Returns the
-        prompts' final hidden states [A, P, H] and the tokens' [B, T, H]."""
+    def packed(self, input_ids: torch.Tensor, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A prompts and each row's kept positions (``batch.keep``) as one
+        sequence of A*P + K positions through one body call, attention by
+        segments (``segments.py``). Returns the prompts' final hidden states
+        [A, P, H] and the tokens' [B, T, H], zeros at positions not kept."""
+        prompts, key_mask = batch.prompts, batch.key_mask
         num_adapters, num_virtual, hidden = prompts.shape
-        rows, tokens = input_ids.shape
-        prompt_positions = num_adapters * num_virtual
-        embeds = self.embed_tokens(input_ids)
-        sequence = torch.cat(
-            [prompts.to(embeds.dtype).reshape(1, prompt_positions, hidden), embeds.reshape(1, rows * tokens, hidden)],
-            dim=1,
-        )
-        mask, position_ids = self._packed_layout(key_mask, num_adapters, num_virtual, adapter_of_row, embeds.dtype)
-        final = self._run(sequence, mask, None, position_ids)[0]
-        return (
-            final[:prompt_positions].view(num_adapters, num_virtual, hidden),
-            final[prompt_positions:].view(rows, tokens, hidden),
-        )
-
-    def _packed_layout(self, key_mask, num_adapters, num_virtual, adapter_of_row, dtype):
-        """The packed sequence's [1, 1, N, N] mask, in the form the attention
-        implementation adds or applies, and its [1, N] position ids: prompt a
-        at 0..P-1, each row's tokens where PEFT's pass puts them."""
-        device = key_mask.device
-        rows, tokens = key_mask.shape[0], key_mask.shape[1] - num_virtual
-        prompt_positions = num_adapters * num_virtual
-        blocks = torch.arange(num_adapters, device=device).repeat_interleave(num_virtual)
-        if adapter_of_row is None:
-            adapter_of_row = torch.zeros(rows, dtype=torch.long, device=device)
-        # Which stretch a position belongs to (a prompt, or num_adapters + its row), and which prompt it reads.
-        group = torch.cat([blocks, num_adapters + torch.arange(rows, device=device).repeat_interleave(tokens)])
-        reads = torch.cat([blocks, adapter_of_row.repeat_interleave(tokens)])
-        index = torch.arange(group.numel(), device=device)
-        is_prompt = index < prompt_positions
-        key_valid = torch.cat([is_prompt.new_ones(prompt_positions), key_mask[:, num_virtual:].reshape(-1).bool()])
-        allowed = (
-            (index[None, :] <= index[:, None])
-            & key_valid[None, :]
-            & ((group[None, :] == group[:, None]) | (is_prompt[None, :] & (group[None, :] == reads[:, None])))
-        )
-        if self.model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
-            blocked = torch.finfo(dtype).min
-            allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)
-        virtual_positions = torch.arange(num_virtual, device=device).repeat(num_adapters)
-        if self.positions == "mask_cumsum":
-            row_positions = key_mask.cumsum(1) * key_mask - 1  # as OPT numbers a padded row
-            token_positions = row_positions[:, num_virtual:].reshape(-1)
+        keep = batch.keep
+        if keep is not None and self.rotaries:
+            # Rotary scalings that depend on the sequence (dynamic NTK, LongRoPE) read the
+            # largest position id: PEFT's is P + T - 1, so that position runs even when a pad.
+            keep = keep.clone()
+            keep[0, -1] = True
+        sequence, layout = self._pack_embeddings(input_ids, keep, prompts)
+        attention_mask = key_mask[:, num_virtual:]
+        position_ids = torch.cat(
+            [
+                torch.arange(num_virtual, device=input_ids.device).repeat(num_adapters),
+                self._token_positions(key_mask, layout),
+            ]
+        )[None]
+        blocks = segments(layout, num_adapters, num_virtual, batch.row_adapters, layout.gather(attention_mask.bool()))
+        implementation = self.model.config._attn_implementation
+        if self._recomputes_blocks() or not self._attends_through_interface():
+            # Checkpointed blocks re-run their forward in backward, after this call
+            # has put the configs' attention back: the segment attention would not
+            # run there. The same blocks as one dense mask for the user's attention
+            # (still padding-free in the linear layers, which are most of the work).
+            mask = mask_in_format(
+                dense_mask(blocks, sequence.shape[0], sequence.device), implementation, sequence.dtype
+            )
+            final = self._run(sequence[None], mask[None, None], None, position_ids)[0]
         else:
-            token_positions = torch.arange(num_virtual, num_virtual + tokens, device=device).repeat(rows)
-        return allowed[None, None], torch.cat([virtual_positions, token_positions.to(torch.long)])[None]
+            with attending_by_segments(self.configs, Packing(blocks, implementation, sequence.dtype)):
+                final = self._run(sequence[None], None, None, position_ids)[0]
+        prompt_positions = num_adapters * num_virtual
+        prompts_final = final[:prompt_positions].view(num_adapters, num_virtual, hidden)
+        return prompts_final, layout.scatter(final[prompt_positions:])
+
+    def _pack_embeddings(
+        self, input_ids: torch.Tensor, keep: torch.Tensor | None, prompts: torch.Tensor
+    ) -> tuple[torch.Tensor, PackLayout]:
+        """The packed sequence's embeddings [A*P + K, H] and its layout. A plain
+        frozen embedding table goes through the fused packer; any other input
+        embedding (hooks such as NEFTune's, Gemma3's scaled one) is called as
+        PEFT calls it, on every id of the batch, and its kept rows gathered."""
+        embedding = self.word_embeddings
+        if plain_embedding(embedding):
+            return ops.pack_embed(input_ids, keep, prompts, embedding.weight)
+        layout = ops.pack_layout(keep, input_ids.shape[0], input_ids.shape[1], input_ids.device)
+        tokens = layout.gather(embedding(input_ids))
+        return torch.cat([prompts.reshape(-1, prompts.shape[-1]).to(tokens.dtype), tokens]), layout
+
+    def _token_positions(self, key_mask: torch.Tensor, layout: PackLayout) -> torch.Tensor:
+        """Each kept token's position id in PEFT's pass: P + its column where
+        the body counts from ``arange`` (left pads included), the mask's cumsum
+        less one where it counts real tokens (OPT)."""
+        num_virtual = key_mask.shape[1] - layout.tokens
+        if self.positions == "mask_cumsum":
+            return layout.gather((key_mask.cumsum(1) * key_mask - 1)[:, num_virtual:]).to(torch.long)
+        return num_virtual + layout.token_index % layout.tokens
+
+    def _attends_through_interface(self) -> bool:
+        """Whether every attention layer calls the configured attention function.
+        GPT-2 with ``reorder_and_upcast_attn`` runs its own upcast attention under
+        eager, bypassing it: the segments would compute something else."""
+        config = self.model.config
+        return not (config._attn_implementation == "eager" and getattr(config, "reorder_and_upcast_attn", False))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

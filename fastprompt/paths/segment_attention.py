@@ -1,0 +1,163 @@
+"""Attention over a packed sequence, segment by segment, through the model's own attention function.
+
+The packed pass (``generic.GenericPath.packed``) runs the prompts and every
+row's kept positions as one sequence of N positions. Its attention is a set of
+blocks (``segments.Segment``): each segment's queries against its keys. A
+dense [N, N] mask would compute every pair and throw most away; here each
+segment runs on its own, so the pairs between segments are never computed.
+
+transformers' attention layers call ``ALL_ATTENTION_FUNCTIONS[config.
+_attn_implementation]``. ``attending_by_segments`` points the configs at
+``segment_attention`` (registered under ``NAME``) for the duration of one body
+call; it reads the call's segments from a context variable and calls, per
+segment, the function the user's implementation would have run (sdpa's, or the
+layer's module's own ``eager_attention_forward``), with the segment's mask in
+that implementation's format and every other argument passed through: scaling,
+soft-capping, grouped K/V heads behave exactly as in the user's attention.
+
+transformers builds no mask for an implementation that is not in its mask
+registry, so the body call takes ``attention_mask=None``; the segments are the
+mask. The swap is undone when the call returns or raises; the autograd graph
+it built keeps the functions it called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .segments import Segment
+
+NAME = "fastprompt_segments"
+# The user's implementations whose masks this module can write: sdpa applies a
+# boolean one, eager adds a float one.
+MASK_FORMATS = ("sdpa", "eager")
+
+
+@dataclass
+class Packing:
+    """One packed body call: its segments, the user's implementation, and the
+    dtype of its additive masks (eager adds them in the embeddings' dtype, as
+    transformers' mask code makes them)."""
+
+    segments: Sequence[Segment]
+    implementation: str
+    dtype: torch.dtype
+    masks: list[torch.Tensor] = field(init=False)
+    # Each segment's query length, and for each segment the indices (into the
+    # same split) of its key stretches: the queries cover the sequence in order,
+    # and every key stretch is some segment's queries.
+    sizes: list[int] = field(init=False)
+    key_pieces: list[tuple[int, ...]] = field(init=False)
+
+    def __post_init__(self):
+        starts = {}
+        position = 0
+        for index, segment in enumerate(self.segments):
+            if segment.queries.start != position:
+                raise ValueError("segments must cover the packed sequence in order")
+            starts[segment.queries.start] = (index, segment.queries.stop)
+            position = segment.queries.stop
+        self.sizes = [s.queries.stop - s.queries.start for s in self.segments]
+        self.key_pieces = []
+        for segment in self.segments:
+            pieces = []
+            for keys in segment.keys:
+                index, stop = starts.get(keys.start, (None, None))
+                if stop != keys.stop:
+                    raise ValueError("a segment's keys must be whole segments' queries")
+                pieces.append(index)
+            self.key_pieces.append(tuple(pieces))
+        self.masks = [mask_in_format(s.visible[None, None], self.implementation, self.dtype) for s in self.segments]
+
+
+def mask_in_format(visible: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: attends) as ``implementation`` takes it: as is for
+    sdpa, 0 / the dtype's minimum added to the scores for eager."""
+    if implementation == "sdpa":
+        return visible
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def dense_mask(segments: Iterable[Segment], positions: int, device: torch.device) -> torch.Tensor:
+    """The same blocks as one [positions, positions] boolean mask (every other pair masked)."""
+    allowed = torch.zeros(positions, positions, dtype=torch.bool, device=device)
+    for segment in segments:
+        start = 0
+        for keys in segment.keys:
+            width = keys.stop - keys.start
+            allowed[segment.queries, keys] = segment.visible[:, start : start + width]
+            start += width
+    return allowed
+
+
+_ACTIVE: contextvars.ContextVar[Packing | None] = contextvars.ContextVar("fastprompt_packing", default=None)
+
+
+def eager_function(module: torch.nn.Module):
+    """The ``eager_attention_forward`` of the modeling file that defines
+    ``module``'s class (or a base class): what the layer runs under eager."""
+    for cls in type(module).__mro__:
+        function = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if function is not None:
+            return function
+    raise TypeError(f"no eager_attention_forward for {type(module).__name__}")
+
+
+def original_function(module: torch.nn.Module, implementation: str):
+    if implementation == "eager":
+        return eager_function(module)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def segment_attention(module, query, key, value, attention_mask, **kwargs):
+    """query [1, heads, N, D], key/value [1, kv_heads, N, D] of a packed
+    sequence: each segment's queries against its keys through the user's
+    attention function; the outputs [1, N, heads, D] in query order."""
+    packing = _ACTIVE.get()
+    if packing is None or attention_mask is not None:
+        raise RuntimeError(f"{NAME} runs only inside fastprompt's packed pass, which gives no mask")
+    function = original_function(module, packing.implementation)
+    # One split per tensor: its backward is one concatenation, where a slice per
+    # segment would write each segment's gradient into a full-size buffer.
+    queries = query.split(packing.sizes, dim=2)
+    keys = key.split(packing.sizes, dim=2)
+    values = value.split(packing.sizes, dim=2)
+    outputs = []
+    for index, mask in enumerate(packing.masks):
+        pieces = packing.key_pieces[index]
+        segment_keys = torch.cat([keys[i] for i in pieces], dim=2) if len(pieces) > 1 else keys[pieces[0]]
+        segment_values = torch.cat([values[i] for i in pieces], dim=2) if len(pieces) > 1 else values[pieces[0]]
+        output, _ = function(module, queries[index], segment_keys, segment_values, mask, **kwargs)
+        outputs.append(output)
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(NAME, segment_attention)
+
+
+@contextlib.contextmanager
+def attending_by_segments(configs: Iterable, packing: Packing):
+    """Within the block, attention layers reading any of ``configs`` run
+    ``segment_attention`` on ``packing``. Each config's own field is set and
+    put back, not through the ``_attn_implementation`` setter, which also
+    overwrites the sub-configs' with the top-level value (a model configured
+    with a per-sub-config dict would come back changed)."""
+    configs = list(configs)
+    saved = [config._attn_implementation_internal for config in configs]
+    token = _ACTIVE.set(packing)
+    try:
+        for config in configs:
+            config._attn_implementation_internal = NAME
+        yield
+    finally:
+        for config, implementation in zip(configs, saved):
+            config._attn_implementation_internal = implementation
+        _ACTIVE.reset(token)
