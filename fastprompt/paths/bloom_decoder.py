@@ -151,17 +151,10 @@ class BloomDecoder:
         each layer's new (key, value) for the T positions."""
         batch, query_len, _ = hidden.shape
         bias = attention_bias(key_mask, query_len, self.num_heads, hidden.dtype)
-        may_checkpoint = self.model.training and torch.is_grad_enabled()
         new_kv = []
         for index, block in enumerate(self.transformer.h):
             segments = past[index] if past is not None else []
-            # transformers marks each block (it may skip some: every_n_layers).
-            if may_checkpoint and getattr(block, "gradient_checkpointing", False):
-                hidden, key, value = checkpoint(
-                    self._segments_block, block, hidden, bias, segments, use_reentrant=False
-                )
-            else:
-                hidden, key, value = self._segments_block(block, hidden, bias, segments)
+            hidden, key, value = self._run_block(self._segments_block, block, hidden, bias, segments)
             new_kv.append((key, value))
         return self.transformer.ln_f(hidden), new_kv
 
@@ -170,12 +163,8 @@ class BloomDecoder:
         the embedding LayerNorm: every linear over all N positions at once,
         attention block by block as ``plan`` says."""
         hidden = hidden[None]
-        may_checkpoint = self.model.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            if may_checkpoint and getattr(block, "gradient_checkpointing", False):
-                hidden = checkpoint(self._packed_block, block, hidden, plan, use_reentrant=False)
-            else:
-                hidden = self._packed_block(block, hidden, plan)
+            hidden = self._run_block(self._packed_block, block, hidden, plan)
         return self.transformer.ln_f(hidden)[0]
 
     def decode(self, hidden, bias, buffers, slot: torch.Tensor, attended: int) -> torch.Tensor:
@@ -195,6 +184,13 @@ class BloomDecoder:
                 ),
             )
         return self.transformer.ln_f(hidden)
+
+    def _run_block(self, function, block, *args):
+        """``function(block, *args)``, checkpointed where transformers marked
+        the block (it may skip some: every_n_layers) and this call trains."""
+        if self.model.training and torch.is_grad_enabled() and getattr(block, "gradient_checkpointing", False):
+            return checkpoint(function, block, *args, use_reentrant=False)
+        return function(block, *args)
 
     def _segments_block(self, block, hidden, bias, segments):
         return self._block(block, hidden, lambda attn, normed: self._attention(attn, normed, bias, segments))
