@@ -3,15 +3,19 @@
 Taken for BLOOM when nothing in the call needs BLOOM's own module calls (hooks
 on the blocks, accelerate's placement hooks, dropout that must draw like
 PEFT's: ``paths.choose``), since it is faster than transformers' eager BLOOM
-attention. The few calls it has no pass for go to the generic path over the
-same model, which it holds: a mixed-adapter batch of one row per prompt
-(the ``whole`` pass takes one prompt), and generation requests its own loop does
-not serve.
+attention. Generation requests its own loop does not serve go to transformers'
+loop with the prefix computed here; a call that may not share the prompt's
+pass with rows of different prompts, to the generic path over the same model,
+which it holds (the ``whole`` pass takes one prompt).
 
-Training and evaluation never pack: BLOOM's ALiBi comes from the 2D mask, which
-cannot describe a packed sequence. A call with several rows shares the prompt's
-pass (the prefix's K/V, computed once, expanded to the rows); one row runs
-``cat(prompt, tokens)`` once, which is all the sharing could save.
+A training step packs: the A prompts once, then each row's kept positions
+(``batch.keep``: its real tokens and the pads whose output predicts a label),
+as one sequence built by the fused embedding op. Every linear runs over all of
+it at once; attention runs block by block (``segments``), each key with the
+ALiBi position PEFT's pass over ``cat(prompt, tokens)`` gives it, so neither
+pads nor pairs across rows are computed. Evaluation and other calls without
+a gradient share the prompt's pass (its K/V, computed once or cached,
+expanded to the rows); one row runs ``cat(prompt, tokens)`` once.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from ..batch import PromptBatch
 from ..ops import pack_embed
 from ..prefix_cache import Prefix, PrefixCache
 from . import bloom_decode, generic_generation
-from .bloom_decoder import BloomDecoder, KVSegment
+from .bloom_decoder import BloomDecoder, KVSegment, key_positions, packed_attention
 from .generic import GenericPath
+from .segments import segments
 
 log = logging.getLogger("fastprompt")
 
@@ -106,6 +111,11 @@ class BloomPath:
         self, batch: PromptBatch, input_ids: torch.Tensor, prefixes: PrefixCache
     ) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
         num_virtual = batch.num_virtual_tokens
+        if batch.trains and batch.shares_prefix:
+            prompt_final, token_final = self.packed(batch, input_ids)
+            if batch.adapter_of_row is not None:
+                prompt_final = prompt_final.index_select(0, batch.adapter_of_row)
+            return prompt_final, token_final, "packed", None
         if input_ids.shape[0] == 1 or not batch.shares_prefix:
             if batch.adapter_of_row is not None:
                 return self.generic.hidden_states(batch, input_ids, prefixes)
@@ -116,6 +126,25 @@ class BloomPath:
         if batch.adapter_of_row is not None:
             return prefix.final.index_select(0, batch.adapter_of_row), token_final, "shared", None
         return prefix.final, token_final, "shared", None
+
+    def packed(self, batch: PromptBatch, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts' final hidden [A, P, H] and the tokens' [B, T, H] (zero
+        where not kept) from one packed pass."""
+        num_adapters, num_virtual = batch.num_adapters, batch.num_virtual_tokens
+        norm = self.decoder.embedding_layernorm
+        weight = self.decoder.word_embeddings.weight
+        sequence, layout = pack_embed(input_ids, batch.keep, batch.prompts, weight, norm.weight, norm.bias, norm.eps)
+        # Prompt keys sit at 0..P-1 and each token key where PEFT's mask cumsum puts it.
+        prompt_positions = torch.arange(num_virtual, device=input_ids.device).repeat(num_adapters)
+        token_positions = layout.gather(key_positions(batch.key_mask)[:, num_virtual:])
+        real = layout.gather(batch.key_mask[:, num_virtual:]).bool()
+        blocks = segments(layout, num_adapters, num_virtual, batch.row_adapters, real)
+        plan = packed_attention(
+            blocks, torch.cat([prompt_positions, token_positions]), self.decoder.num_heads, sequence.dtype
+        )
+        final = self.decoder.packed(sequence, plan)
+        prompts_end = num_adapters * num_virtual
+        return final[:prompts_end].view(num_adapters, num_virtual, -1), layout.scatter(final[prompts_end:])
 
     def prefill(self, input_ids, key_mask, prefix: Prefix, adapter_of_row: torch.Tensor | None):
         """The T real tokens against the prefix: final hidden [B, T, H] and each

@@ -21,16 +21,26 @@ prefix's own pass through the model, which is the cost that scales with P.
 
 K/V segments are laid out ``[heads, batch, seq, head_dim]``, so that a
 prefix shared by every row expands over the batch as a stride-0 view.
+
+A training step runs ``packed`` instead: the prompts and every row's kept
+positions as one sequence [N, H], each linear over all N at once, attention
+one block at a time (``segments``: a prompt against itself, a row against its
+prompt and its own earlier real positions), each block's bias being the ALiBi
+of its keys where visible. The ALiBi bias depends on the key only, so a key
+carries the position PEFT's mask cumsum gives it wherever it is packed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+from .segments import Segment
 
 
 @dataclass
@@ -49,11 +59,21 @@ def alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
     return build_alibi_tensor(torch.ones(1, 2, device=device), num_heads, torch.float32)[:, 0, 1]
 
 
+def key_positions(key_mask: torch.Tensor) -> torch.Tensor:
+    """Each key's ALiBi position [B, K] as BLOOM takes it from the mask: the
+    number of real keys before it, 0 at padding."""
+    return (key_mask.cumsum(dim=-1) - 1) * key_mask
+
+
+def alibi_of(positions: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """BLOOM's ALiBi [..., heads, K] of keys at ``positions`` [..., K]."""
+    slopes = alibi_slopes(num_heads, positions.device)
+    return (slopes[:, None] * positions[..., None, :].float()).to(dtype)
+
+
 def alibi(key_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
     """BLOOM's ALiBi [B, heads, K] of every key, from the mask cumsum as BLOOM computes it."""
-    slopes = alibi_slopes(num_heads, key_mask.device)
-    positions = (key_mask.cumsum(dim=-1) - 1) * key_mask
-    return (slopes[None, :, None] * positions[:, None, :].float()).to(dtype)
+    return alibi_of(key_positions(key_mask), num_heads, dtype)
 
 
 def attention_bias(key_mask: torch.Tensor, query_len: int, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -66,6 +86,40 @@ def attention_bias(key_mask: torch.Tensor, query_len: int, num_heads: int, dtype
     causal = torch.arange(key_len, device=key_mask.device)[None, :] <= q_pos
     visible = causal[None, None] & key_mask.bool()[:, None, None, :]
     return alibi(key_mask, num_heads, dtype)[:, :, None, :].masked_fill(~visible, torch.finfo(dtype).min)
+
+
+@dataclass(frozen=True)
+class PackedAttention:
+    """The blocks of a packed sequence as every layer attends them: the
+    sequence split into ``lengths`` stretches (each block's queries, in
+    order), each block's key stretches as indexes into them, and its additive
+    bias [1, heads, queries, keys]."""
+
+    lengths: tuple[int, ...]
+    keys: tuple[tuple[int, ...], ...]
+    biases: tuple[torch.Tensor, ...]
+
+
+def packed_attention(
+    blocks: Sequence[Segment], positions: torch.Tensor, num_heads: int, dtype: torch.dtype
+) -> PackedAttention:
+    """``blocks`` (``segments.segments``: their queries cover the sequence in
+    order, their keys are stretches of it) with the ALiBi of each key at
+    ``positions`` [N] where ``visible``, dtype-min elsewhere (as ``attention_bias``)."""
+    stretch_of, start = {}, 0
+    for index, block in enumerate(blocks):
+        if block.queries.start != start:
+            raise ValueError("the blocks' queries must cover the packed sequence in order")
+        stretch_of[(block.queries.start, block.queries.stop)] = index
+        start = block.queries.stop
+    keys = tuple(tuple(stretch_of[(k.start, k.stop)] for k in block.keys) for block in blocks)
+    key_alibi = alibi_of(positions, num_heads, dtype)  # [heads, N]
+    minimum = torch.finfo(dtype).min
+    biases = tuple(
+        torch.cat([key_alibi[:, k] for k in block.keys], dim=1)[None, :, None, :].masked_fill(~block.visible, minimum)
+        for block in blocks
+    )
+    return PackedAttention(tuple(b.queries.stop - b.queries.start for b in blocks), keys, biases)
 
 
 class BloomDecoder:
@@ -97,19 +151,21 @@ class BloomDecoder:
         each layer's new (key, value) for the T positions."""
         batch, query_len, _ = hidden.shape
         bias = attention_bias(key_mask, query_len, self.num_heads, hidden.dtype)
-        may_checkpoint = self.model.training and torch.is_grad_enabled()
         new_kv = []
         for index, block in enumerate(self.transformer.h):
             segments = past[index] if past is not None else []
-            # transformers marks each block (it may skip some: every_n_layers).
-            if may_checkpoint and getattr(block, "gradient_checkpointing", False):
-                hidden, key, value = checkpoint(
-                    self._segments_block, block, hidden, bias, segments, use_reentrant=False
-                )
-            else:
-                hidden, key, value = self._segments_block(block, hidden, bias, segments)
+            hidden, key, value = self._run_block(self._segments_block, block, hidden, bias, segments)
             new_kv.append((key, value))
         return self.transformer.ln_f(hidden), new_kv
+
+    def packed(self, hidden: torch.Tensor, plan: PackedAttention) -> torch.Tensor:
+        """A packed sequence's ``ln_f`` output [N, H] from hidden [N, H] after
+        the embedding LayerNorm: every linear over all N positions at once,
+        attention block by block as ``plan`` says."""
+        hidden = hidden[None]
+        for block in self.transformer.h:
+            hidden = self._run_block(self._packed_block, block, hidden, plan)
+        return self.transformer.ln_f(hidden)[0]
 
     def decode(self, hidden, bias, buffers, slot: torch.Tensor, attended: int) -> torch.Tensor:
         """One new position per row against K/V kept in preallocated buffers
@@ -129,8 +185,18 @@ class BloomDecoder:
             )
         return self.transformer.ln_f(hidden)
 
+    def _run_block(self, function, block, *args):
+        """``function(block, *args)``, checkpointed where transformers marked
+        the block (it may skip some: every_n_layers) and this call trains."""
+        if self.model.training and torch.is_grad_enabled() and getattr(block, "gradient_checkpointing", False):
+            return checkpoint(function, block, *args, use_reentrant=False)
+        return function(block, *args)
+
     def _segments_block(self, block, hidden, bias, segments):
         return self._block(block, hidden, lambda attn, normed: self._attention(attn, normed, bias, segments))
+
+    def _packed_block(self, block, hidden, plan):
+        return self._block(block, hidden, lambda attn, normed: self._packed_attention(attn, normed, plan))[0]
 
     def _block(self, block, hidden, attention):
         normed = block.input_layernorm(hidden)
@@ -176,6 +242,23 @@ class BloomDecoder:
             scale=attn.inv_norm_factor,
         )
         return context.transpose(1, 2).reshape(batch, query_len, hidden_size), key, value
+
+    def _packed_attention(self, attn, normed, plan: PackedAttention):
+        _, length, hidden_size = normed.shape
+        # split, not slices: its backward is one cat, where each slice's would write a full-size zero gradient.
+        query, key, value = (part.split(plan.lengths, dim=2) for part in self._qkv(attn, normed))
+        contexts = []
+        for queries, keys, bias in zip(query, plan.keys, plan.biases):
+            context = F.scaled_dot_product_attention(
+                queries,
+                torch.cat([key[k] for k in keys], dim=2) if len(keys) > 1 else key[keys[0]],
+                torch.cat([value[k] for k in keys], dim=2) if len(keys) > 1 else value[keys[0]],
+                attn_mask=bias,
+                dropout_p=attn.attention_dropout.p if attn.training else 0.0,
+                scale=attn.inv_norm_factor,
+            )
+            contexts.append(context.transpose(1, 2))
+        return torch.cat(contexts, dim=1).reshape(1, length, hidden_size), None, None
 
     def _attention_in_buffer(self, attn, normed, bias, buffer, slot, attended):
         rows, _, hidden_size = normed.shape

@@ -223,10 +223,15 @@ def test_packing_is_taken_at_every_shape_but_not_under_flash_attention(shape):
     assert not path.packs(100, 32)
 
 
-def test_bloom_is_never_packed():
+def test_bloom_packs_on_its_own_path_only():
+    """The generic path packs with position ids, which BLOOM's ALiBi does not
+    read; BLOOM's own path packs a training step with each key's ALiBi position."""
     model, _ = pair(lambda: random_bloom(vocab=512), prompt_config(6))
-    own, generic = model.paths
-    assert not hasattr(own, "packed") and not generic.packs(6, 8)
+    _, generic = model.paths
+    assert not generic.packs(6, 8)
+    ids, mask, labels = padded_batch(2, 6, 512)
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert (model.last_call.path, model.last_call.run) == ("bloom", "packed")
 
 
 # ------------------------------------------------------------------ mixed adapters
