@@ -31,6 +31,9 @@ RUN = mc.setting()
 QUICK = model_shapes.SHAPES[RUN["model"]].quick
 # A round is four steps: seconds on a GPU or at the quick shape, minutes on a CPU at full width.
 ROUNDS = 4 if QUICK or RUN["device"].startswith("cuda") else 2
+# fp32: fastprompt's loss within 1e-5 of PEFT prompt tuning's, every round (the packing issue's
+# acceptance; measured 1.05e-7 at the quick shape, round 1). Other dtypes: the shared bounds.
+LOSS_REL = 1e-5 if RUN["dtype"] == "float32" else None
 
 
 def test_method_comparison(benchmark):
@@ -52,7 +55,7 @@ def test_method_comparison(benchmark):
     contest = harness.Alternation(
         {name: (lambda index, name=name: step(name, index)) for name in contenders},
         reference=mc.REFERENCE,
-        check=loss_check(RUN["dtype"]),
+        check=loss_check(RUN["dtype"], LOSS_REL),
         checked=("fastprompt",),
         sync=harness.device_sync(RUN["device"]),
     )

@@ -174,10 +174,10 @@ def train_step(model, optimizer, batch: dict) -> float:
 LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-3, "int8": 1e-3}
 
 
-def loss_check(dtype: str):
+def loss_check(dtype: str, tolerance: float | None = None):
     """The harness's check for two contenders' losses: the same to rounding,
-    within ``LOSS_TOLERANCE[dtype]`` relative; returns the relative difference."""
-    tolerance = LOSS_TOLERANCE[dtype]
+    within ``tolerance`` (default ``LOSS_TOLERANCE[dtype]``) relative; returns the relative difference."""
+    tolerance = LOSS_TOLERANCE[dtype] if tolerance is None else tolerance
 
     def check(reference: float, loss: float) -> float:
         difference = abs(loss - reference) / abs(reference)

@@ -18,8 +18,12 @@ import torch.nn.functional as F
 from .eligibility import has_forward_hooks, has_placement_hook
 
 IGNORE_INDEX = -100
-# Upper bound on a live fp32 logits chunk: 64 MiB.
-LOGITS_CHUNK_BYTES = 64 * 2**20
+# Upper bound on a live fp32 logits chunk (its log-softmax is a second one of the same size).
+# Rows per chunk set the lm_head GEMMs' M: at Llama-3.2-3B's head (3072 x 128256, CPU, fp32) 130
+# rows ran the forward product at 141 GFLOP/s and the gradient's at 163, 520 rows at 161 and 200;
+# a method-comparison step (2 layers, 684 labels) took 12.9 s with 64 MiB chunks and 11.3 s with
+# 256 MiB, alternated in one process (docs/results/CHANGELOG.md, 2026-12-07).
+LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
 def rows_per_chunk(vocab_size: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:

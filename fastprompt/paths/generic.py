@@ -65,7 +65,8 @@ from .segments import segments
 # field of the logits' soft cap (a label-only loss applies it too); "positions",
 # how the body numbers positions when not given ids, as the packed pass must
 # give them: "arange" (RoPE, GPT-2), "mask_cumsum" (OPT), None where the body
-# takes no position ids (BLOOM's ALiBi comes from the 2D mask: never packed);
+# takes no position ids (BLOOM's ALiBi comes from the 2D mask: the generic path never
+# packs it; BLOOM's own path does, with each key's ALiBi position);
 # "body", the module the causal LM's forward calls, where it is not the
 # ``base_model_prefix`` one (OPT's calls ``model.decoder``: hooks on it, and only
 # on it, must fire as in PEFT).
