@@ -13,9 +13,11 @@ import torch
 
 @dataclass(frozen=True)
 class PromptBatch:
-    """``adapters``: the distinct adapters of the call; ``adapter_of_row``:
-    each row's index into them (None: every row reads ``adapters[0]``);
-    ``prompts`` [num_adapters, P, H] as PEFT keeps them; ``key_mask``
+    """``adapters``: the names of the call's distinct prompts (an adapter's
+    name, or ``adapter[task t]`` for a multitask adapter's task; the prefix
+    cache keys its entries by them); ``adapter_of_row``: each row's index into
+    them (None: every row reads ``adapters[0]``); ``prompts`` [num_adapters,
+    P, H] as PEFT's ``get_prompt`` computes them for these rows; ``key_mask``
     [B, P + T], the virtual tokens' ones then the attention mask (None in
     ``generate``, whose mask changes every step); ``shares_prefix``: whether
     the prompt's pass may be run once for all rows (nothing in the call must

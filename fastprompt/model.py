@@ -1,8 +1,11 @@
-"""FastPromptModel: PEFT's ``PeftModelForCausalLM`` for prompt tuning, with a faster forward and generate.
+"""FastPromptModel: PEFT's ``PeftModelForCausalLM`` for soft prompts, with a faster forward and generate.
 
-Everything a PEFT user touches is PEFT's own code: initialisation, the prompt
-encoder (the prompt lives in ``prompt_encoder[<adapter>].embedding.weight``),
-adapter bookkeeping, state dicts, saving, loading, ``disable_adapter``,
+Prompt tuning, P-tuning and multitask prompt tuning take the fast path: each
+puts its prompt in front of the token embeddings, and differs only in how the
+prompt is computed from its encoder (``prompt_methods.py``: once per call, as
+PEFT's ``get_prompt`` computes it; one prompt per distinct task of a multitask
+call). Everything a PEFT user touches is PEFT's own code: initialisation, the
+prompt encoders, adapter bookkeeping, state dicts, saving, loading, ``disable_adapter``,
 gradient-checkpointing preparation. This subclass overrides ``forward``,
 ``generate`` and ``prepare_inputs_for_generation`` only.
 
@@ -26,20 +29,30 @@ such a call that cannot take the fast path raises instead of running it.
 
 A call the fast path cannot serve exactly runs PEFT's own code and says so
 once per reason (logger ``fastprompt``): ``inputs_embeds``, ``output_attentions``,
-``output_hidden_states``, ``task_ids``, unknown extra arguments, or a model
-family without a fast path. ``model.fast_path`` names the path a plain call takes.
+``output_hidden_states``, ``task_ids`` for a method that takes none, unknown
+extra arguments, a model family without a fast path, or a method without one
+(prefix tuning). ``model.fast_path`` names the path a plain call takes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 from typing import NamedTuple
 
 import torch
-from peft import PeftModel, PeftModelForCausalLM, PeftType, PromptTuningConfig, PromptTuningInit, TaskType
+from peft import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftType,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import adapter_check
@@ -51,6 +64,7 @@ from .loss import IGNORE_INDEX, prefix_causal_lm_loss
 from .paths import DRAWS_RANDOM, Path, Paths, Route, make_paths
 from .paths.generic_generation import inferred_attention_mask, request_config
 from .prefix_cache import PrefixCache
+from .prompt_methods import FAST_METHODS, ONE_PROMPT_METHODS, adapter_prompt, distinct_tasks, task_prompts
 
 log = logging.getLogger("fastprompt")
 
@@ -59,9 +73,12 @@ log = logging.getLogger("fastprompt")
 FAST_FORWARD_KWARGS = frozenset({"num_items_in_batch", "use_cache"})
 
 
-def get_peft_model(model, peft_config: PromptTuningConfig, adapter_name: str = "default", **peft_kwargs):
-    """Drop-in for ``peft.get_peft_model`` (prompt tuning on a causal LM):
-    returns a ``FastPromptModel``, a ``peft.PeftModelForCausalLM``."""
+def get_peft_model(
+    model, peft_config: PromptTuningConfig | PromptEncoderConfig, adapter_name: str = "default", **peft_kwargs
+):
+    """Drop-in for ``peft.get_peft_model`` (prompt tuning, multitask prompt
+    tuning or P-tuning on a causal LM): returns a ``FastPromptModel``, a
+    ``peft.PeftModelForCausalLM``."""
     import peft
 
     _check_config(model, peft_config)
@@ -77,15 +94,18 @@ def get_peft_model(model, peft_config: PromptTuningConfig, adapter_name: str = "
             ) from None
         raise
     # Recorded as the user gave it (the built-in name, not our cache path).
-    peft_model.peft_config[adapter_name].tokenizer_name_or_path = peft_config.tokenizer_name_or_path
+    if resolved is not peft_config:
+        peft_model.peft_config[adapter_name].tokenizer_name_or_path = peft_config.tokenizer_name_or_path
     return FastPromptModel._adopt(peft_model)
 
 
 def _check_config(model, config) -> None:
     """Errors PEFT would raise late or unclearly, raised up front."""
-    if not isinstance(config, PromptTuningConfig):
+    # MultitaskPromptTuningConfig is a PromptTuningConfig.
+    if not isinstance(config, (PromptTuningConfig, PromptEncoderConfig)):
         raise TypeError(
-            f"expected a peft.PromptTuningConfig, got {type(config).__name__}; fastprompt implements prompt tuning "
+            f"expected a peft.PromptTuningConfig, MultitaskPromptTuningConfig or PromptEncoderConfig, got "
+            f"{type(config).__name__}; fastprompt implements prompt tuning, multitask prompt tuning and P-tuning "
             "only (use peft.get_peft_model for other methods)"
         )
     if config.task_type not in (TaskType.CAUSAL_LM, "CAUSAL_LM"):
@@ -103,19 +123,19 @@ def _check_config(model, config) -> None:
         raise ValueError(
             f"prompt token_dim {config.token_dim} does not match the model's hidden size {embeddings.embedding_dim}"
         )
-    if config.prompt_tuning_init == PromptTuningInit.TEXT and not config.inference_mode:
+    if getattr(config, "prompt_tuning_init", None) == PromptTuningInit.TEXT and not config.inference_mode:
         if not config.prompt_tuning_init_text:
             raise ValueError("prompt_tuning_init=TEXT needs prompt_tuning_init_text (the text was empty)")
         if not config.tokenizer_name_or_path:
             raise ValueError("prompt_tuning_init=TEXT needs tokenizer_name_or_path to tokenise the init text")
 
 
-def _with_local_tokenizer(config: PromptTuningConfig) -> PromptTuningConfig:
+def _with_local_tokenizer(config):
     """PEFT loads the init-text tokenizer by name: map the built-in model name
     to its directory, and name a missing local directory at once."""
     from .loading import resolve_model_path
 
-    if config.prompt_tuning_init != PromptTuningInit.TEXT or config.inference_mode:
+    if getattr(config, "prompt_tuning_init", None) != PromptTuningInit.TEXT or config.inference_mode:
         return config
     path = resolve_model_path(config.tokenizer_name_or_path)
     if names_a_directory(path) and not os.path.isdir(os.path.expanduser(path)):
@@ -182,7 +202,8 @@ class FastPromptModel(PeftModelForCausalLM):
 
     @classmethod
     def from_peft(cls, peft_model):
-        """Convert an existing ``peft.PeftModelForCausalLM`` (prompt tuning) in place."""
+        """Convert an existing ``peft.PeftModelForCausalLM`` in place (its
+        prompt-tuning, multitask and P-tuning adapters take the fast path)."""
         return cls._adopt(peft_model)
 
     @classmethod
@@ -224,7 +245,7 @@ class FastPromptModel(PeftModelForCausalLM):
         """The path a plain call takes with the model as it is now: "bloom"
         (BLOOM's own decoder), "generic:<model_type>" (the model's body), or
         None (no fast path: PEFT's code). ``last_call`` says what a call ran."""
-        if self.paths.generic is None or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
+        if self.paths.generic is None or self.active_peft_config.peft_type not in FAST_METHODS:
             return None
         return self._route().path.name
 
@@ -233,9 +254,19 @@ class FastPromptModel(PeftModelForCausalLM):
         """What the last ``forward`` or ``generate`` ran, and why not faster (``CallRecord``)."""
         return self._state.last_call
 
-    def soft_prompt(self, adapter: str | None = None) -> torch.nn.Parameter:
-        """The soft prompt [P, H] of ``adapter`` (default: the active one), where PEFT keeps it."""
-        return self.prompt_encoder[adapter or self.active_adapter].embedding.weight
+    def soft_prompt(self, adapter: str | None = None, task: int | None = None) -> torch.Tensor:
+        """The soft prompt [P, H] that rows of ``adapter`` (default: the active
+        one) read now. Prompt tuning: the parameter itself, where PEFT keeps it
+        (``prompt_encoder[adapter].embedding.weight``). P-tuning: its encoder's
+        output, computed now (a tensor whose gradient flows to the encoder; in
+        inference mode the saved output, ``embedding.weight``). Multitask prompt
+        tuning: the prompt of ``task``, computed now (``task`` is required)."""
+        adapter = adapter or self.active_adapter
+        if self.peft_config[adapter].peft_type == PeftType.MULTITASK_PROMPT_TUNING:
+            if task is None:
+                raise ValueError(f"{adapter!r} is a multitask prompt tuning adapter: soft_prompt needs its task")
+            return task_prompts(self, adapter, (task,))[0]
+        return adapter_prompt(self, adapter)
 
     def _say_once(self, message: str) -> None:
         said = self._state.said
@@ -270,8 +301,11 @@ class FastPromptModel(PeftModelForCausalLM):
         for name in adapters:
             if name not in self.peft_config:
                 raise ValueError(f"adapter_names: unknown adapter {name!r} (this model has {sorted(self.peft_config)})")
-            if self.peft_config[name].peft_type != PeftType.PROMPT_TUNING:
-                raise ValueError(f"adapter_names: {name!r} is a {self.peft_config[name].peft_type} adapter")
+            if self.peft_config[name].peft_type not in ONE_PROMPT_METHODS:
+                raise ValueError(
+                    f"adapter_names: {name!r} is a {self.peft_config[name].peft_type} adapter; rows may mix "
+                    "prompt-tuning and P-tuning adapters (a multitask adapter's rows choose their task with task_ids)"
+                )
         lengths = {self.peft_config[name].num_virtual_tokens for name in adapters}
         if len(lengths) > 1:
             raise ValueError(
@@ -283,25 +317,46 @@ class FastPromptModel(PeftModelForCausalLM):
         index = {name: i for i, name in enumerate(adapters)}
         return adapters, tuple(index[name] for name in adapter_names)
 
+    def _prompts(
+        self, adapter_names, task_ids, rows: int
+    ) -> tuple[tuple[str, ...], torch.Tensor, tuple[int, ...] | None]:
+        """(names, prompts [A, P, H], row_prompts): the call's distinct prompts,
+        each computed once as PEFT's ``get_prompt`` computes it, and, when there
+        is more than one, each row's index into them. A multitask adapter's
+        prompts are its tasks' (named ``adapter[task t]``), otherwise the adapters'."""
+        if self.active_peft_config.peft_type == PeftType.MULTITASK_PROMPT_TUNING and adapter_names is None:
+            if task_ids is None:
+                raise ValueError("multitask prompt tuning needs task_ids, one task per row (PEFT's forward does too)")
+            tasks, task_of_row = distinct_tasks(task_ids, rows)
+            names = tuple(f"{self.active_adapter}[task {task}]" for task in tasks)
+            return names, task_prompts(self, self.active_adapter, tasks), task_of_row if len(tasks) > 1 else None
+        adapters, row_adapters = self._row_adapters(adapter_names, rows)
+        return adapters, torch.stack([adapter_prompt(self, name) for name in adapters]), row_adapters
+
     def _call(
-        self, adapter_names, rows: int, attention_mask: torch.Tensor | None, keep: torch.Tensor | None = None
+        self,
+        adapter_names,
+        task_ids,
+        rows: int,
+        attention_mask: torch.Tensor | None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[Route, PromptBatch]:
         """The route this call takes and its ``PromptBatch``, decided once."""
         route = self._route()
-        adapters, row_adapters = self._row_adapters(adapter_names, rows)
-        adapter_of_row = None
-        if row_adapters is not None:
-            adapter_of_row = torch.tensor(row_adapters, dtype=torch.long, device=self.device)
-        prompts = torch.stack([self.soft_prompt(name) for name in adapters])
+        names, prompts, row_prompts = self._prompts(adapter_names, task_ids, rows)
+        prompt_of_row = None
+        if row_prompts is not None:
+            prompt_of_row = torch.tensor(row_prompts, dtype=torch.long, device=self.device)
         key_mask = None if attention_mask is None else with_virtual_tokens(attention_mask, prompts.shape[1])
-        return route, PromptBatch(adapters, adapter_of_row, prompts, key_mask, route.shares_prefix, keep, row_adapters)
+        return route, PromptBatch(names, prompt_of_row, prompts, key_mask, route.shares_prefix, keep, row_prompts)
 
-    def _hidden_states(self, route: Route, batch: PromptBatch, input_ids: torch.Tensor, adapter_names):
+    def _hidden_states(self, route: Route, batch: PromptBatch, input_ids: torch.Tensor):
         """The route's pass; where it shares the prompt's pass, a check that the
         model drew no random numbers, which would have to be drawn as in PEFT's
         single pass. If it did (or failed doing so: a layer skipped by layer
         drop leaves the prefix incomplete), the generators are set back and the
-        call runs that single pass; this train/eval pattern is remembered."""
+        call runs that single pass, on the same prompts (a P-tuning encoder
+        has drawn its numbers already); this train/eval pattern is remembered."""
         prefixes = self._state.prefixes
         if not route.shares_prefix:
             return route, *route.path.hidden_states(batch, input_ids, prefixes)
@@ -320,9 +375,8 @@ class FastPromptModel(PeftModelForCausalLM):
             # That was PEFT's single pass through the model's own modules already.
             return route._replace(reason=DRAWS_RANDOM), *result
         draws.undo()
-        route, batch = self._call(
-            adapter_names, input_ids.shape[0], batch.key_mask[:, batch.num_virtual_tokens :], batch.keep
-        )
+        route = self._route()
+        batch = dataclasses.replace(batch, shares_prefix=route.shares_prefix)
         return route, *route.path.hidden_states(batch, input_ids, prefixes)
 
     # --------------------------------------------------------------- forward
@@ -330,8 +384,9 @@ class FastPromptModel(PeftModelForCausalLM):
         self, input_ids, inputs_embeds, labels, output_attentions, output_hidden_states, return_dict, task_ids, kwargs
     ):
         """Why this call cannot take the fast path, or None."""
-        if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
-            return f"the active adapter is {self.active_peft_config.peft_type}, not PROMPT_TUNING"
+        peft_type = self.active_peft_config.peft_type
+        if peft_type not in FAST_METHODS:
+            return f"the active adapter is {peft_type}, a method without a fast path"
         if self.paths.generic is None:
             return f"{self.get_base_model().config.model_type} has no fast path"
         if inputs_embeds is not None:
@@ -346,7 +401,7 @@ class FastPromptModel(PeftModelForCausalLM):
             return "output_hidden_states=True"
         if labels is not None and has_forward_hooks(self.get_output_embeddings()):
             return "forward hooks on the output embeddings must see PEFT's single call on every position"
-        if task_ids is not None:
+        if task_ids is not None and peft_type != PeftType.MULTITASK_PROMPT_TUNING:
             return "task_ids was passed"
         if kwargs.get("use_cache"):
             return "use_cache=True (PEFT's forward returns its cache)"
@@ -409,6 +464,8 @@ class FastPromptModel(PeftModelForCausalLM):
                 labels = documents.unflatten(labels.to(input_ids.device), fill=IGNORE_INDEX)
             if adapter_names is not None:
                 adapter_names = [adapter_names[row] for row in documents.rows]
+            if task_ids is not None:
+                task_ids = task_ids[torch.as_tensor(documents.rows, device=task_ids.device)]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(input_ids.device)
@@ -416,8 +473,8 @@ class FastPromptModel(PeftModelForCausalLM):
         keep = None
         if labels is not None and torch.is_grad_enabled() and not return_logits:
             keep = positions_to_keep(attention_mask, labels.to(input_ids.device), IGNORE_INDEX)
-        route, batch = self._call(adapter_names, input_ids.shape[0], attention_mask, keep)
-        route, prefix_final, token_final, ran, unshared = self._hidden_states(route, batch, input_ids, adapter_names)
+        route, batch = self._call(adapter_names, task_ids, input_ids.shape[0], attention_mask, keep)
+        route, prefix_final, token_final, ran, unshared = self._hidden_states(route, batch, input_ids)
         self._record(route.path.name, ran, route.reason or unshared)
         path = route.path
 
@@ -444,14 +501,18 @@ class FastPromptModel(PeftModelForCausalLM):
     def generate(self, *args, **kwargs):
         """PEFT's ``generate`` (every option of transformers' ``generate``), with
         the prompt's K/V taken from the prefix cache instead of recomputed per
-        row and request; ``adapter_names`` gives each row its own prompt."""
+        row and request; ``adapter_names`` gives each row its own prompt, and
+        a multitask adapter's ``task_ids`` each row its task's."""
         adapter_names = kwargs.pop("adapter_names", None)
         if (
             self._adapters_disabled
-            or self.active_peft_config.peft_type != PeftType.PROMPT_TUNING
+            or self.active_peft_config.peft_type not in FAST_METHODS
             or self.paths.generic is None
         ):
             return super().generate(*args, **kwargs)
+        task_ids = None
+        if self.active_peft_config.peft_type == PeftType.MULTITASK_PROMPT_TUNING:
+            task_ids = kwargs.pop("task_ids", None)
         ids = kwargs.get("input_ids", args[0] if args else None)
         inputs = ids if ids is not None else kwargs.get("inputs_embeds")
         rows = 0 if inputs is None else inputs.shape[0]
@@ -459,7 +520,7 @@ class FastPromptModel(PeftModelForCausalLM):
         if mask is None and torch.is_tensor(ids):
             config = request_config(self.generation_config, kwargs)
             mask = inferred_attention_mask(ids, config.pad_token_id, config.eos_token_id)
-        route, batch = self._call(adapter_names or None, rows, mask)
+        route, batch = self._call(adapter_names or None, task_ids, rows, mask)
         path = route.path
         sequences = path.generate(batch, args, kwargs, self._state.prefixes)
         if sequences is not None:
@@ -483,12 +544,12 @@ class FastPromptModel(PeftModelForCausalLM):
             self._state.generating = None
 
     def prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
-        if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING or self.paths.generic is None:
+        if self.active_peft_config.peft_type not in FAST_METHODS or self.paths.generic is None:
             return super().prepare_inputs_for_generation(*args, task_ids=task_ids, **kwargs)
         if self._state.generating is not None:
             path, batch = self._state.generating
         else:
-            route, batch = self._call(None, 0, None)
+            route, batch = self._call(None, task_ids, 0, None)
             path = route.path
         return path.prepare_step_inputs(
             batch, self._state.prefixes, self.base_model_prepare_inputs_for_generation, *args, **kwargs

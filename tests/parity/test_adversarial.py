@@ -314,18 +314,21 @@ def test_the_prefix_cache_sees_in_place_changes_to_buffers_and_attributes(change
 
 # ------------------------------------------------------------- what is reported
 def test_fast_path_and_last_call_say_what_runs(caplog):
-    from peft import MultitaskPromptTuningConfig, TaskType
+    from peft import PrefixTuningConfig, TaskType
+    from peft import get_peft_model as peft_get_peft_model
 
-    import fastprompt
+    from fastprompt import FastPromptModel
 
-    multitask = fastprompt.get_peft_model(
-        tiny_causal_lm("bloom"),
-        MultitaskPromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, num_tasks=2),
+    prefix = FastPromptModel.from_peft(
+        peft_get_peft_model(
+            tiny_causal_lm("bloom"), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+        )
     )
-    assert multitask.fast_path is None
+    assert prefix.fast_path is None
     ids, mask, labels = padded_batch(2, 6, 512)
-    multitask(input_ids=ids, attention_mask=mask, labels=labels, task_ids=torch.tensor([0, 1]))
-    assert multitask.last_call.path is None and multitask.last_call.run == "peft"
+    prefix(input_ids=ids, attention_mask=mask, labels=labels)
+    assert prefix.last_call.path is None and prefix.last_call.run == "peft"
+    assert "PREFIX_TUNING, a method without a fast path" in prefix.last_call.reason
 
     ours, ref = pair(lambda: tiny_causal_lm("gpt2", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1), prompt_config(8))
     ours.train()

@@ -1,0 +1,70 @@
+"""The prompts a call reads, for each prompt-learning method with a fast path, computed as PEFT's ``get_prompt`` does.
+
+Every fast pass takes prompts as tensors [A, P, H], so a method only decides
+how its adapter turns into them:
+
+* prompt tuning (``PROMPT_TUNING``): the prompt is the encoder's table,
+  ``prompt_encoder[adapter].embedding.weight``;
+* P-tuning (``P_TUNING``, MLP or LSTM reparameterisation): the encoder run once
+  on the virtual-token indices, ``prompt_encoder(prompt_tokens[:1])``, as PEFT
+  runs it before repeating it for the rows; so its random draws (LSTM dropout in
+  training) are PEFT's. In inference mode PEFT keeps no encoder heads and reads
+  the saved output from ``embedding.weight``, as here;
+* multitask prompt tuning (``MULTITASK_PROMPT_TUNING``): one prompt per distinct
+  task of the call, ``embedding(indices) * (prefix_task_cols[t] @ prefix_task_rows[t])``,
+  by the encoder's own forward; rows of one task share it.
+
+Prefix tuning puts its prompt in the attention cache, not in front of the
+embeddings, and has no fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftType
+
+FAST_METHODS = frozenset({PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.MULTITASK_PROMPT_TUNING})
+# Methods whose adapter has one prompt, whatever the row: they mix in one batch through ``adapter_names``.
+ONE_PROMPT_METHODS = frozenset({PeftType.PROMPT_TUNING, PeftType.P_TUNING})
+
+
+def _prompt_tokens(peft_model, adapter: str, rows: int) -> torch.Tensor:
+    encoder = peft_model.prompt_encoder[adapter]
+    return peft_model.prompt_tokens[adapter].to(encoder.embedding.weight.device).expand(rows, -1)
+
+
+def adapter_prompt(peft_model, adapter: str) -> torch.Tensor:
+    """[P, H]: the prompt every row of a prompt-tuning or P-tuning ``adapter`` reads."""
+    config = peft_model.peft_config[adapter]
+    encoder = peft_model.prompt_encoder[adapter]
+    if config.peft_type == PeftType.PROMPT_TUNING or (config.peft_type == PeftType.P_TUNING and config.inference_mode):
+        return encoder.embedding.weight
+    if config.peft_type == PeftType.P_TUNING:
+        return encoder(_prompt_tokens(peft_model, adapter, 1))[0]
+    if config.peft_type == PeftType.MULTITASK_PROMPT_TUNING:
+        raise ValueError(f"{adapter!r} is a multitask prompt tuning adapter: its prompt depends on the task")
+    raise ValueError(f"{adapter!r} is a {config.peft_type} adapter, which has no prompt in front of the tokens")
+
+
+def task_prompts(peft_model, adapter: str, tasks: tuple[int, ...]) -> torch.Tensor:
+    """[len(tasks), P, H]: the multitask ``adapter``'s prompt of each task."""
+    encoder = peft_model.prompt_encoder[adapter]
+    task_ids = torch.tensor(tasks, dtype=torch.long, device=encoder.embedding.weight.device)
+    return encoder(_prompt_tokens(peft_model, adapter, len(tasks)), task_ids)
+
+
+def distinct_tasks(task_ids, rows: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(tasks, task_of_row): the distinct tasks of ``task_ids`` (one per row)
+    in order of first appearance, and each row's index into them. Reads the
+    ids to the host once: the rows' layout is planned there."""
+    if not torch.is_tensor(task_ids):
+        raise TypeError(f"task_ids must be a tensor of one task per row, got {type(task_ids).__name__}")
+    if task_ids.dim() != 1 or task_ids.dtype not in (torch.int64, torch.int32) or (rows and task_ids.numel() != rows):
+        raise ValueError(
+            f"task_ids must be a 1-D integer tensor of one task per row ({rows} rows), "
+            f"got shape {tuple(task_ids.shape)} {task_ids.dtype}"
+        )
+    per_row = task_ids.tolist()
+    tasks = tuple(dict.fromkeys(per_row))
+    index = {task: i for i, task in enumerate(tasks)}
+    return tasks, tuple(index[task] for task in per_row)

@@ -1,0 +1,215 @@
+"""P-tuning (MLP and LSTM encoders) and multitask prompt tuning on the fast path, against the real peft package.
+
+For every family: fp32 loss and the gradient of every trainable encoder
+parameter within 1e-5 relative of PEFT's (left and right padding, a batch of
+mixed tasks for multitask), with the packed pass in training and the shared
+prefix in evaluation; greedy ids equal to PEFT's intended generation path
+(``base.generate(inputs_embeds=cat(get_prompt(...), embed(ids)))``, see
+``test_generation.py``); adapter files both ways.
+"""
+
+import pytest
+import torch
+from models import FAMILIES, padded_batch, pair, tiny_causal_lm
+from peft import MultitaskPromptTuningConfig, PeftModel, PromptEncoderConfig, TaskType
+from tolerance import rel_err
+
+from fastprompt import FastPromptModel
+
+VOCAB = 512
+VIRTUAL = 6
+
+
+def encoder_config(method):
+    if method == "multitask":
+        return MultitaskPromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=VIRTUAL, num_tasks=3, num_ranks=2
+        )
+    # LSTM: two layers, so its dropout (drawn in training, as in PEFT) is between them.
+    lstm = dict(encoder_reparameterization_type="LSTM", encoder_num_layers=2, encoder_dropout=0.2)
+    return PromptEncoderConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=VIRTUAL,
+        encoder_hidden_size=32,
+        **(lstm if method == "lstm" else {}),
+    )
+
+
+METHODS = ["mlp", "lstm", "multitask"]
+MIXED_TASKS = [2, 0, 2]
+
+
+def call_kwargs(method, tasks=MIXED_TASKS):
+    return {"task_ids": torch.tensor(tasks)} if method == "multitask" else {}
+
+
+def trainable_grads(model):
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def loss_and_grads(model, seed, **inputs):
+    torch.manual_seed(seed)  # the LSTM's dropout draws from here, in PEFT and in ours
+    out = model(**inputs)
+    out.loss.backward()
+    return out.loss, trainable_grads(model)
+
+
+def assert_grads_match(got, want):
+    assert got.keys() == want.keys() and len(got) >= 3
+    for name, grad in want.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert rel_err(got[name], grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fp32_loss_and_encoder_grads_match_peft_in_the_packed_pass(family, method, side):
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config(method))
+    assert ours.fast_path is not None
+    ids, mask, labels = padded_batch(3, 10, VOCAB, side=side, lengths=[10, 7, 4])
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **call_kwargs(method))
+    # The encoders are in training mode (as PEFT builds them): the LSTM's dropout draws.
+    assert ours.prompt_encoder.training
+    loss, grads = loss_and_grads(ours, 7, **inputs)
+    assert ours.last_call.run == "packed" and ours.last_call.reason is None
+    want_loss, want_grads = loss_and_grads(ref, 7, **inputs)
+    assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
+    assert_grads_match(grads, want_grads)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gpt2"])
+def test_lstm_dropout_draws_are_peft_draws(family):
+    """Guards the fixture above: another seed moves PEFT's loss, so the
+    agreement at one seed means the encoder drew as PEFT's did."""
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config("lstm"))
+    ids, mask, labels = padded_batch(3, 10, VOCAB)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    loss, _ = loss_and_grads(ours, 3, **inputs)
+    want, _ = loss_and_grads(ref, 3, **inputs)
+    other, _ = loss_and_grads(ref, 4, **inputs)
+    assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
+    assert abs(other.item() - want.item()) > 1e-5 * abs(want.item())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_eval_logits_match_peft_on_the_shared_prefix(family, method):
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config(method))
+    ours.eval()
+    ref.eval()
+    ids, mask, labels = padded_batch(3, 9, VOCAB, side="left")
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **call_kwargs(method))
+    with torch.no_grad():
+        got = ours(**inputs)
+        assert ours.last_call.run == "shared"
+        want = ref(**inputs)
+    assert rel_err(got.logits, want.logits) < 1e-5
+    assert abs(got.loss.item() - want.loss.item()) <= 1e-5 * abs(want.loss.item())
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_multitask_rows_of_one_task_share_one_prompt(family):
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config("multitask"))
+    ids, mask, labels = padded_batch(3, 9, VOCAB)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **call_kwargs("multitask", [1, 1, 1]))
+    seen = []
+    ours.prefix_cache.store = lambda path, batch, prefix: seen.append(batch.prompts.shape[0])
+    loss, grads = loss_and_grads(ours, 0, **inputs)
+    want_loss, want_grads = loss_and_grads(ref, 0, **inputs)
+    assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
+    assert_grads_match(grads, want_grads)
+    with torch.no_grad():
+        ours(**inputs)
+    assert seen == [1]
+
+
+def test_multitask_without_task_ids_is_refused_as_peft_refuses_it():
+    ours, ref = pair(lambda: tiny_causal_lm("llama", VOCAB), encoder_config("multitask"))
+    ids, mask, _ = padded_batch(2, 5, VOCAB)
+    with pytest.raises(ValueError, match="task_ids cannot be None"):
+        ref(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="needs task_ids"):
+        ours(input_ids=ids, attention_mask=mask)
+
+
+def peft_intended(ref, ids, mask, task_ids=None, **kwargs):
+    """PEFT's intended generation: the base model's generate on PEFT's own
+    ``get_prompt`` in front of the token embeddings."""
+    with torch.no_grad():
+        embeds = ref.word_embeddings(ids)
+        prompt = ref.get_prompt(batch_size=ids.shape[0], task_ids=task_ids).to(embeds.dtype)
+        ones = mask.new_ones(ids.shape[0], prompt.shape[1])
+        return ref.get_base_model().generate(
+            inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=torch.cat([ones, mask], dim=1), **kwargs
+        )
+
+
+def lively_pair(family, method):
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB, lively=True), encoder_config(method))
+    return ours.eval(), ref.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_ids_equal_the_peft_intended_path(family, method):
+    ours, ref = lively_pair(family, method)
+    ids, mask, _ = padded_batch(3, 8, VOCAB, side="left")
+    kwargs = call_kwargs(method)
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, **kwargs)
+    assert ours.last_call.path is not None
+    assert torch.equal(got[:, :8], ids)
+    assert torch.equal(got[:, 8:], peft_intended(ref, ids, mask, max_new_tokens=6, **kwargs))
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+@pytest.mark.parametrize("method", METHODS)
+def test_changing_an_encoder_parameter_changes_what_generate_returns(family, method):
+    """The prefix cache compares the computed prompts: an encoder parameter
+    written in place (no new prompt tensor, no version the cache could read)
+    makes it recompute."""
+    ours, ref = lively_pair(family, method)
+    ids, mask, _ = padded_batch(2, 8, VOCAB, side="left")
+    kwargs = call_kwargs(method, [1, 2])
+    before = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, **kwargs)
+    assert torch.equal(before, ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, **kwargs))
+    computed = ours.prefix_cache.computations
+    for model in (ours, ref):
+        encoder = model.prompt_encoder["default"]
+        with torch.no_grad():
+            if method == "multitask":
+                encoder.prefix_task_rows.mul_(-3.0)
+            else:
+                # Not a constant shift: BLOOM's embedding LayerNorm would remove it.
+                bias = encoder.mlp_head[-1].bias
+                bias.add_(torch.linspace(-2.0, 2.0, bias.numel()))
+    after = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, **kwargs)
+    assert ours.prefix_cache.computations == computed + 1
+    assert not torch.equal(before, after)
+    assert torch.equal(after[:, 8:], peft_intended(ref, ids, mask, max_new_tokens=6, **kwargs))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_files_both_ways(tmp_path, method):
+    ours, ref = pair(lambda: tiny_causal_lm("llama", VOCAB), encoder_config(method))
+    ours.eval()
+    ref.eval()
+    with torch.no_grad():
+        for model in (ours, ref):  # a trained-looking encoder, not the init
+            model.prompt_encoder["default"].embedding.weight.mul_(3.0)
+    ids, mask, _ = padded_batch(2, 7, VOCAB, side="left")
+    kwargs = call_kwargs(method, [2, 1])
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "peft")
+    peft_loads_ours = PeftModel.from_pretrained(tiny_causal_lm("llama", VOCAB), tmp_path / "ours")
+    ours_loads_peft = FastPromptModel.from_pretrained(tiny_causal_lm("llama", VOCAB), tmp_path / "peft")
+    assert isinstance(ours_loads_peft, FastPromptModel)
+    want = logits(ref)
+    assert rel_err(logits(peft_loads_ours), want) < 1e-5
+    assert rel_err(logits(ours_loads_peft), want) < 1e-5
+    assert ours_loads_peft.last_call.run == "shared"
