@@ -326,7 +326,7 @@ class FastPromptModel(PeftModelForCausalLM):
         prompts are its tasks' (named ``adapter[task t]``), otherwise the adapters'."""
         if self.active_peft_config.peft_type == PeftType.MULTITASK_PROMPT_TUNING and adapter_names is None:
             if task_ids is None:
-                raise ValueError("multitask prompt tuning needs task_ids, one task per row (PEFT's forward does too)")
+                raise ValueError("task_ids cannot be None: multitask prompt tuning needs one task per row (as in PEFT)")
             tasks, task_of_row = distinct_tasks(task_ids, rows)
             names = tuple(f"{self.active_adapter}[task {task}]" for task in tasks)
             return names, task_prompts(self, self.active_adapter, tasks), task_of_row if len(tasks) > 1 else None
@@ -549,7 +549,8 @@ class FastPromptModel(PeftModelForCausalLM):
         if self._state.generating is not None:
             path, batch = self._state.generating
         else:
-            route, batch = self._call(None, task_ids, 0, None)
+            rows = task_ids.numel() if torch.is_tensor(task_ids) else 0
+            route, batch = self._call(None, task_ids, rows, None)
             path = route.path
         return path.prepare_step_inputs(
             batch, self._state.prefixes, self.base_model_prepare_inputs_for_generation, *args, **kwargs

@@ -54,17 +54,18 @@ def task_prompts(peft_model, adapter: str, tasks: tuple[int, ...]) -> torch.Tens
 
 
 def distinct_tasks(task_ids, rows: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(tasks, task_of_row): the distinct tasks of ``task_ids`` (one per row)
-    in order of first appearance, and each row's index into them. Reads the
-    ids to the host once: the rows' layout is planned there."""
+    """(tasks, task_of_row): the distinct tasks of ``task_ids`` in order of
+    first appearance, and each row's index into them. ``task_ids`` holds one
+    task per row, or one for every row (PEFT broadcasts it). Reads the ids to
+    the host once: the rows' layout is planned there."""
     if not torch.is_tensor(task_ids):
         raise TypeError(f"task_ids must be a tensor of one task per row, got {type(task_ids).__name__}")
-    if task_ids.dim() != 1 or task_ids.dtype not in (torch.int64, torch.int32) or (rows and task_ids.numel() != rows):
+    if task_ids.dim() != 1 or task_ids.dtype not in (torch.int64, torch.int32) or task_ids.numel() not in (1, rows):
         raise ValueError(
-            f"task_ids must be a 1-D integer tensor of one task per row ({rows} rows), "
+            f"task_ids must be a 1-D integer tensor of one task per row ({rows} rows) or one for all, "
             f"got shape {tuple(task_ids.shape)} {task_ids.dtype}"
         )
     per_row = task_ids.tolist()
     tasks = tuple(dict.fromkeys(per_row))
     index = {task: i for i, task in enumerate(tasks)}
-    return tasks, tuple(index[task] for task in per_row)
+    return tasks, tuple(index[task] for task in per_row) if len(per_row) == rows else (0,) * rows
