@@ -303,8 +303,9 @@ class FastPromptModel(PeftModelForCausalLM):
                 raise ValueError(f"adapter_names: unknown adapter {name!r} (this model has {sorted(self.peft_config)})")
             if self.peft_config[name].peft_type not in ONE_PROMPT_METHODS:
                 raise ValueError(
-                    f"adapter_names: {name!r} is a {self.peft_config[name].peft_type} adapter; rows may mix "
-                    "prompt-tuning and P-tuning adapters (a multitask adapter's rows choose their task with task_ids)"
+                    f"adapter_names: {name!r} is a {self.peft_config[name].peft_type} adapter; adapter_names "
+                    "lists prompt-tuning or P-tuning adapters (a multitask adapter's rows choose their task with "
+                    "task_ids)"
                 )
         lengths = {self.peft_config[name].num_virtual_tokens for name in adapters}
         if len(lengths) > 1:

@@ -213,3 +213,42 @@ def test_adapter_files_both_ways(tmp_path, method):
     assert rel_err(logits(peft_loads_ours), want) < 1e-5
     assert rel_err(logits(ours_loads_peft), want) < 1e-5
     assert ours_loads_peft.last_call.run == "shared"
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_rows_of_two_p_tuning_adapters_match_peft_per_adapter(family):
+    """``adapter_names`` over P-tuning adapters (an MLP and an LSTM encoder):
+    each prompt is its encoder's output, computed once; PEFT runs each
+    adapter's rows alone."""
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config("mlp"))
+    for model in (ours, ref):
+        torch.manual_seed(1)
+        model.add_adapter("lstm", encoder_config("lstm"))
+        model.prompt_encoder.requires_grad_(True)
+        model.prompt_encoder.eval()  # no dropout: PEFT's separate calls would draw in another order
+    ids, mask, labels = padded_batch(4, 9, VOCAB, side="left", lengths=[9, 4, 7, 2])
+    names = ["lstm", "default", "lstm", "default"]
+    total = (labels != -100).sum()
+    loss = ours(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=names, num_items_in_batch=total).loss
+    loss.backward()
+    assert ours.last_call.run == "packed"
+    want = torch.zeros(())
+    for name in ("default", "lstm"):
+        ref.set_adapter(name)
+        rows = [i for i, n in enumerate(names) if n == name]
+        part = ref(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows], num_items_in_batch=total).loss
+        part.backward()
+        want = want + part
+    assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
+    ref_grads = dict(ref.named_parameters())
+    trained = [(name, p) for name, p in ours.named_parameters() if p.requires_grad]
+    assert {name.split(".")[1] for name, _ in trained} == {"default", "lstm"}
+    for name, param in trained:
+        assert rel_err(param.grad, ref_grads[name].grad) < 1e-5, name
+
+
+def test_a_multitask_adapter_in_adapter_names_is_refused():
+    ours, _ = pair(lambda: tiny_causal_lm("llama", VOCAB), encoder_config("multitask"))
+    ids, mask, _ = padded_batch(2, 5, VOCAB)
+    with pytest.raises(ValueError, match="choose their task with task_ids"):
+        ours(input_ids=ids, attention_mask=mask, adapter_names=["default", "default"], task_ids=torch.tensor([0, 1]))

@@ -144,6 +144,33 @@ def test_adapter_tensor_shape_disagrees_with_config(tmp_path, model):
         FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
 
 
+def test_multitask_adapter_task_factor_shape_disagrees_with_config(tmp_path):
+    from peft import MultitaskPromptTuningConfig
+    from safetensors.torch import load_file, save_file
+
+    config = MultitaskPromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, num_tasks=3, num_ranks=2)
+    fastprompt.get_peft_model(random_bloom(vocab=512), config).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    save_file({**state, "prefix_task_rows": torch.zeros(2, 2, 256)}, str(weights))
+    with pytest.raises(
+        ValueError, match=r"prefix_task_rows in .* has shape \(2, 2, 256\), but its config says \(3, 2, 256\)"
+    ):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
+    del state["prefix_task_cols"]
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="has no 'prefix_task_cols' tensor"):
+        FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
+
+
+def test_prefix_tuning_is_refused_with_the_methods_that_are_served():
+    from peft import PrefixTuningConfig
+
+    config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    with pytest.raises(TypeError, match="got PrefixTuningConfig; fastprompt implements prompt tuning, multitask"):
+        fastprompt.get_peft_model(random_bloom(vocab=512), config)
+
+
 @pytest.fixture
 def hub_offline(monkeypatch):
     """HF_HUB_OFFLINE=1 as the library sees it: the library leaves the hub to
