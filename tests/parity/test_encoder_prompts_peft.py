@@ -35,6 +35,22 @@ def encoder_config(method):
     )
 
 
+def method_pair(family, method, **model_kwargs):
+    """(ours, PEFT's) on copies of one tiny model. A multitask adapter's task
+    factors are drawn at std 1 instead of PEFT's 0.02, the same in both: at
+    PEFT's init its prompts are ~1e-3 of the embeddings' scale, too faint for
+    a per-row mix-up of tasks to move the loss beyond the parity tolerance."""
+    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB, **model_kwargs), encoder_config(method))
+    if method == "multitask":
+        gen = torch.Generator().manual_seed(0)
+        for name in ("prefix_task_cols", "prefix_task_rows"):
+            values = torch.randn(getattr(ours.prompt_encoder["default"], name).shape, generator=gen)
+            with torch.no_grad():
+                for model in (ours, ref):
+                    getattr(model.prompt_encoder["default"], name).copy_(values)
+    return ours, ref
+
+
 METHODS = ["mlp", "lstm", "multitask"]
 MIXED_TASKS = [2, 0, 2]
 
@@ -65,7 +81,7 @@ def assert_grads_match(got, want):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_fp32_loss_and_encoder_grads_match_peft_in_the_packed_pass(family, method, side):
-    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config(method))
+    ours, ref = method_pair(family, method)
     assert ours.fast_path is not None
     ids, mask, labels = padded_batch(3, 10, VOCAB, side=side, lengths=[10, 7, 4])
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **call_kwargs(method))
@@ -82,7 +98,7 @@ def test_fp32_loss_and_encoder_grads_match_peft_in_the_packed_pass(family, metho
 def test_lstm_dropout_draws_are_peft_draws(family):
     """Guards the fixture above: another seed moves PEFT's loss, so the
     agreement at one seed means the encoder drew as PEFT's did."""
-    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config("lstm"))
+    ours, ref = method_pair(family, "lstm")
     ids, mask, labels = padded_batch(3, 10, VOCAB)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
     loss, _ = loss_and_grads(ours, 3, **inputs)
@@ -95,7 +111,7 @@ def test_lstm_dropout_draws_are_peft_draws(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_eval_logits_match_peft_on_the_shared_prefix(family, method):
-    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config(method))
+    ours, ref = method_pair(family, method)
     ours.eval()
     ref.eval()
     ids, mask, labels = padded_batch(3, 9, VOCAB, side="left")
@@ -110,7 +126,7 @@ def test_eval_logits_match_peft_on_the_shared_prefix(family, method):
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
 def test_multitask_rows_of_one_task_share_one_prompt(family):
-    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config("multitask"))
+    ours, ref = method_pair(family, "multitask")
     ids, mask, labels = padded_batch(3, 9, VOCAB)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **call_kwargs("multitask", [1, 1, 1]))
     seen = []
@@ -124,8 +140,21 @@ def test_multitask_rows_of_one_task_share_one_prompt(family):
     assert seen == [1]
 
 
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_multitask_tasks_move_the_loss_beyond_the_tolerance(family):
+    """Guards the fixtures: in PEFT's forward, giving every row one task instead
+    of the mixed ones moves the loss over ten times the 1e-5 tolerance, so reading a wrong task's
+    prompt fails the parity tests."""
+    _, ref = method_pair(family, "multitask")
+    ids, mask, labels = padded_batch(3, 10, VOCAB)
+    with torch.no_grad():
+        mixed = ref(input_ids=ids, attention_mask=mask, labels=labels, **call_kwargs("multitask")).loss
+        same = ref(input_ids=ids, attention_mask=mask, labels=labels, **call_kwargs("multitask", [2, 2, 2])).loss
+    assert abs(mixed.item() - same.item()) > 1e-4 * abs(mixed.item())
+
+
 def test_multitask_without_task_ids_is_refused_as_peft_refuses_it():
-    ours, ref = pair(lambda: tiny_causal_lm("llama", VOCAB), encoder_config("multitask"))
+    ours, ref = method_pair("llama", "multitask")
     ids, mask, _ = padded_batch(2, 5, VOCAB)
     with pytest.raises(ValueError, match="task_ids cannot be None"):
         ref(input_ids=ids, attention_mask=mask)
@@ -146,7 +175,7 @@ def peft_intended(ref, ids, mask, task_ids=None, **kwargs):
 
 
 def lively_pair(family, method):
-    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB, lively=True), encoder_config(method))
+    ours, ref = method_pair(family, method, lively=True)
     return ours.eval(), ref.eval()
 
 
@@ -191,7 +220,7 @@ def test_changing_an_encoder_parameter_changes_what_generate_returns(family, met
 
 @pytest.mark.parametrize("method", METHODS)
 def test_adapter_files_both_ways(tmp_path, method):
-    ours, ref = pair(lambda: tiny_causal_lm("llama", VOCAB), encoder_config(method))
+    ours, ref = method_pair("llama", method)
     ours.eval()
     ref.eval()
     with torch.no_grad():
@@ -220,7 +249,7 @@ def test_rows_of_two_p_tuning_adapters_match_peft_per_adapter(family):
     """``adapter_names`` over P-tuning adapters (an MLP and an LSTM encoder):
     each prompt is its encoder's output, computed once; PEFT runs each
     adapter's rows alone."""
-    ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), encoder_config("mlp"))
+    ours, ref = method_pair(family, "mlp")
     for model in (ours, ref):
         torch.manual_seed(1)
         model.add_adapter("lstm", encoder_config("lstm"))
@@ -248,7 +277,45 @@ def test_rows_of_two_p_tuning_adapters_match_peft_per_adapter(family):
 
 
 def test_a_multitask_adapter_in_adapter_names_is_refused():
-    ours, _ = pair(lambda: tiny_causal_lm("llama", VOCAB), encoder_config("multitask"))
+    ours, _ = method_pair("llama", "multitask")
     ids, mask, _ = padded_batch(2, 5, VOCAB)
     with pytest.raises(ValueError, match="choose their task with task_ids"):
         ours(input_ids=ids, attention_mask=mask, adapter_names=["default", "default"], task_ids=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_flattened_documents_read_their_rows_task(family):
+    """Documents flattened into a row (padding-free collator) are served one
+    at a time behind their row's task prompt: PEFT run on each document alone."""
+    from test_flattened_documents import LENGTHS, documents, flattened
+
+    ours, ref = method_pair(family, "multitask", lively=True)
+    batch = flattened(documents(), "position_ids")
+    task_ids = torch.tensor([2])
+    ids, labels = batch["input_ids"], batch["labels"]
+    total, count, start = 0.0, 0, 0
+    for length in LENGTHS:
+        doc_labels = labels[:, start : start + length]
+        labelled = int((doc_labels != -100).sum())
+        if labelled:
+            out = ref(input_ids=ids[:, start : start + length], labels=doc_labels, task_ids=task_ids)
+            total, count = total + out.loss * labelled, count + labelled
+        start += length
+    want = total / count
+    want.backward()
+    got = ours(**batch, task_ids=task_ids).loss
+    got.backward()
+    assert ours.last_call.path is not None and ours.last_call.run != "peft"
+    assert rel_err(got, want) <= 1e-5
+    assert_grads_match(trainable_grads(ours), trainable_grads(ref))
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama", "opt"])
+@pytest.mark.parametrize("method", ["lstm", "multitask"])
+def test_beam_search_equals_the_peft_intended_path(family, method):
+    """Beams repeat each input row: each keeps its row's task prompt."""
+    ours, ref = lively_pair(family, method)
+    ids, mask, _ = padded_batch(3, 8, VOCAB, side="left")
+    options = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, **call_kwargs(method))
+    got = ours.generate(input_ids=ids, attention_mask=mask, **options)
+    assert torch.equal(got[:, 8:], peft_intended(ref, ids, mask, **options))
