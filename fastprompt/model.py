@@ -465,7 +465,7 @@ class FastPromptModel(PeftModelForCausalLM):
                 labels = documents.unflatten(labels.to(input_ids.device), fill=IGNORE_INDEX)
             if adapter_names is not None:
                 adapter_names = [adapter_names[row] for row in documents.rows]
-            if task_ids is not None:
+            if torch.is_tensor(task_ids) and task_ids.dim() == 1 and task_ids.numel() == rows > 1:
                 task_ids = task_ids[torch.as_tensor(documents.rows, device=task_ids.device)]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -285,25 +285,29 @@ def test_a_multitask_adapter_in_adapter_names_is_refused():
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
 def test_flattened_documents_read_their_rows_task(family):
-    """Documents flattened into a row (padding-free collator) are served one
-    at a time behind their row's task prompt: PEFT run on each document alone."""
-    from test_flattened_documents import LENGTHS, documents, flattened
-
+    """Documents flattened into rows (``position_ids`` restarting, as a
+    padding-free collator writes them) are served one at a time behind their
+    row's task prompt: PEFT run on each document alone with that task."""
     ours, ref = method_pair(family, "multitask", lively=True)
-    batch = flattened(documents(), "position_ids")
-    task_ids = torch.tensor([2])
-    ids, labels = batch["input_ids"], batch["labels"]
-    total, count, start = 0.0, 0, 0
-    for length in LENGTHS:
-        doc_labels = labels[:, start : start + length]
-        labelled = int((doc_labels != -100).sum())
-        if labelled:
-            out = ref(input_ids=ids[:, start : start + length], labels=doc_labels, task_ids=task_ids)
+    documents_of_row = [[5, 7], [8, 4]]
+    task_ids = torch.tensor([2, 0])
+    ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    position_ids = torch.cat([torch.cat([torch.arange(n) for n in lengths])[None] for lengths in documents_of_row])
+    labels[position_ids < 2] = -100  # each document's first tokens: an instruction
+    total, count = 0.0, 0
+    for row, lengths in enumerate(documents_of_row):
+        start = 0
+        for length in lengths:
+            doc = slice(start, start + length)
+            labelled = int((labels[row, doc][1:] != -100).sum())
+            one = slice(row, row + 1)
+            out = ref(input_ids=ids[one, doc], labels=labels[one, doc], task_ids=task_ids[one])
             total, count = total + out.loss * labelled, count + labelled
-        start += length
+            start += length
     want = total / count
     want.backward()
-    got = ours(**batch, task_ids=task_ids).loss
+    got = ours(input_ids=ids, labels=labels, position_ids=position_ids, task_ids=task_ids).loss
     got.backward()
     assert ours.last_call.path is not None and ours.last_call.run != "peft"
     assert rel_err(got, want) <= 1e-5
