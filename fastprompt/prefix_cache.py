@@ -12,7 +12,9 @@ Staleness is the whole difficulty. An entry is reused only when
   computed. Contents, not ``weight._version``: writes through ``.data`` do not
   bump the version counter, and after a ``.to()`` round trip a fresh tensor
   (version restarted) may land on the old address. Comparing P×H numbers costs
-  microseconds next to a forward pass;
+  microseconds next to a forward pass. A P-tuning or multitask prompt is
+  its encoder's output, computed anew each call, so a changed encoder
+  parameter shows as changed contents;
 * every base-model parameter and buffer (rotary frequencies, for one) is
   backed by the same storage (held by a weak reference, so the address cannot
   be recycled while the entry lives) at the same version: ``.to(dtype/device)``
