@@ -64,7 +64,14 @@ from .loss import IGNORE_INDEX, prefix_causal_lm_loss
 from .paths import DRAWS_RANDOM, Path, Paths, Route, make_paths
 from .paths.generic_generation import inferred_attention_mask, request_config
 from .prefix_cache import PrefixCache
-from .prompt_methods import FAST_METHODS, ONE_PROMPT_METHODS, adapter_prompt, distinct_tasks, task_prompts
+from .prompt_methods import (
+    FAST_METHODS,
+    ONE_PROMPT_METHODS,
+    adapter_prompt,
+    distinct_tasks,
+    rows_prompts,
+    task_prompts,
+)
 
 log = logging.getLogger("fastprompt")
 
@@ -329,6 +336,12 @@ class FastPromptModel(PeftModelForCausalLM):
             if task_ids is None:
                 raise ValueError("task_ids cannot be None: multitask prompt tuning needs one task per row (as in PEFT)")
             tasks, task_of_row = distinct_tasks(task_ids, rows)
+            encoder = self.prompt_encoder[self.active_adapter]
+            if any(has_forward_hooks(module) for module in encoder.modules()):
+                # A hook on the encoder must see PEFT's one call over every row, not one per task.
+                names = tuple(f"{self.active_adapter}[row {row}]" for row in range(rows))
+                prompts = rows_prompts(self, self.active_adapter, task_ids, rows)
+                return names, prompts, tuple(range(rows)) if rows > 1 else None
             names = tuple(f"{self.active_adapter}[task {task}]" for task in tasks)
             return names, task_prompts(self, self.active_adapter, tasks), task_of_row if len(tasks) > 1 else None
         adapters, row_adapters = self._row_adapters(adapter_names, rows)

@@ -53,6 +53,14 @@ def task_prompts(peft_model, adapter: str, tasks: tuple[int, ...]) -> torch.Tens
     return encoder(_prompt_tokens(peft_model, adapter, len(tasks)), task_ids)
 
 
+def rows_prompts(peft_model, adapter: str, task_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, P, H]: the multitask ``adapter``'s prompts as PEFT's ``get_prompt``
+    makes them, one encoder call over every row (what a hook on the encoder
+    must see)."""
+    encoder = peft_model.prompt_encoder[adapter]
+    return encoder(_prompt_tokens(peft_model, adapter, rows), task_ids.to(encoder.embedding.weight.device))
+
+
 def distinct_tasks(task_ids, rows: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(tasks, task_of_row): the distinct tasks of ``task_ids`` in order of
     first appearance, and each row's index into them. ``task_ids`` holds one

@@ -141,6 +141,25 @@ def test_multitask_rows_of_one_task_share_one_prompt(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_a_hook_on_the_multitask_encoder_sees_peft_s_calls(family):
+    """A forward hook on the encoder sees one call over every row, as in PEFT,
+    and the numbers stay PEFT's."""
+    ours, ref = method_pair(family, "multitask")
+    ids, mask, labels = padded_batch(3, 9, VOCAB)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **call_kwargs("multitask"))
+    seen = {"ours": [], "peft": []}
+    for name, model in (("ours", ours), ("peft", ref)):
+        model.prompt_encoder["default"].register_forward_hook(
+            lambda module, args, output, name=name: seen[name].append((tuple(args[0].shape), args[1].tolist()))
+        )
+    loss, grads = loss_and_grads(ours, 0, **inputs)
+    want_loss, want_grads = loss_and_grads(ref, 0, **inputs)
+    assert seen["ours"] == seen["peft"] == [((3, VIRTUAL), MIXED_TASKS)]
+    assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
+    assert_grads_match(grads, want_grads)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
 def test_multitask_tasks_move_the_loss_beyond_the_tolerance(family):
     """Guards the fixtures: in PEFT's forward, giving every row one task instead
     of the mixed ones moves the loss over ten times the 1e-5 tolerance, so reading a wrong task's
