@@ -111,10 +111,30 @@ def eager_function(module: torch.nn.Module):
     raise TypeError(f"no eager_attention_forward for {type(module).__name__}")
 
 
+def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' sdpa for one segment, with grouped K/V heads read in place
+    by their query heads (SDPA's ``enable_gqa``) on CPU: the same numbers
+    without the copy transformers makes of every segment's keys and values,
+    repeated to every query head, whenever a mask is given (for CUDA, whose
+    masked kernels lack GQA). Those copies were most of the packed pass's
+    extra memory: a Llama-3.2-1B classify step (B 8, P 100, T 32) peaked 904
+    MB above its start with them, 693 MB without, in the same step time
+    (docs/results/CHANGELOG.md, 2026-12-07). Anything else is transformers' own."""
+    plain = kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+    if query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) == 1 or not plain:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
 def original_function(module: torch.nn.Module, implementation: str):
+    """What the user's implementation runs for a segment: the model's eager
+    function, or transformers' sdpa (grouped heads kept grouped on CPU)."""
     if implementation == "eager":
         return eager_function(module)
-    return ALL_ATTENTION_FUNCTIONS[implementation]
+    return grouped_sdpa
 
 
 def segment_attention(module, query, key, value, attention_mask, **kwargs):
