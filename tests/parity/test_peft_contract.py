@@ -44,7 +44,6 @@ import yaml
 from peft_contract_models import (
     ATTENTION_MASK,
     INPUT_IDS,
-    MODEL_KINDS,
     NUM_VIRTUAL_TOKENS,
     check_greedy_generation,
     implementation,
@@ -71,18 +70,6 @@ def peft_xfail(reason=PEFT_GENERATE_BUG):
 @pytest.fixture(params=["fastprompt"])
 def impl(request):
     return implementation(request.param)
-
-
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory):
-    from peft_contract_models import build_tiny_models
-
-    return build_tiny_models(tmp_path_factory.mktemp("peft-contract-models"))
-
-
-@pytest.fixture(params=list(MODEL_KINDS))
-def model_id(request, model_dirs):
-    return model_dirs[request.param]
 
 
 def make(impl, model_id, seed=0, adapter_name="default", **config_kwargs):

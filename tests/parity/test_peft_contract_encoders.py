@@ -28,7 +28,7 @@ import pytest
 import torch
 from peft import MultitaskPromptTuningConfig, MultitaskPromptTuningInit, PromptEncoderConfig
 from peft.utils import WEIGHTS_NAME, get_peft_model_state_dict
-from peft_contract_models import MODEL_KINDS, implementation, inputs, load_base
+from peft_contract_models import implementation, inputs, load_base
 from test_peft_contract import check_config_json, check_modelcard, peft_xfail
 from tolerance import rel_err
 
@@ -63,18 +63,6 @@ def impl(request):
 @pytest.fixture(params=METHODS)
 def method(request):
     return request.param
-
-
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory):
-    from peft_contract_models import build_tiny_models
-
-    return build_tiny_models(tmp_path_factory.mktemp("peft-contract-encoder-models"))
-
-
-@pytest.fixture(params=list(MODEL_KINDS))
-def model_id(request, model_dirs):
-    return model_dirs[request.param]
 
 
 def make(impl, method, model_id, seed=0, adapter_name="default", base=None, **config_kwargs):
