@@ -26,39 +26,36 @@ BOUNDARY_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length
 
 @dataclass(frozen=True)
 class Documents:
-    """Each document's row, start column and length in the flattened [B, T] input."""
+    """The flattened [B, T] input's documents: each one's row, and ``index``
+    [D, Lmax], the flat source position of each document's tokens
+    (right-padded; ``valid`` says which are tokens), built once per call on
+    the input's device."""
 
     rows: tuple[int, ...]
-    starts: tuple[int, ...]
-    lengths: tuple[int, ...]
     shape: tuple[int, int]
+    index: torch.Tensor
+    valid: torch.Tensor
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[D, Lmax] flat source index of each document's positions, and which are real."""
-        width = max(self.lengths)
-        columns = torch.arange(width)
-        starts = torch.tensor([row * self.shape[1] + start for row, start in zip(self.rows, self.starts)])
-        valid = columns[None, :] < torch.tensor(self.lengths)[:, None]
-        index = torch.where(valid, starts[:, None] + columns[None, :], 0)
-        return index.to(device), valid.to(device)
+    @classmethod
+    def laid_out(cls, rows, starts, lengths, shape, device) -> Documents:
+        columns = torch.arange(max(lengths))
+        first = torch.tensor([row * shape[1] + start for row, start in zip(rows, starts)])
+        valid = columns[None, :] < torch.tensor(lengths)[:, None]
+        index = torch.where(valid, first[:, None] + columns[None, :], 0)
+        return cls(tuple(rows), shape, index.to(device), valid.to(device))
 
     def unflatten(self, values: torch.Tensor, fill: int) -> torch.Tensor:
         """[B, T] per-token values as one right-padded row per document [D, Lmax], ``fill`` at the pads."""
-        index, valid = self._index(values.device)
-        return values.reshape(-1)[index].masked_fill(~valid, fill)
+        return values.reshape(-1)[self.index].masked_fill(~self.valid, fill)
 
-    def padding_mask(self, device) -> torch.Tensor:
-        return self._index(device)[1].long()
+    def padding_mask(self) -> torch.Tensor:
+        return self.valid.long()
 
     def flatten(self, per_document: torch.Tensor) -> torch.Tensor:
         """[D, Lmax, ...] back to the flattened [B, T, ...] layout."""
-        index, valid = self._index(per_document.device)
         rows, tokens = self.shape
         flat = per_document.new_zeros(rows * tokens, *per_document.shape[2:])
-        flat = flat.index_copy(0, index[valid], per_document[valid])
+        flat = flat.index_copy(0, self.index[self.valid], per_document[self.valid])
         return flat.view(rows, tokens, *per_document.shape[2:])
 
     def first_of_each_row(self) -> list[int]:
@@ -117,4 +114,4 @@ def find_documents(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             doc_rows.append(row)
             doc_starts.append(start)
             doc_lengths.append(end - start)
-    return Documents(tuple(doc_rows), tuple(doc_starts), tuple(doc_lengths), (rows, tokens))
+    return Documents.laid_out(doc_rows, doc_starts, doc_lengths, (rows, tokens), input_ids.device)

@@ -473,7 +473,7 @@ class FastPromptModel(PeftModelForCausalLM):
         if documents is not None:
             # One right-padded row per document, each behind its own copy of the prompt.
             input_ids = documents.unflatten(input_ids, fill=0)
-            attention_mask = documents.padding_mask(input_ids.device)
+            attention_mask = documents.padding_mask()
             if labels is not None:
                 labels = documents.unflatten(labels.to(input_ids.device), fill=IGNORE_INDEX)
             if adapter_names is not None:
