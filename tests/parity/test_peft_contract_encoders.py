@@ -342,11 +342,9 @@ def test_multitask_use_cache(impl, model_id):
     check_greedy(model, actual, ids, None, tol=1e-4, task_ids=task_ids)
 
 
-@pytest.mark.parametrize("impl", peft_xfail(), indirect=True)
-def test_multitask_generate_with_random_init(impl, model_id):
-    # ported from peft tests/test_multitask_prompt_tuning.py::test_generate_text_with_random_init: one task id for
-    # both rows (PEFT broadcasts it); without task_ids generate raises
-    model = make(impl, "multitask", model_id, prompt_tuning_init=MultitaskPromptTuningInit.RANDOM)
+def assert_multitask_generates(model):
+    """PEFT's multitask generate check: one task id for both rows (PEFT
+    broadcasts it) gives greedy ids; without task_ids generate raises."""
     ids = torch.LongTensor([[1, 1, 1], [2, 1, 2]])
     mask = torch.LongTensor([[1, 1, 1], [1, 0, 1]])
     task_ids = torch.LongTensor([0])
@@ -357,6 +355,14 @@ def test_multitask_generate_with_random_init(impl, model_id):
         with pytest.raises(ValueError, match="task_ids cannot be None"):
             model.generate(ids, attention_mask=mask)
     check_greedy(model, output, ids, mask, tol=1e-4, task_ids=task_ids)
+
+
+@pytest.mark.parametrize("impl", peft_xfail(), indirect=True)
+def test_multitask_generate_with_random_init(impl, model_id):
+    # ported from peft tests/test_multitask_prompt_tuning.py::test_generate_text_with_random_init: one task id for
+    # both rows (PEFT broadcasts it); without task_ids generate raises
+    model = make(impl, "multitask", model_id, prompt_tuning_init=MultitaskPromptTuningInit.RANDOM)
+    assert_multitask_generates(model)
 
 
 @pytest.mark.parametrize("impl", peft_xfail(), indirect=True)
@@ -380,13 +386,4 @@ def test_multitask_generate_with_other_init(impl, model_id, tmp_path, init):
         prompt_tuning_init=init,
         prompt_tuning_init_state_dict_path=os.path.join(tmp_path, WEIGHTS_NAME),
     )
-    ids = torch.LongTensor([[1, 1, 1], [2, 1, 2]])
-    mask = torch.LongTensor([[1, 1, 1], [1, 0, 1]])
-    task_ids = torch.LongTensor([0])
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=ids, attention_mask=mask, task_ids=task_ids, max_new_tokens=NEW_TOKENS, do_sample=False
-        )
-        with pytest.raises(ValueError, match="task_ids cannot be None"):
-            model.generate(ids, attention_mask=mask)
-    check_greedy(model, output, ids, mask, tol=1e-4, task_ids=task_ids)
+    assert_multitask_generates(model)
