@@ -1,4 +1,4 @@
-"""fastprompt: fast soft-prompt tuning (PEFT PROMPT_TUNING, P_TUNING, MULTITASK_PROMPT_TUNING) for frozen causal LMs."""
+"""fastprompt: fast soft-prompt tuning (every PEFT soft-prompt method) for frozen causal LMs."""
 
 import logging as _logging
 

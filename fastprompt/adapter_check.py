@@ -18,14 +18,14 @@ PROMPT_KEY = "prompt_embeddings"
 # What PEFT saves of each method with a fast path: the prompt (P-tuning's is its
 # encoder's output, which PEFT loads into ``embedding.weight`` in inference mode)
 # and a multitask adapter's per-task factors.
-FAST_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+FAST_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "PREFIX_TUNING")
 TASK_KEYS = ("prefix_task_cols", "prefix_task_rows")
 
 
 def check_adapter_directory(directory, model, subfolder: str | None = None) -> None:
     """Raise ValueError naming the problem if ``directory`` (a local path) is
-    not a prompt-tuning, P-tuning or multitask prompt-tuning adapter that fits
-    ``model``'s hidden size."""
+    not a prompt-tuning, P-tuning, multitask or prefix-tuning adapter that fits
+    ``model`` (its hidden size; a prefix, its layers and K/V width)."""
     directory = Path(directory).expanduser() / (subfolder or "")
     if not directory.is_dir():
         raise ValueError(f"adapter directory {str(directory)!r} does not exist")
@@ -41,14 +41,24 @@ def check_adapter_directory(directory, model, subfolder: str | None = None) -> N
             f"{config_file} describes a {config.get('peft_type')!r} adapter; fastprompt loads "
             f"{', '.join(FAST_PEFT_TYPES)} adapters (use peft.PeftModel.from_pretrained for other methods)"
         )
-    hidden = model.get_input_embeddings().embedding_dim
+    hidden, what = model.get_input_embeddings().embedding_dim, "hidden size"
+    if config["peft_type"] == "PREFIX_TUNING":
+        hidden, what = _prefix_width(model.config.get_text_config()), "key/value width"
+        layers = model.config.get_text_config().num_hidden_layers
+        if config.get("num_layers") != layers:
+            raise ValueError(
+                f"prefix adapter in {str(directory)!r} has num_layers {config.get('num_layers')}, "
+                f"but the model has {layers} layers"
+            )
     if config.get("token_dim") != hidden:
         raise ValueError(
-            f"adapter in {str(directory)!r} has token_dim {config.get('token_dim')}, "
-            f"but the model's hidden size is {hidden}"
+            f"adapter in {str(directory)!r} has token_dim {config.get('token_dim')}, but the model's {what} is {hidden}"
         )
     virtual = config["num_virtual_tokens"] * (config.get("num_transformer_submodules") or 1)
-    expected = {PROMPT_KEY: (virtual, config["token_dim"])}
+    width = config["token_dim"]
+    if config["peft_type"] == "PREFIX_TUNING":
+        width *= 2 * config["num_layers"]  # saved as the encoder's output: every layer's key and value
+    expected = {PROMPT_KEY: (virtual, width)}
     if config["peft_type"] == "MULTITASK_PROMPT_TUNING":
         tasks, ranks = config.get("num_tasks"), config.get("num_ranks")
         expected.update(zip(TASK_KEYS, ((tasks, virtual, ranks), (tasks, ranks, config["token_dim"]))))
@@ -56,6 +66,12 @@ def check_adapter_directory(directory, model, subfolder: str | None = None) -> N
     for key, shape in expected.items():
         if shapes[key] != shape:
             raise ValueError(f"{key} in {str(directory)!r} has shape {shapes[key]}, but its config says {shape}")
+
+
+def _prefix_width(config) -> int:
+    """A layer's key (or value) width, as PEFT sizes a prefix: head size times K/V heads."""
+    heads = config.num_attention_heads
+    return config.hidden_size // heads * (getattr(config, "num_key_value_heads", None) or heads)
 
 
 def _shapes(directory: Path, keys: tuple[str, ...]) -> dict[str, tuple[int, ...]]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .prefix_cache import Prefix
+
 
 @dataclass(frozen=True)
 class PromptBatch:
@@ -25,7 +27,9 @@ class PromptBatch:
     ``keep`` [B, T] bool, the token positions a packed pass must run: the
     real ones (every later position may attend to them) and those whose
     final state the call reads (None: every position, as when logits are
-    returned)."""
+    returned); ``learned``: a prefix-tuning adapter's per-layer K/V, the
+    prefix itself (``prompts`` is then the encoder output it is a view of,
+    [1, P, layers * 2 * kv_dim], and nothing goes in front of the tokens)."""
 
     adapters: tuple[str, ...]
     adapter_of_row: torch.Tensor | None
@@ -35,6 +39,7 @@ class PromptBatch:
     keep: torch.Tensor | None = None
     # adapter_of_row as host integers, to lay out per-row work without reading the device.
     row_adapters: tuple[int, ...] | None = None
+    learned: Prefix | None = None
 
     @property
     def num_virtual_tokens(self) -> int:

@@ -105,7 +105,7 @@ def linear_cross_entropy_sum(
 
 
 def prefix_causal_lm_loss(
-    prefix_last: torch.Tensor,
+    prefix_last: torch.Tensor | None,
     token_hidden: torch.Tensor,
     labels: torch.Tensor,
     lm_head: torch.nn.Module,
@@ -115,15 +115,21 @@ def prefix_causal_lm_loss(
     """PEFT's loss for ``cat(prompt, tokens)`` with labels ``cat(-100·P, labels)``.
 
     prefix_last: [1 or B, H] final hidden state of the last virtual token (it
-    predicts ``labels[:, 0]``; one row when every row has the same prompt);
+    predicts ``labels[:, 0]``; one row when every row has the same prompt;
+    None for prefix tuning, whose virtual positions have no output, so that
+    label is not predicted, as in PEFT's loss over the T tokens alone);
     token_hidden: [B, T, H]; labels: [B, T].
     """
-    first_labelled = labels[:, 0] != IGNORE_INDEX
     next_labels = labels[:, 1:]
     labelled = next_labels != IGNORE_INDEX
-    prefix_states = prefix_last.expand(labels.shape[0], -1)[first_labelled]
-    rows = torch.cat([prefix_states.to(token_hidden.dtype), token_hidden[:, :-1][labelled]])
-    targets = torch.cat([labels[:, 0][first_labelled], next_labels[labelled]]).to(rows.device)
+    rows = token_hidden[:, :-1][labelled]
+    targets = next_labels[labelled]
+    if prefix_last is not None:
+        first_labelled = labels[:, 0] != IGNORE_INDEX
+        prefix_states = prefix_last.expand(labels.shape[0], -1)[first_labelled]
+        rows = torch.cat([prefix_states.to(token_hidden.dtype), rows])
+        targets = torch.cat([labels[:, 0][first_labelled], targets])
+    targets = targets.to(rows.device)
     total = linear_cross_entropy_sum(rows, lm_head, targets, softcap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):

@@ -4,7 +4,10 @@ Prompt tuning, P-tuning and multitask prompt tuning take the fast path: each
 puts its prompt in front of the token embeddings, and differs only in how the
 prompt is computed from its encoder (``prompt_methods.py``: once per call, as
 PEFT's ``get_prompt`` computes it; one prompt per distinct task of a multitask
-call). Everything a PEFT user touches is PEFT's own code: initialisation, the
+call). Prefix tuning takes it too: its encoder's output, computed once per
+call, is every layer's K/V of the virtual positions, the prefix the others'
+prompts produce in the body, handed to every row as it is (a stride-0 view);
+its outputs cover the T tokens only, as PEFT's. Everything a PEFT user touches is PEFT's own code: initialisation, the
 prompt encoders, adapter bookkeeping, state dicts, saving, loading, ``disable_adapter``,
 gradient-checkpointing preparation. This subclass overrides ``forward``,
 ``generate`` and ``prepare_inputs_for_generation`` only.
@@ -30,8 +33,7 @@ such a call that cannot take the fast path raises instead of running it.
 A call the fast path cannot serve exactly runs PEFT's own code and says so
 once per reason (logger ``fastprompt``): ``inputs_embeds``, ``output_attentions``,
 ``output_hidden_states``, ``task_ids`` for a method that takes none, unknown
-extra arguments, a model family without a fast path, or a method without one
-(prefix tuning). ``model.fast_path`` names the path a plain call takes.
+extra arguments, or a model family without a fast path. ``model.fast_path`` names the path a plain call takes.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from peft import (
     PeftModel,
     PeftModelForCausalLM,
     PeftType,
+    PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
     PromptTuningInit,
@@ -69,6 +72,8 @@ from .prompt_methods import (
     ONE_PROMPT_METHODS,
     adapter_prompt,
     distinct_tasks,
+    learned_prefix,
+    prefix_encoding,
     rows_prompts,
     task_prompts,
 )
@@ -81,11 +86,16 @@ FAST_FORWARD_KWARGS = frozenset({"num_items_in_batch", "use_cache"})
 
 
 def get_peft_model(
-    model, peft_config: PromptTuningConfig | PromptEncoderConfig, adapter_name: str = "default", **peft_kwargs
+    model,
+    peft_config: PromptTuningConfig | PromptEncoderConfig | PrefixTuningConfig,
+    adapter_name: str = "default",
+    **peft_kwargs,
 ):
     """Drop-in for ``peft.get_peft_model`` (prompt tuning, multitask prompt
-    tuning or P-tuning on a causal LM): returns a ``FastPromptModel``, a
-    ``peft.PeftModelForCausalLM``."""
+    tuning, P-tuning or prefix tuning on a causal LM): returns a
+    ``FastPromptModel``, a ``peft.PeftModelForCausalLM``. Prefix tuning is
+    accepted on a model with gradient checkpointing on, which PEFT refuses
+    (its prefix cache would be dropped by the checkpointed layers; ours is not)."""
     import peft
 
     _check_config(model, peft_config)
@@ -93,7 +103,8 @@ def get_peft_model(
         raise ValueError("fastprompt does not support mixed=True (PeftMixedModel has no prompt tuning)")
     resolved = _with_local_tokenizer(peft_config)
     try:
-        peft_model = peft.get_peft_model(model, resolved, adapter_name=adapter_name, **peft_kwargs)
+        with _checkpointing_hidden_for_prefix(model, peft_config):
+            peft_model = peft.get_peft_model(model, resolved, adapter_name=adapter_name, **peft_kwargs)
     except OSError as err:
         if resolved.prompt_tuning_init == PromptTuningInit.TEXT:
             raise ValueError(
@@ -106,14 +117,34 @@ def get_peft_model(
     return FastPromptModel._adopt(peft_model)
 
 
+@contextlib.contextmanager
+def _checkpointing_hidden_for_prefix(model, config):
+    """PEFT refuses to set up a prefix-tuning adapter on a model with gradient
+    checkpointing on: transformers' checkpointed layers drop the cache its
+    prefix travels in. fastprompt's passes give the prefix to the attention
+    itself, which recomputation keeps (``paths/segment_attention.py``), so the
+    flags are hidden from that check, and only from it."""
+    if getattr(config, "peft_type", None) != PeftType.PREFIX_TUNING:
+        yield
+        return
+    marked = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for module in marked:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in marked:
+            module.gradient_checkpointing = True
+
+
 def _check_config(model, config) -> None:
     """Errors PEFT would raise late or unclearly, raised up front."""
     # MultitaskPromptTuningConfig is a PromptTuningConfig.
-    if not isinstance(config, (PromptTuningConfig, PromptEncoderConfig)):
+    if not isinstance(config, (PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig)):
         raise TypeError(
-            f"expected a peft.PromptTuningConfig, MultitaskPromptTuningConfig or PromptEncoderConfig, got "
-            f"{type(config).__name__}; fastprompt implements prompt tuning, multitask prompt tuning and P-tuning "
-            "only (use peft.get_peft_model for other methods)"
+            f"expected a peft.PromptTuningConfig, MultitaskPromptTuningConfig, PromptEncoderConfig or "
+            f"PrefixTuningConfig, got {type(config).__name__}; fastprompt implements the soft-prompt methods only "
+            "(use peft.get_peft_model for other methods)"
         )
     if config.task_type not in (TaskType.CAUSAL_LM, "CAUSAL_LM"):
         raise ValueError(f"task_type must be CAUSAL_LM for fastprompt, got {config.task_type!r}")
@@ -126,7 +157,9 @@ def _check_config(model, config) -> None:
             f"{type(model).__name__} has no input embedding layer (get_input_embeddings() returned "
             f"{type(embeddings).__name__}); prompt tuning needs a token-embedding model"
         )
-    if config.token_dim is not None and config.token_dim != embeddings.embedding_dim:
+    # A prefix's token_dim is its K/V width (PEFT narrows it for grouped K/V heads).
+    prefix = isinstance(config, PrefixTuningConfig)
+    if not prefix and config.token_dim is not None and config.token_dim != embeddings.embedding_dim:
         raise ValueError(
             f"prompt token_dim {config.token_dim} does not match the model's hidden size {embeddings.embedding_dim}"
         )
@@ -331,7 +364,11 @@ class FastPromptModel(PeftModelForCausalLM):
         """(names, prompts [A, P, H], row_prompts): the call's distinct prompts,
         each computed once as PEFT's ``get_prompt`` computes it, and, when there
         is more than one, each row's index into them. A multitask adapter's
-        prompts are its tasks' (named ``adapter[task t]``), otherwise the adapters'."""
+        prompts are its tasks' (named ``adapter[task t]``), otherwise the
+        adapters'; a prefix-tuning adapter's, its encoder output [1, P, layers
+        * 2 * kv_dim]."""
+        if self.active_peft_config.peft_type == PeftType.PREFIX_TUNING and adapter_names is None:
+            return (self.active_adapter,), prefix_encoding(self, self.active_adapter), None
         if self.active_peft_config.peft_type == PeftType.MULTITASK_PROMPT_TUNING and adapter_names is None:
             if task_ids is None:
                 raise ValueError("task_ids cannot be None: multitask prompt tuning needs one task per row (as in PEFT)")
@@ -362,7 +399,12 @@ class FastPromptModel(PeftModelForCausalLM):
         if row_prompts is not None:
             prompt_of_row = torch.tensor(row_prompts, dtype=torch.long, device=self.device)
         key_mask = None if attention_mask is None else with_virtual_tokens(attention_mask, prompts.shape[1])
-        return route, PromptBatch(names, prompt_of_row, prompts, key_mask, route.shares_prefix, keep, row_prompts)
+        learned = None
+        if self.active_peft_config.peft_type == PeftType.PREFIX_TUNING and adapter_names is None:
+            learned = learned_prefix(self.active_peft_config, prompts)
+        return route, PromptBatch(
+            names, prompt_of_row, prompts, key_mask, route.shares_prefix, keep, row_prompts, learned
+        )
 
     def _hidden_states(self, route: Route, batch: PromptBatch, input_ids: torch.Tensor):
         """The route's pass; where it shares the prompt's pass, a check that the
@@ -495,7 +537,7 @@ class FastPromptModel(PeftModelForCausalLM):
         loss = logits = None
         if labels is not None:
             loss = prefix_causal_lm_loss(
-                prefix_final[:, -1],
+                None if prefix_final is None else prefix_final[:, -1],
                 token_final,
                 labels.to(token_final.device),
                 path.lm_head,
@@ -505,9 +547,11 @@ class FastPromptModel(PeftModelForCausalLM):
         if labels is None or return_logits or not torch.is_grad_enabled():
             if documents is not None:
                 token_final = documents.flatten(token_final)
-                if prefix_final.shape[0] > 1:
+                if prefix_final is not None and prefix_final.shape[0] > 1:
                     prefix_final = prefix_final[documents.first_of_each_row()]
-            hidden = torch.cat([prefix_final.expand(rows, -1, -1).to(token_final.dtype), token_final], dim=1)
+            hidden = token_final
+            if prefix_final is not None:
+                hidden = torch.cat([prefix_final.expand(rows, -1, -1).to(token_final.dtype), token_final], dim=1)
             logits = path.logits(hidden)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 

@@ -53,9 +53,10 @@ MAX_ENTRIES = 4
 class Prefix:
     """The prompts after the body, one row per adapter: ``final`` [A, P, H] is
     the body's last hidden state (after its final norm), ``kv`` the per-layer
-    (key, value) [A, kv_heads, P, head_dim]."""
+    (key, value) [A, kv_heads, P, head_dim]. A prefix-tuning adapter's prefix
+    is learned, not computed by the body: it has ``kv`` only (``final`` None)."""
 
-    final: torch.Tensor
+    final: torch.Tensor | None
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -125,7 +126,10 @@ class PrefixCache:
 
     def prefix(self, path: PrefixSource, batch: PromptBatch) -> Prefix:
         """The batch's prompts through ``path``: recomputed when a gradient
-        flows to them (it must flow through this pass), cached otherwise."""
+        flows to them (it must flow through this pass), cached otherwise. A
+        learned prefix (prefix tuning) is the batch's own: nothing to compute."""
+        if batch.learned is not None:
+            return batch.learned
         if batch.trains:
             return path.prefix(batch.prompts)
         prefix = self.lookup(path, batch)
@@ -137,6 +141,8 @@ class PrefixCache:
 
     def lookup(self, path: PrefixSource, batch: PromptBatch) -> Prefix | None:
         """The valid entry's prefix, or None (a stale entry is freed at once)."""
+        if batch.learned is not None:
+            return batch.learned
         key = (path.name, batch.adapters)
         entry = self._entries.get(key)
         if entry is not None and entry.matches(path.model, batch.prompts.detach()):

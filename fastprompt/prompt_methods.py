@@ -14,8 +14,11 @@ how its adapter turns into them:
   task of the call, ``embedding(indices) * (prefix_task_cols[t] @ prefix_task_rows[t])``,
   by the encoder's own forward; rows of one task share it.
 
-Prefix tuning puts its prompt in the attention cache, not in front of the
-embeddings, and has no fast path.
+Prefix tuning (``PREFIX_TUNING``) puts no prompt in front of the embeddings:
+its encoder's output is every layer's key and value for P virtual positions,
+which no layer computes (``learned_prefix``), the prefix a prompt's pass would
+otherwise produce. The encoder runs once per call, on one row, where PEFT
+runs it on every row of the batch.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ from __future__ import annotations
 import torch
 from peft import PeftType
 
-FAST_METHODS = frozenset({PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.MULTITASK_PROMPT_TUNING})
+from .prefix_cache import Prefix
+
+FAST_METHODS = frozenset(
+    {PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.MULTITASK_PROMPT_TUNING, PeftType.PREFIX_TUNING}
+)
 # Methods whose adapter has one prompt, whatever the row: they mix in one batch through ``adapter_names``.
 ONE_PROMPT_METHODS = frozenset({PeftType.PROMPT_TUNING, PeftType.P_TUNING})
 
@@ -43,7 +50,37 @@ def adapter_prompt(peft_model, adapter: str) -> torch.Tensor:
         return encoder(_prompt_tokens(peft_model, adapter, 1))[0]
     if config.peft_type == PeftType.MULTITASK_PROMPT_TUNING:
         raise ValueError(f"{adapter!r} is a multitask prompt tuning adapter: its prompt depends on the task")
-    raise ValueError(f"{adapter!r} is a {config.peft_type} adapter, which has no prompt in front of the tokens")
+    raise ValueError(
+        f"{adapter!r} is a {config.peft_type} adapter, which has no prompt in front of the tokens (its encoder gives "
+        "every layer's keys and values)"
+    )
+
+
+def prefix_encoding(peft_model, adapter: str) -> torch.Tensor:
+    """[1, P, layers * 2 * kv_dim]: a prefix-tuning ``adapter``'s encoder output
+    for one row, as PEFT's ``get_prompt`` computes it for each row (the saved
+    table in inference mode), in the base model's dtype."""
+    config = peft_model.peft_config[adapter]
+    encoder = peft_model.prompt_encoder[adapter]
+    if config.inference_mode:
+        encoding = encoder.embedding.weight[None]
+    else:
+        tokens = peft_model.prompt_tokens[adapter][: config.num_virtual_tokens]
+        encoding = encoder(tokens.to(encoder.embedding.weight.device)[None])
+    dtype = peft_model.base_model_torch_dtype
+    return encoding if dtype is None else encoding.to(dtype)
+
+
+def learned_prefix(config, encoding: torch.Tensor) -> Prefix:
+    """A prefix-tuning encoding [1, P, layers * 2 * kv_dim] as the per-layer
+    (key, value) [1, kv_heads, P, head_dim] it stands for, laid out as PEFT's
+    ``get_prompt`` lays it out for the cache: layer l's key is slice 2l, its
+    value 2l + 1. Views of the encoding: its gradient reaches the encoder."""
+    heads = config.num_attention_heads
+    per_layer = encoding.view(
+        1, config.num_virtual_tokens, config.num_layers * 2, heads, config.token_dim // heads
+    ).permute(2, 0, 3, 1, 4)
+    return Prefix(None, [(per_layer[2 * layer], per_layer[2 * layer + 1]) for layer in range(config.num_layers)])
 
 
 def task_prompts(peft_model, adapter: str, tasks: tuple[int, ...]) -> torch.Tensor:

@@ -111,6 +111,8 @@ class BloomPath:
         self, batch: PromptBatch, input_ids: torch.Tensor, prefixes: PrefixCache
     ) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
         num_virtual = batch.num_virtual_tokens
+        if batch.learned is not None:
+            return self._prefix_tuned(batch, input_ids)
         if batch.trains and batch.shares_prefix:
             prompt_final, token_final = self.packed(batch, input_ids)
             if batch.adapter_of_row is not None:
@@ -127,23 +129,43 @@ class BloomPath:
             return prefix.final.index_select(0, batch.adapter_of_row), token_final, "shared", None
         return prefix.final, token_final, "shared", None
 
-    def packed(self, batch: PromptBatch, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefix_tuned(self, batch: PromptBatch, input_ids: torch.Tensor) -> tuple[None, torch.Tensor, str, None]:
+        """Prefix tuning: a training step packs the rows' kept positions against
+        the learned prefix; any other call runs the tokens with it as their
+        past, one stride-0 view for every row (the blocks take it as an
+        argument, so a checkpointed block's re-run has it too)."""
+        if batch.trains and batch.shares_prefix:
+            return None, self.packed(batch, input_ids)[1], "packed", None
+        token_final, _ = self.prefill(input_ids, batch.key_mask, batch.learned, batch.adapter_of_row)
+        return None, token_final, "shared", None
+
+    def packed(self, batch: PromptBatch, input_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The prompts' final hidden [A, P, H] and the tokens' [B, T, H] (zero
-        where not kept) from one packed pass."""
+        where not kept) from one packed pass. A learned prefix (prefix tuning)
+        puts no prompt in the sequence: no prompts' states (None) then."""
         num_adapters, num_virtual = batch.num_adapters, batch.num_virtual_tokens
         norm = self.decoder.embedding_layernorm
         weight = self.decoder.word_embeddings.weight
-        sequence, layout = pack_embed(input_ids, batch.keep, batch.prompts, weight, norm.weight, norm.bias, norm.eps)
+        learned = batch.learned is not None
+        prompts = weight.new_empty(0, 0, weight.shape[1]) if learned else batch.prompts
+        num_adapters = 0 if learned else num_adapters
+        sequence, layout = pack_embed(input_ids, batch.keep, prompts, weight, norm.weight, norm.bias, norm.eps)
         # Prompt keys sit at 0..P-1 and each token key where PEFT's mask cumsum puts it.
-        prompt_positions = torch.arange(num_virtual, device=input_ids.device).repeat(num_adapters)
+        prompt_positions = torch.arange(num_virtual, device=input_ids.device)
         token_positions = layout.gather(key_positions(batch.key_mask)[:, num_virtual:])
         real = layout.gather(batch.key_mask[:, num_virtual:]).bool()
-        blocks = segments(layout, num_adapters, num_virtual, batch.row_adapters, real)
+        blocks = segments(layout, num_adapters, num_virtual, batch.row_adapters, real, learned)
         plan = packed_attention(
-            blocks, torch.cat([prompt_positions, token_positions]), self.decoder.num_heads, sequence.dtype
+            blocks,
+            torch.cat([prompt_positions.repeat(num_adapters), token_positions]),
+            self.decoder.num_heads,
+            sequence.dtype,
+            prompt_positions,
         )
-        final = self.decoder.packed(sequence, plan)
+        final = self.decoder.packed(sequence, plan, batch.learned.kv if learned else None)
         prompts_end = num_adapters * num_virtual
+        if learned:
+            return None, layout.scatter(final)
         return final[:prompts_end].view(num_adapters, num_virtual, -1), layout.scatter(final[prompts_end:])
 
     def prefill(self, input_ids, key_mask, prefix: Prefix, adapter_of_row: torch.Tensor | None):

@@ -98,14 +98,21 @@ class PackedAttention:
     lengths: tuple[int, ...]
     keys: tuple[tuple[int, ...], ...]
     biases: tuple[torch.Tensor, ...]
+    # Per block: whether the layer's learned prefix (prefix tuning) comes before its keys.
+    prefixed: tuple[bool, ...]
 
 
 def packed_attention(
-    blocks: Sequence[Segment], positions: torch.Tensor, num_heads: int, dtype: torch.dtype
+    blocks: Sequence[Segment],
+    positions: torch.Tensor,
+    num_heads: int,
+    dtype: torch.dtype,
+    prefix_positions: torch.Tensor | None = None,
 ) -> PackedAttention:
     """``blocks`` (``segments.segments``: their queries cover the sequence in
     order, their keys are stretches of it) with the ALiBi of each key at
-    ``positions`` [N] where ``visible``, dtype-min elsewhere (as ``attention_bias``)."""
+    ``positions`` [N] where ``visible``, dtype-min elsewhere (as ``attention_bias``);
+    a learned prefix's keys at ``prefix_positions`` [P] (0..P-1)."""
     stretch_of, start = {}, 0
     for index, block in enumerate(blocks):
         if block.queries.start != start:
@@ -115,11 +122,15 @@ def packed_attention(
     keys = tuple(tuple(stretch_of[(k.start, k.stop)] for k in block.keys) for block in blocks)
     key_alibi = alibi_of(positions, num_heads, dtype)  # [heads, N]
     minimum = torch.finfo(dtype).min
+    prefix_alibi = [] if prefix_positions is None else [alibi_of(prefix_positions, num_heads, dtype)]
     biases = tuple(
-        torch.cat([key_alibi[:, k] for k in block.keys], dim=1)[None, :, None, :].masked_fill(~block.visible, minimum)
+        torch.cat((prefix_alibi if block.prefix else []) + [key_alibi[:, k] for k in block.keys], dim=1)[
+            None, :, None, :
+        ].masked_fill(~block.visible, minimum)
         for block in blocks
     )
-    return PackedAttention(tuple(b.queries.stop - b.queries.start for b in blocks), keys, biases)
+    lengths = tuple(b.queries.stop - b.queries.start for b in blocks)
+    return PackedAttention(lengths, keys, biases, tuple(block.prefix for block in blocks))
 
 
 class BloomDecoder:
@@ -158,13 +169,17 @@ class BloomDecoder:
             new_kv.append((key, value))
         return self.transformer.ln_f(hidden), new_kv
 
-    def packed(self, hidden: torch.Tensor, plan: PackedAttention) -> torch.Tensor:
+    def packed(
+        self, hidden: torch.Tensor, plan: PackedAttention, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> torch.Tensor:
         """A packed sequence's ``ln_f`` output [N, H] from hidden [N, H] after
         the embedding LayerNorm: every linear over all N positions at once,
-        attention block by block as ``plan`` says."""
+        attention block by block as ``plan`` says; ``prefix``: each layer's
+        learned (key, value) [1, heads, P, d] (prefix tuning)."""
         hidden = hidden[None]
-        for block in self.transformer.h:
-            hidden = self._run_block(self._packed_block, block, hidden, plan)
+        for index, block in enumerate(self.transformer.h):
+            layer_prefix = None if prefix is None else prefix[index]
+            hidden = self._run_block(self._packed_block, block, hidden, plan, layer_prefix)
         return self.transformer.ln_f(hidden)[0]
 
     def decode(self, hidden, bias, buffers, slot: torch.Tensor, attended: int) -> torch.Tensor:
@@ -195,8 +210,8 @@ class BloomDecoder:
     def _segments_block(self, block, hidden, bias, segments):
         return self._block(block, hidden, lambda attn, normed: self._attention(attn, normed, bias, segments))
 
-    def _packed_block(self, block, hidden, plan):
-        return self._block(block, hidden, lambda attn, normed: self._packed_attention(attn, normed, plan))[0]
+    def _packed_block(self, block, hidden, plan, prefix):
+        return self._block(block, hidden, lambda attn, normed: self._packed_attention(attn, normed, plan, prefix))[0]
 
     def _block(self, block, hidden, attention):
         normed = block.input_layernorm(hidden)
@@ -243,16 +258,18 @@ class BloomDecoder:
         )
         return context.transpose(1, 2).reshape(batch, query_len, hidden_size), key, value
 
-    def _packed_attention(self, attn, normed, plan: PackedAttention):
+    def _packed_attention(self, attn, normed, plan: PackedAttention, prefix):
         _, length, hidden_size = normed.shape
         # split, not slices: its backward is one cat, where each slice's would write a full-size zero gradient.
         query, key, value = (part.split(plan.lengths, dim=2) for part in self._qkv(attn, normed))
         contexts = []
-        for queries, keys, bias in zip(query, plan.keys, plan.biases):
+        for queries, keys, bias, prefixed in zip(query, plan.keys, plan.biases, plan.prefixed):
+            key_parts = ([prefix[0].to(normed.dtype)] if prefixed else []) + [key[k] for k in keys]
+            value_parts = ([prefix[1].to(normed.dtype)] if prefixed else []) + [value[k] for k in keys]
             context = F.scaled_dot_product_attention(
                 queries,
-                torch.cat([key[k] for k in keys], dim=2) if len(keys) > 1 else key[keys[0]],
-                torch.cat([value[k] for k in keys], dim=2) if len(keys) > 1 else value[keys[0]],
+                torch.cat(key_parts, dim=2) if len(key_parts) > 1 else key_parts[0],
+                torch.cat(value_parts, dim=2) if len(value_parts) > 1 else value_parts[0],
                 attn_mask=bias,
                 dropout_p=attn.attention_dropout.p if attn.training else 0.0,
                 scale=attn.inv_norm_factor,

@@ -39,8 +39,15 @@ training step of a 4-layer llama, hidden 512, P 20, one unpadded row, CPU, one
 thread, median / min of 20 alternating steps: T 40 packed 136 / 75.5 ms, whole
 pass 103 / 74.3 ms; T 120 244 / 161 ms against 247 / 160 ms); on a GPU its
 masks would also keep sdpa off the causal flash kernel the whole pass gets.
-Under gradient checkpointing, whose blocks re-run outside the pass, the
-segments become one dense mask over the packed positions (see ``packed``).
+Under transformers' gradient checkpointing, whose blocks re-run in backward,
+after the pass, each checkpointed block's re-run enters the same per-segment
+attention (``segment_attention``); a block wrapped by torch's checkpoint
+wrapper gets the segments as one dense mask over the packed positions.
+
+Prefix tuning learns each layer's K/V of the virtual positions: the prefix,
+with nothing to run (``_prefix_tuned``). Its tokens take the packed pass with
+that prefix in front of every row's keys, or the tokens' pass with it as their
+cache; under gradient checkpointing, which drops caches, the packed pass.
 """
 
 from __future__ import annotations
@@ -232,8 +239,10 @@ class GenericPath:
 
     def hidden_states(
         self, batch: PromptBatch, input_ids: torch.Tensor, prefixes: PrefixCache
-    ) -> tuple[torch.Tensor, torch.Tensor, str, str | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor, str, str | None]:
         rows, tokens = input_ids.shape
+        if batch.learned is not None:
+            return self._prefix_tuned(batch, input_ids)
         chosen, reason = self.plan(batch, rows, tokens)
         if chosen is Pass.PACKED:
             prefix_final, token_final = self.packed(input_ids, batch)
@@ -247,6 +256,27 @@ class GenericPath:
         if batch.adapter_of_row is not None:
             prefix_final = prefix_final.index_select(0, batch.adapter_of_row)
         return prefix_final, token_final, chosen.value, None
+
+    def _prefix_tuned(self, batch: PromptBatch, input_ids: torch.Tensor) -> tuple[None, torch.Tensor, str, None]:
+        """Prefix tuning: the tokens against the learned prefix, which needs no
+        pass of its own. A training step over several rows packs them where
+        that is exact (as a trained prompt does), and so does any step under
+        transformers' gradient checkpointing, whose layers drop a cache but
+        keep the segments' prefix. Otherwise the tokens take PEFT's own pass,
+        the prefix as their cache, one stride-0 view for every row."""
+        rows, tokens = input_ids.shape
+        recomputes = self._recomputes_blocks()
+        packable = self.packs(batch.num_virtual_tokens, tokens)
+        if packable and (recomputes or (rows > 1 and batch.shares_prefix and batch.trains)):
+            return None, self.packed(input_ids, batch)[1], Pass.PACKED.value, None
+        if recomputes:
+            raise ValueError(
+                "prefix tuning under gradient checkpointing needs fastprompt's packed pass (transformers' "
+                f"checkpointed layers drop the prefix's cache), which {self.name} cannot run with attention "
+                f"{self.model.config._attn_implementation!r}, positions from the mask, or a sliding window shorter "
+                "than prefix and tokens"
+            )
+        return None, self.tokens(input_ids, batch.key_mask, batch.learned, batch.adapter_of_row), "shared", None
 
     def generate(self, batch: PromptBatch, args: tuple, kwargs: dict, prefixes: PrefixCache) -> None:
         """transformers' loop serves every request (see ``generic_generation``)."""
@@ -297,6 +327,22 @@ class GenericPath:
             or "_checkpoint_wrapped_module" in module._modules
             for module in self.body.modules()
         )
+
+    def _checkpointed_layers(self) -> list[torch.nn.Module] | None:
+        """The layers transformers checkpoints in this call, whose re-runs in
+        backward the packed pass wraps (``segment_attention``); None where a
+        block re-runs in a way no wrapper reaches (torch's checkpoint wrapper)."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        if not torch.is_grad_enabled():
+            return []
+        layers = []
+        for module in self.body.modules():
+            if "_checkpoint_wrapped_module" in module._modules:
+                return None
+            if isinstance(module, GradientCheckpointingLayer) and module.training and module.gradient_checkpointing:
+                layers.append(module)
+        return layers
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         # PEFT's own embedding call, so hooks on it (and scaled embeddings) behave as in PEFT.
@@ -359,13 +405,18 @@ class GenericPath:
             return False
         return self._within_windows(num_virtual_tokens + tokens)
 
-    def packed(self, input_ids: torch.Tensor, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def packed(self, input_ids: torch.Tensor, batch: PromptBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The A prompts and each row's kept positions (``batch.keep``) as one
         sequence of A*P + K positions through one body call, attention by
         segments (``segments.py``). Returns the prompts' final hidden states
-        [A, P, H] and the tokens' [B, T, H], zeros at positions not kept."""
+        [A, P, H] (None for a learned prefix: prefix tuning runs the rows'
+        positions only) and the tokens' [B, T, H], zeros at positions not kept."""
         prompts, key_mask = batch.prompts, batch.key_mask
         num_adapters, num_virtual, hidden = prompts.shape
+        if batch.learned is not None:
+            # Prefix tuning: the rows' positions only, each row reading the learned prefix.
+            hidden = self.word_embeddings.weight.shape[1]
+            prompts, num_adapters = prompts.new_empty(0, 0, hidden), 0
         keep = batch.keep
         if keep is not None and self.rotaries:
             # Rotary scalings that depend on the sequence (dynamic NTK, LongRoPE) read the
@@ -380,21 +431,29 @@ class GenericPath:
                 self._token_positions(key_mask, layout),
             ]
         )[None]
-        blocks = segments(layout, num_adapters, num_virtual, batch.row_adapters, layout.gather(attention_mask.bool()))
+        learned = batch.learned is not None
+        real = layout.gather(attention_mask.bool())
+        blocks = segments(layout, num_adapters, num_virtual, batch.row_adapters, real, learned)
         implementation = self.model.config._attn_implementation
-        if self._recomputes_blocks() or not self._attends_through_interface():
-            # Checkpointed blocks re-run their forward in backward, after this call
-            # has put the configs' attention back: the segment attention would not
-            # run there. The same blocks as one dense mask for the user's attention
-            # (still padding-free in the linear layers, which are most of the work).
+        checkpointed = self._checkpointed_layers()
+        if checkpointed is None or not self._attends_through_interface():
+            if learned:
+                why = "blocks wrapped by torch's checkpoint_wrapper" if checkpointed is None else "an upcast attention"
+                raise ValueError(f"prefix tuning cannot run {self.name}'s packed pass here: {why}")
+            # A block re-run by torch's checkpoint wrapper, or attention that bypasses the
+            # configured function, would not see the segments: the same blocks as one dense
+            # mask for the user's attention (still padding-free in the linear layers).
             mask = mask_in_format(
                 dense_mask(blocks, sequence.shape[0], sequence.device), implementation, sequence.dtype
             )
             final = self._run(sequence[None], mask[None, None], None, position_ids)[0]
         else:
-            with attending_by_segments(self.configs, Packing(blocks, implementation, sequence.dtype)):
+            packing = Packing(blocks, implementation, sequence.dtype, batch.learned.kv if learned else None)
+            with attending_by_segments(self.configs, packing, checkpointed):
                 final = self._run(sequence[None], None, None, position_ids)[0]
         prompt_positions = num_adapters * num_virtual
+        if learned:
+            return None, layout.scatter(final)
         prompts_final = final[:prompt_positions].view(num_adapters, num_virtual, hidden)
         return prompts_final, layout.scatter(final[prompt_positions:])
 

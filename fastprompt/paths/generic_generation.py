@@ -103,9 +103,15 @@ def prepare_step_inputs(
 
     if cache is not None and cache.get_seq_length() > 0:  # a later step: the cache holds the prompt
         return prepare_base(input_ids, *args, **kwargs)
-    if cache is not None and batch.shares_prefix and path.unshareable(num_virtual, input_ids.shape[1]) is None:
+    # A learned prefix (prefix tuning) is a cache by nature: PEFT gives it as one whatever the model.
+    learned = batch.learned is not None
+    if cache is not None and (
+        learned or (batch.shares_prefix and path.unshareable(num_virtual, input_ids.shape[1]) is None)
+    ):
         path.fill(cache, prefixes.prefix(source, batch), batch.adapter_of(rows), rows)
         return prepare_base(input_ids, *args, **kwargs)
+    if learned:
+        raise ValueError("prefix tuning generates with a cache (its prefix is one): use_cache=False cannot serve it")
 
     # The prompt goes in front of the embeddings, as in PEFT: without a cache
     # (use_cache=False) every step recomputes the whole sequence; with hooks or

@@ -19,12 +19,21 @@ transformers builds no mask for an implementation that is not in its mask
 registry, so the body call takes ``attention_mask=None``; the segments are the
 mask. The swap is undone when the call returns or raises; the autograd graph
 it built keeps the functions it called.
+
+A prefix-tuning call also gives every layer its learned prefix (``Packing.
+prefix``), put in front of the keys of each segment that reads it.
+
+Layers checkpointed by transformers re-run their forward in backward, after
+the call: each such layer's checkpoint function is wrapped for the call's
+duration so that its re-run enters the same swap (``attending_by_segments``),
+and computes what the forward did.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +59,8 @@ class Packing:
     segments: Sequence[Segment]
     implementation: str
     dtype: torch.dtype
+    # Prefix tuning: each layer's learned (key, value) [1, kv_heads, P, head_dim].
+    prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
     masks: list[torch.Tensor] = field(init=False)
     # Each segment's query length, and for each segment the indices (into the
     # same split) of its key stretches: the queries cover the sequence in order,
@@ -150,11 +161,20 @@ def segment_attention(module, query, key, value, attention_mask, **kwargs):
     queries = query.split(packing.sizes, dim=2)
     keys = key.split(packing.sizes, dim=2)
     values = value.split(packing.sizes, dim=2)
+    prefix_key = prefix_value = None
+    if packing.prefix is not None:
+        prefix_key, prefix_value = packing.prefix[module.layer_idx]
+        prefix_key, prefix_value = prefix_key.to(key.dtype), prefix_value.to(value.dtype)
     outputs = []
-    for index, mask in enumerate(packing.masks):
+    for index, (segment, mask) in enumerate(zip(packing.segments, packing.masks)):
         pieces = packing.key_pieces[index]
-        segment_keys = torch.cat([keys[i] for i in pieces], dim=2) if len(pieces) > 1 else keys[pieces[0]]
-        segment_values = torch.cat([values[i] for i in pieces], dim=2) if len(pieces) > 1 else values[pieces[0]]
+        key_parts = [keys[i] for i in pieces]
+        value_parts = [values[i] for i in pieces]
+        if segment.prefix:
+            key_parts.insert(0, prefix_key)
+            value_parts.insert(0, prefix_value)
+        segment_keys = torch.cat(key_parts, dim=2) if len(key_parts) > 1 else key_parts[0]
+        segment_values = torch.cat(value_parts, dim=2) if len(value_parts) > 1 else value_parts[0]
         output, _ = function(module, queries[index], segment_keys, segment_values, mask, **kwargs)
         outputs.append(output)
     return torch.cat(outputs, dim=1), None
@@ -164,20 +184,52 @@ AttentionInterface.register(NAME, segment_attention)
 
 
 @contextlib.contextmanager
-def attending_by_segments(configs: Iterable, packing: Packing):
+def attending_by_segments(configs: Iterable, packing: Packing, checkpointed: Sequence[torch.nn.Module] = ()):
     """Within the block, attention layers reading any of ``configs`` run
-    ``segment_attention`` on ``packing``. Each config's own field is set and
-    put back, not through the ``_attn_implementation`` setter, which also
-    overwrites the sub-configs' with the top-level value (a model configured
-    with a per-sub-config dict would come back changed)."""
+    ``segment_attention`` on ``packing``, and so do the ``checkpointed`` layers
+    (transformers' ``GradientCheckpointingLayer``s) when they re-run in
+    backward. Each config's own field is set and put back, not through the
+    ``_attn_implementation`` setter, which also overwrites the sub-configs'
+    with the top-level value (a model configured with a per-sub-config dict
+    would come back changed)."""
     configs = list(configs)
     saved = [config._attn_implementation_internal for config in configs]
     token = _ACTIVE.set(packing)
+    wrapped = [(layer, layer._gradient_checkpointing_func) for layer in checkpointed]
     try:
         for config in configs:
             config._attn_implementation_internal = NAME
+        for layer, original in wrapped:
+            layer._gradient_checkpointing_func = _recomputing_by_segments(original, configs, packing)
         yield
     finally:
+        for layer, original in wrapped:
+            layer._gradient_checkpointing_func = original
         for config, implementation in zip(configs, saved):
             config._attn_implementation_internal = implementation
         _ACTIVE.reset(token)
+
+
+def _recomputing_by_segments(checkpoint_function, configs: list, packing: Packing):
+    """``checkpoint_function`` (e.g. torch's checkpoint) of a layer forward that
+    runs within ``attending_by_segments(configs, packing)`` both times: in the
+    forward, and when backward re-runs it after the packed call has returned.
+    A learned prefix goes in as the checkpoint's inputs, not read from
+    ``packing``: a reentrant checkpoint differentiates its inputs only, and
+    would otherwise run the prefix's graph once per layer."""
+    prefix = [tensor for pair in packing.prefix or () for tensor in pair]
+
+    def checkpointed(forward, *args, **kwargs):
+        def forward_by_segments(*inputs, **keywords):
+            this = packing
+            if prefix:
+                this = copy.copy(packing)
+                given = inputs[len(inputs) - len(prefix) :]
+                this.prefix = list(zip(given[0::2], given[1::2]))
+                inputs = inputs[: len(inputs) - len(prefix)]
+            with attending_by_segments(configs, this):
+                return forward(*inputs, **keywords)
+
+        return checkpoint_function(forward_by_segments, *args, *prefix, **kwargs)
+
+    return checkpointed

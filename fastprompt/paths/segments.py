@@ -7,6 +7,10 @@ positions: the pairs PEFT's pass over ``cat(prompt, tokens)`` computes for that
 row, less its pads. ``segments`` lists those blocks, so attention runs block by
 block and never computes the pairs between them, which a dense mask over all
 N positions would (N^2 scores for a few percent of useful ones at B 8).
+
+Prefix tuning has no prompt positions in the sequence: its P keys and values
+per layer are learned, so each row attends to that layer's learned prefix
+(``Segment.prefix``) and, causally, to its own earlier real positions.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class Segment:
     queries: slice
     keys: tuple[slice, ...]
     visible: torch.Tensor
+    # The layer's learned prefix (prefix tuning) comes before ``keys``: its P
+    # keys are the first P columns of ``visible``, and no segment's queries.
+    prefix: bool = False
 
 
 def segments(
@@ -36,12 +43,17 @@ def segments(
     num_virtual: int,
     row_adapters: Sequence[int] | None,
     real: torch.Tensor,
+    learned: bool = False,
 ) -> list[Segment]:
     """The blocks of a packed sequence laid out by ``layout`` after A prompts of
     P positions. ``row_adapters``: each row's prompt (None: all read prompt 0);
     ``real`` [K] bool: which kept positions are real tokens (keys) rather than
-    pads kept only for their own output (queries, never keys)."""
+    pads kept only for their own output (queries, never keys). ``learned``:
+    the prompt is a learned prefix of P keys per layer (prefix tuning), and
+    the sequence holds the rows' positions only."""
     device = real.device
+    if learned:
+        num_adapters = 0
     prompt_positions = num_adapters * num_virtual
     causal = torch.ones(num_virtual, num_virtual, dtype=torch.bool, device=device).tril()
     blocks = [
@@ -58,5 +70,5 @@ def segments(
         # Kept positions are in column order, so "earlier" is "earlier in the stretch".
         earlier = torch.ones(length, length, dtype=torch.bool, device=device).tril() & real[start:end][None, :]
         visible = torch.cat([torch.ones(length, num_virtual, dtype=torch.bool, device=device), earlier], dim=1)
-        blocks.append(Segment(own, (prompt, own), visible))
+        blocks.append(Segment(own, (own,), visible, prefix=True) if learned else Segment(own, (prompt, own), visible))
     return blocks

@@ -102,9 +102,10 @@ def test_rows_with_different_adapters_match_peft_per_adapter(family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3_text"])
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_packs_with_a_dense_mask_and_matches_peft(monkeypatch, family, use_reentrant):
-    """Checkpointed blocks re-run outside the attention swap: the packed pass
-    then gives the user's attention one mask over the packed positions."""
+def test_gradient_checkpointing_packs_by_segments_and_matches_peft(monkeypatch, family, use_reentrant):
+    """Checkpointed blocks re-run in backward, after the packed call: their
+    checkpoint function is wrapped so the re-run attends by segments as well
+    (one segment-attention call per layer forward, and one per re-run)."""
     ours, ref = pair(lambda: tiny_causal_lm(family, VOCAB), prompt_config(6))
     segment_calls = []
     real_function = segment_attention.original_function
@@ -116,7 +117,8 @@ def test_gradient_checkpointing_packs_with_a_dense_mask_and_matches_peft(monkeyp
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     ids, mask, labels = ragged_batch("left")
     loss = step(ours, ids, mask, labels)
-    assert ours.last_call.run == "packed" and not segment_calls
+    layers = ours.get_base_model().config.num_hidden_layers
+    assert ours.last_call.run == "packed" and len(segment_calls) == 2 * layers
     assert_close(loss, step(ref, ids, mask, labels))
     assert rel_err(peft_prompt(ours).grad, peft_prompt(ref).grad) < 1e-5
 

@@ -1,4 +1,4 @@
-"""PEFT's own test cases for P-tuning and multitask prompt tuning, run against PEFT and against fastprompt.
+"""PEFT's own test cases for P-tuning, multitask and prefix tuning, run against PEFT and against fastprompt.
 
 The contract of ``test_peft_contract.py`` (fastprompt is PEFT's
 ``PeftModelForCausalLM`` with a faster forward and generate, so PEFT's test
@@ -7,7 +7,9 @@ front of the embeddings: ``PromptEncoderConfig`` as PEFT's decoder-model tests
 run it (tests/test_decoder_models.py ALL_CONFIGS: 10 virtual tokens, encoder
 hidden size 32, through tests/testing_common.py) and
 ``MultitaskPromptTuningConfig`` as PEFT's tests/test_multitask_prompt_tuning.py
-runs it (50 virtual tokens, 3 tasks, ``task_ids`` per row), on the same three
+runs it (50 virtual tokens, 3 tasks, ``task_ids`` per row), and
+``PrefixTuningConfig`` as the decoder-model tests run it (10 virtual tokens),
+on the same three
 tiny local models (``peft_contract_models.py``). Each case names the PEFT case
 it was ported from; they were rewritten here, not copied.
 
@@ -15,7 +17,9 @@ Every case runs both legs, PEFT's and fastprompt's, except where PEFT 0.21.2
 on transformers 5 generates wrongly past the first new token (see
 ``test_peft_contract.py``): there the case asserts the correct result, greedy
 decoding equal to a full recompute by PEFT's own forward, and PEFT's leg is a
-strict xfail.
+strict xfail. PEFT refuses gradient checkpointing with prefix tuning (its
+prefix travels in a cache that checkpointed layers drop): there PEFT's leg is
+a strict xfail and fastprompt's must give the gradients of the pass without.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import warnings
 import peft
 import pytest
 import torch
-from peft import MultitaskPromptTuningConfig, MultitaskPromptTuningInit, PromptEncoderConfig
+from peft import MultitaskPromptTuningConfig, MultitaskPromptTuningInit, PrefixTuningConfig, PromptEncoderConfig
 from peft.utils import WEIGHTS_NAME, get_peft_model_state_dict
 from peft_contract_models import implementation, inputs, load_base
 from test_peft_contract import check_config_json, check_modelcard, peft_xfail
@@ -35,11 +39,14 @@ from tolerance import rel_err
 MULTITASK_INIT_TEXT = (
     "classify the following into either positive or negative, or entailment, neutral or contradiction:"
 )
-METHODS = ["p_tuning", "multitask"]
+METHODS = ["p_tuning", "multitask", "prefix_tuning"]
 NEW_TOKENS = 5
 
 
 def method_config(method, model_id, **kwargs):
+    if method == "prefix_tuning":  # PEFT tests/test_decoder_models.py ALL_CONFIGS
+        settings = dict(task_type="CAUSAL_LM", num_virtual_tokens=10)
+        return PrefixTuningConfig(base_model_name_or_path=model_id, **{**settings, **kwargs})
     if method == "p_tuning":  # PEFT tests/test_decoder_models.py ALL_CONFIGS
         settings = dict(task_type="CAUSAL_LM", num_virtual_tokens=10, encoder_hidden_size=32)
         return PromptEncoderConfig(base_model_name_or_path=model_id, **{**settings, **kwargs})
@@ -214,9 +221,11 @@ def test_training(impl, method, model_id):
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_training_gradient_checkpointing(impl, method, model_id, use_reentrant):
+def test_training_gradient_checkpointing(impl, method, model_id, use_reentrant, request):
     # ported from peft tests/testing_common.py::_test_training_gradient_checkpointing; the gradients must also be
     # equal, not only non-zero on the same parameters
+    if method == "prefix_tuning" and impl.name == "peft":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="PEFT's prefix cache is dropped by checkpointing"))
     model = make(impl, method, model_id)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     model.train(True)
@@ -266,9 +275,13 @@ def test_delete_adapter(impl, method, model_id, activate_first):
     assert rel_err(got, want) < 1e-5
 
 
-def test_disable_adapter(impl, method, model_id):
+def test_disable_adapter(impl, method, model_id, request):
     # ported from peft tests/testing_common.py::_test_disable_adapter: first-step scores with, without and again
     # with the adapter; without it, the base model's
+    if method == "prefix_tuning" and impl.name == "peft" and "bloom" in str(model_id):
+        # PEFT 0.21.2 hands BLOOM its prefix as ``past_key_values``, which BLOOM's forward on
+        # transformers 5 (taking ``cache``) ignores: generate fails at once on the mask's length.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="PEFT's prefix generate fails on BLOOM"))
     batch = inputs()
     base = load_base(model_id)
 

@@ -66,7 +66,8 @@ def test_not_a_prompt_tuning_config():
 
     with pytest.raises(
         TypeError,
-        match="expected a peft.PromptTuningConfig, MultitaskPromptTuningConfig or PromptEncoderConfig, got LoraConfig",
+        match="expected a peft.PromptTuningConfig, MultitaskPromptTuningConfig, PromptEncoderConfig or "
+        "PrefixTuningConfig, got LoraConfig; fastprompt implements the soft-prompt methods only",
     ):
         fastprompt.get_peft_model(random_bloom(vocab=512), LoraConfig(task_type=TaskType.CAUSAL_LM))
 
@@ -161,14 +162,6 @@ def test_multitask_adapter_task_factor_shape_disagrees_with_config(tmp_path):
     save_file(state, str(weights))
     with pytest.raises(ValueError, match="has no 'prefix_task_cols' tensor"):
         FastPromptModel.from_pretrained(random_bloom(vocab=512), tmp_path)
-
-
-def test_prefix_tuning_is_refused_with_the_methods_that_are_served():
-    from peft import PrefixTuningConfig
-
-    config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
-    with pytest.raises(TypeError, match="got PrefixTuningConfig; fastprompt implements prompt tuning, multitask"):
-        fastprompt.get_peft_model(random_bloom(vocab=512), config)
 
 
 @pytest.fixture
