@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--chat-template",
         metavar="FILE",
-        help="Jinja chat template for 'messages' records, replacing the tokenizer's (needed where it has none, "
-        "as tiny-bloom: examples/tutorial_chat_template.jinja is the tutorial's format)",
+        help="Jinja chat template replacing the tokenizer's, for 'messages' records and --chat (needed where it "
+        "has none, as tiny-bloom's: examples/tutorial_chat_template.jinja is the tutorial's format)",
     )
 
     parser = _Parser(prog="fastprompt", description="Fast, PEFT-compatible soft-prompt tuning of frozen causal LMs.")

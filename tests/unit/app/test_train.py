@@ -296,20 +296,28 @@ def test_hf_trainer_writes_peft_checkpoints_and_matches_peft(data, tmp_path):
 
 
 def test_tensorboard_gets_the_log_lines_as_trainer_names_them(base, data, tmp_path):
+    """Read back from the event files; a resumed run replaces the events of the steps it redoes, as it does
+    the lines of train_log.jsonl."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     held = TokenizedData(data.examples[:3])
-    settings = dict(
-        max_steps=4, eval_every=2, report_to="tensorboard", lr_scheduler="cosine", warmup_steps=0, warmup_ratio=0.5
+    settings = dict(max_steps=4, eval_every=2, save_every=2, report_to="tensorboard", lr_scheduler="cosine")
+    settings.update(warmup_steps=0, warmup_ratio=0.5)
+    train(fresh_model(base), data, config(tmp_path, **settings), pad_token_id=PAD, eval_data=held)
+    resume = str(tmp_path / "run" / "checkpoint-2")
+    resumed = train(
+        fresh_model(base), data, config(tmp_path, resume=resume, **settings), pad_token_id=PAD, eval_data=held
     )
-    result = train(fresh_model(base), data, config(tmp_path, **settings), pad_token_id=PAD, eval_data=held)
+    logged = [json.loads(line) for line in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
+    assert [entry["step"] for entry in resumed.history] == [3, 4, 4]  # two train lines, one eval line
+
     events = EventAccumulator(str(tmp_path / "run" / "runs"))
     events.Reload()
     for key, tag in [("loss", "train/loss"), ("lr", "train/learning_rate"), ("grad_norm", "train/grad_norm")]:
-        logged = [(entry["step"], entry[key]) for entry in result.history if key in entry]
-        assert len(logged) == 4
+        expected = [(entry["step"], entry[key]) for entry in logged if key in entry]
+        assert len(expected) == 4
         assert [(event.step, event.value) for event in events.Scalars(tag)] == [
-            (step, pytest.approx(value, rel=1e-6)) for step, value in logged
+            (step, pytest.approx(value, rel=1e-6)) for step, value in expected
         ]
     assert [event.step for event in events.Scalars("eval/loss")] == [2, 4]
