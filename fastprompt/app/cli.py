@@ -518,15 +518,16 @@ def _generation_settings(args) -> dict:
     return settings
 
 
-def _prompt_ids(args, tokenizer) -> dict:
-    if args.chat or args.chat_template:
+def _prompt_ids(args, template, tokenizer) -> dict:
+    """PROMPT as input ids: through ``template``, or the chat template when ``template`` is None."""
+    if template is None:
         if not tokenizer.chat_template:
             raise ValueError("--chat: the model's tokenizer has no chat template; pass --chat-template FILE")
         message = [{"role": "user", "content": args.prompt}]
         text = tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
         # The template writes its own special tokens (training tokenises the same way).
         return tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    text = _template(args).render_prompt({"instruction": args.prompt, "input": args.input})
+    text = template.render_prompt({"instruction": args.prompt, "input": args.input})
     return tokenizer(text, return_tensors="pt")
 
 
@@ -540,12 +541,13 @@ def run_generate(args) -> int:
         raise FileNotFoundError(f"adapter directory {args.adapter!r} does not exist")
     settings = _generation_settings(args)
     chat_template = _read_chat_template(args)
+    template = None if args.chat or chat_template is not None else _template(args)
     base = _load_base(args, _device(args.device))
     tokenizer = base.tokenizer
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     model = fastprompt.FastPromptModel.from_pretrained(base, args.adapter)
-    encoded = _prompt_ids(args, tokenizer).to(model.device)
+    encoded = _prompt_ids(args, template, tokenizer).to(model.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     # TextStreamer prints each piece as soon as it decodes to whole characters, and a newline at the end.

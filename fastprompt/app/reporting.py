@@ -63,12 +63,15 @@ class _Wandb:
     def __init__(self, output: Path, start_step: int, settings: dict):
         import wandb
 
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "fastprompt"),
-            name=output.resolve().name,
-            dir=str(output),
-            config=dict(settings, resumed_from_step=start_step),
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "fastprompt"),
+                name=output.resolve().name,
+                dir=str(output),
+                config=dict(settings, resumed_from_step=start_step),
+            )
+        except wandb.errors.UsageError as err:  # not logged in, most often
+            raise ValueError(f"--report-to wandb: {err} (or set WANDB_MODE=offline: no account needed)") from None
 
     def log(self, entry: dict) -> None:
         self.run.log({metric_name(k): v for k, v in entry.items() if k != "step"}, step=entry["step"])
