@@ -16,10 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from jinja2 import TemplateError
+
 from ..loss import IGNORE_INDEX
 
 MESSAGES_FIELD = "messages"
 ASSISTANT = "assistant"
+
+
+class UnusableConversation(ValueError):
+    """The chat template refuses this conversation, or renders it so that its assistant turns cannot be found:
+    the record is reported and skipped like any bad record."""
 
 
 def is_chat(record) -> bool:
@@ -57,7 +64,10 @@ def assistant_spans(messages: Sequence[Mapping], tokenizer) -> tuple[str, list[t
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
 
     def render(turns, generation_prompt=False) -> str:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as err:  # the template's raise_exception: roles out of order, say
+            raise UnusableConversation(f"is refused by the chat template: {err}") from None
 
     text = render(messages)
     spans = []
@@ -66,9 +76,9 @@ def assistant_spans(messages: Sequence[Mapping], tokenizer) -> tuple[str, list[t
             continue
         before, through = render(messages[:index], generation_prompt=True), render(messages[: index + 1])
         if not (text.startswith(through) and through.startswith(before)):
-            raise ValueError(
-                "the chat template does not render the start of a conversation as the start of its text "
-                f"(at message {index}), so its assistant turns cannot be found for the loss"
+            raise UnusableConversation(
+                f"cannot be learnt: the chat template does not render its start (up to message {index}) as the "
+                "start of its text, so the assistant turns cannot be found"
             )
         spans.append((len(before), len(through)))
     return text, spans

@@ -197,7 +197,11 @@ def load_alpaca(
     examples = []
     for where, record in records:
         if chat.is_chat(record):
-            example = chat.tokenize_conversation(record[chat.MESSAGES_FIELD], tokenizer, max_length)
+            try:
+                example = chat.tokenize_conversation(record[chat.MESSAGES_FIELD], tokenizer, max_length)
+            except chat.UnusableConversation as refused:
+                _reject(report, where, str(refused), strict)
+                continue
         else:
             example = tokenize_record(record, tokenizer, template, max_length)
         if all(label == IGNORE_INDEX for label in example["labels"]):

@@ -293,3 +293,12 @@ def test_chat_records_without_a_template_or_malformed_are_clear_errors(tmp_path,
         "messages[0] has no string 'content'",
         "has no non-empty 'assistant' message",
     ]
+    strict_roles = "{%- if messages[0]['role'] == 'assistant' %}{{ raise_exception('user first') }}{% endif -%}"
+    chat_tokenizer.chat_template = strict_roles + chat_tokenizer.chat_template
+    records = [{"messages": CONVERSATIONS[1][::-1]}, {"messages": CONVERSATIONS[1]}]
+    data = load_alpaca(write_json(tmp_path / "roles.json", records), chat_tokenizer)
+    assert len(data) == 1 and data.report.skipped == [("record 0", "is refused by the chat template: user first")]
+    # A template that renders the last turn differently (as templates that drop earlier turns' reasoning do).
+    chat_tokenizer.chat_template = "{% for m in messages %}{% if loop.last %}>{% endif %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match=r"record 0 cannot be learnt: .* \(up to message 1\)"):
+        load_alpaca(write_json(tmp_path / "last.json", records[1:]), chat_tokenizer, strict=True)
