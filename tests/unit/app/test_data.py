@@ -246,22 +246,30 @@ def chat_tokenizer(tiny_bloom_dir):
 
 
 def test_chat_records_learn_the_assistant_turns_as_trl_does(tmp_path, chat_tokenizer):
-    """Labels are TRL's assistant_only_loss labels (transformers' assistant token mask of a template with
-    generation markers), and stay the same when the template has no markers; Alpaca records in the same
+    """Input ids and labels are those of TRL's SFTTrainer with assistant_only_loss (which needs generation
+    markers in the template), and stay the same when the template has no markers; Alpaca records in the same
     file keep the tutorial's recipe."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    import fastprompt
+
     records = [{"messages": CONVERSATIONS[0]}, RECORDS[1], {"messages": CONVERSATIONS[1]}]
     path = tmp_path / "chats.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
     loaded = load_alpaca(path, chat_tokenizer).examples
     assert loaded[1] == tokenize_record(RECORDS[1], chat_tokenizer)
 
-    for example, messages in zip([loaded[0], loaded[2]], CONVERSATIONS):
-        trl = chat_tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        assert example["input_ids"] == trl["input_ids"]
-        assert example["labels"] == [t if m else -100 for t, m in zip(trl["input_ids"], trl["assistant_masks"])]
-        assert 0 < sum(trl["assistant_masks"]) < len(trl["input_ids"])
+    settings = SFTConfig(tmp_path / "trl", assistant_only_loss=True, max_length=256, report_to="none", use_cpu=True)
+    trl = SFTTrainer(
+        model=fastprompt.load_model("tiny-bloom"),
+        args=settings,
+        train_dataset=datasets.Dataset.from_list([{"messages": messages} for messages in CONVERSATIONS]),
+        processing_class=chat_tokenizer,
+    ).train_dataset
+    for example, theirs in zip([loaded[0], loaded[2]], trl):
+        assert (example["input_ids"], example["labels"]) == (theirs["input_ids"], theirs["labels"])
+        assert 0 < sum(label != -100 for label in example["labels"]) < len(example["labels"])
 
     unmarked = chat_tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     chat_tokenizer.chat_template = unmarked
