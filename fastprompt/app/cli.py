@@ -58,6 +58,13 @@ def _fraction(text):
     return value
 
 
+def _top_p(text):
+    value = _number(float, 0.0, inclusive=False)(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _unescape(text: str) -> str:
     r"""Templates are typed in a shell, where a newline is easiest written ``\n``."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
@@ -67,7 +74,7 @@ def _unescape(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     # Torch-free modules only: --help must answer in well under a second.
     from .template import MAX_LENGTH, TUTORIAL_TEMPLATE
-    from .train_config import TrainConfig
+    from .train_config import LR_SCHEDULERS, REPORT_TO, TrainConfig
 
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
@@ -98,15 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="text between the prompt and the response (default: %(default)r)",
     )
 
+    chat = _Parser(add_help=False)
+    chat.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="Jinja chat template replacing the tokenizer's, for 'messages' records and --chat (needed where it "
+        "has none, as tiny-bloom's: examples/tutorial_chat_template.jinja is the tutorial's format)",
+    )
+
     parser = _Parser(prog="fastprompt", description="Fast, PEFT-compatible soft-prompt tuning of frozen causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     defaults = TrainConfig(output=".")
 
     train = commands.add_parser(
         "train",
-        parents=[common, model, template],
+        parents=[common, model, template, chat],
         help="train a soft prompt (the tutorial's recipe)",
-        description="Train a soft prompt on Alpaca-style data; the adapter (PEFT format) lands in --output. "
+        description="Train a soft prompt on Alpaca-style data, or chat data ('messages' records, the loss on the "
+        "assistant turns); the adapter (PEFT format) lands in --output. "
         "Under torchrun the data is split over the processes.",
     )
     train.add_argument(
@@ -166,13 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=_number(float, 0.0, inclusive=False),
         default=defaults.lr,
-        help="peak learning rate, decayed linearly to 0 (default: %(default)s)",
+        help="peak learning rate (default: %(default)s)",
     )
     train.add_argument(
+        "--lr-scheduler",
+        choices=LR_SCHEDULERS,
+        default=defaults.lr_scheduler,
+        help="decay after the warmup, as transformers' schedules: linear or cosine to 0, or constant "
+        "(default: %(default)s)",
+    )
+    warmup = train.add_mutually_exclusive_group()
+    warmup.add_argument(
         "--warmup-steps",
         type=_number(int, 0),
         default=defaults.warmup_steps,
         help="linear warmup (default: %(default)s)",
+    )
+    warmup.add_argument(
+        "--warmup-ratio",
+        type=_fraction,
+        default=defaults.warmup_ratio,
+        help="linear warmup over this fraction of the steps, rounded up",
     )
     train.add_argument(
         "--weight-decay",
@@ -191,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_number(int, 1),
         default=defaults.log_every,
         metavar="STEPS",
-        help="mean loss, lr and tokens/s every STEPS (default: %(default)s)",
+        help="mean loss and gradient norm (before clipping), lr and tokens/s every STEPS (default: %(default)s)",
     )
     train.add_argument(
         "--eval-every",
@@ -234,11 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest checkpoint in --output, or from CHECKPOINT",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    train.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        default=defaults.report_to,
+        help="also log to TensorBoard (--output/runs) or Weights & Biases (WANDB_MODE=offline works without an "
+        "account); needs pip install 'fastprompt[tensorboard]' or '[wandb]' (default: %(default)s)",
+    )
     train.set_defaults(run=run_train)
 
     generate = commands.add_parser(
         "generate",
-        parents=[common, model, template],
+        parents=[common, model, template, chat],
         help="answer a prompt with a trained adapter",
         description="Apply the template to PROMPT and generate with the base model + adapter.",
     )
@@ -246,8 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--adapter", required=True, help="adapter directory (ours or PEFT's)")
     generate.add_argument("--input", default="", help="the template's {input} (default: empty)")
     generate.add_argument("--max-new-tokens", type=_number(int, 1), default=128, help="(default: %(default)s)")
-    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    generate.add_argument("--seed", type=int, help="random seed for --sample")
+    generate.add_argument(
+        "--chat",
+        action="store_true",
+        help="PROMPT as a user message through the chat template (implied by --chat-template) instead of --template",
+    )
+    generate.add_argument("--stream", action="store_true", help="print the answer token by token as it is generated")
+    generate.add_argument(
+        "--do-sample", "--sample", action="store_true", help="sample instead of greedy (or beam) decoding"
+    )
+    generate.add_argument(
+        "--temperature", type=_number(float, 0.0, inclusive=False), help="with --do-sample (transformers' default: 1)"
+    )
+    generate.add_argument("--top-p", type=_top_p, help="with --do-sample: nucleus sampling, in (0, 1]")
+    generate.add_argument(
+        "--top-k", type=_number(int, 0), help="with --do-sample; 0 disables (transformers' default: 50)"
+    )
+    generate.add_argument("--num-beams", type=_number(int, 1), default=1, help="beam search (default: %(default)s)")
+    generate.add_argument(
+        "--repetition-penalty", type=_number(float, 0.0, inclusive=False), help="> 1 discourages repeats (CTRL's)"
+    )
+    generate.add_argument("--seed", type=int, help="random seed for --do-sample")
     generate.set_defaults(run=run_generate)
 
     bench = commands.add_parser(
@@ -321,6 +377,16 @@ def _load_base(args, device):
     return base
 
 
+def _read_chat_template(args) -> str | None:
+    """The text of ``--chat-template``, read before the model loads (a bad path fails at once)."""
+    if not args.chat_template:
+        return None
+    path = Path(args.chat_template).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template {args.chat_template!r} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
 def _template(args):
     from .template import Template
 
@@ -339,6 +405,7 @@ def run_train(args) -> int:
     from ..loading import demo_data_path
     from . import distributed
     from .data import load_alpaca, split_holdout
+    from .reporting import check_installed
     from .train import TrainConfig, train
 
     device = _device(args.device)
@@ -352,8 +419,12 @@ def run_train(args) -> int:
         data_path = args.data or demo_data_path()
         if not Path(data_path).exists():
             raise FileNotFoundError(f"data {str(data_path)!r} does not exist")
+        chat_template = _read_chat_template(args)
+        check_installed(args.report_to)
         base = _load_base(args, device)
         tokenizer = base.tokenizer
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
         data = load_alpaca(data_path, tokenizer, template, args.max_length, args.strict)
         if args.eval_data:
             eval_data = load_alpaca(args.eval_data, tokenizer, template, args.max_length, args.strict)
@@ -389,7 +460,9 @@ def run_train(args) -> int:
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
             lr=args.lr,
+            lr_scheduler=args.lr_scheduler,
             warmup_steps=args.warmup_steps,
+            warmup_ratio=args.warmup_ratio,
             weight_decay=args.weight_decay,
             max_grad_norm=args.max_grad_norm,
             log_every=args.log_every,
@@ -400,6 +473,7 @@ def run_train(args) -> int:
             bf16=bf16,
             resume=args.resume,
             progress=not args.no_progress,
+            report_to=args.report_to,
         )
         trainable, total = model.get_nb_trainable_parameters()
         if ranks.is_main:
@@ -423,31 +497,66 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _answer(model, tokenizer, prompt_text: str, max_new_tokens: int, do_sample: bool) -> str:
-    encoded = tokenizer(prompt_text, return_tensors="pt").to(model.device)
-    sequences = model.generate(
-        input_ids=encoded["input_ids"],
-        attention_mask=encoded["attention_mask"],
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-    )
-    return tokenizer.decode(sequences[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+def _generation_settings(args) -> dict:
+    """``generate`` keywords from the flags; flags that would be silently ignored are errors."""
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    given = [f"--{name.replace('_', '-')}" for name, value in sampling.items() if value is not None]
+    if given and not args.do_sample:
+        raise ValueError(f"{', '.join(given)} only apply with --do-sample")
+    if args.stream and args.num_beams > 1:
+        raise ValueError("--stream cannot show beam search (--num-beams > 1): the best beam is only known at the end")
+    if args.input and (args.chat or args.chat_template):
+        raise ValueError("--input fills --template's {input}; with --chat, PROMPT is the whole user message")
+    # Only the settings given: one the fast path's decode loop does not serve (beams, a repetition
+    # penalty) sends the call to transformers' loop, even at its default value.
+    settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    settings.update({name: value for name, value in sampling.items() if value is not None})
+    if args.num_beams > 1:
+        settings["num_beams"] = args.num_beams
+    if args.repetition_penalty is not None:
+        settings["repetition_penalty"] = args.repetition_penalty
+    return settings
+
+
+def _prompt_ids(args, template, tokenizer) -> dict:
+    """PROMPT as input ids: through ``template``, or the chat template when ``template`` is None."""
+    if template is None:
+        if not tokenizer.chat_template:
+            raise ValueError("--chat: the model's tokenizer has no chat template; pass --chat-template FILE")
+        message = [{"role": "user", "content": args.prompt}]
+        text = tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+        # The template writes its own special tokens (training tokenises the same way).
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    text = template.render_prompt({"instruction": args.prompt, "input": args.input})
+    return tokenizer(text, return_tensors="pt")
 
 
 def run_generate(args) -> int:
     import torch
+    from transformers import TextStreamer
 
     import fastprompt
 
     if not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"adapter directory {args.adapter!r} does not exist")
-    template = _template(args)
+    settings = _generation_settings(args)
+    chat_template = _read_chat_template(args)
+    template = None if args.chat or chat_template is not None else _template(args)
     base = _load_base(args, _device(args.device))
+    tokenizer = base.tokenizer
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     model = fastprompt.FastPromptModel.from_pretrained(base, args.adapter)
+    encoded = _prompt_ids(args, template, tokenizer).to(model.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    text = template.render_prompt({"instruction": args.prompt, "input": args.input})
-    print(_answer(model, base.tokenizer, text, args.max_new_tokens, args.sample))
+    # TextStreamer prints each piece as soon as it decodes to whole characters, and a newline at the end.
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+    sequences = model.generate(
+        input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], streamer=streamer, **settings
+    )
+    if streamer is None:
+        print(tokenizer.decode(sequences[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0
 
 

@@ -4,7 +4,9 @@ The recipe is the tutorial's: the prompt is ``"Human: {instruction}\\n{input}"``
 stripped, then ``"\\n\\nAssistant: "``; the example is prompt ids + response ids +
 eos, labels are -100 over the prompt, and everything is cut to ``max_length``
 (256). ``Template`` makes the prompt and response field configurable for other
-formats.
+formats. Records with a ``messages`` list are conversations instead, rendered
+by the tokenizer's chat template with the loss on the assistant turns
+(``chat.py``).
 
 Real data is dirty, and one bad record should not cost a long run: records
 with a missing field, a non-string field or an empty response are reported
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..loss import IGNORE_INDEX
+from . import chat
 from .template import MAX_LENGTH, TUTORIAL_TEMPLATE, Template
 
 log = logging.getLogger("fastprompt")
@@ -143,7 +146,9 @@ def read_records(
     records = []
     for entry in _read_entries(path):
         report.total += 1
-        problem = entry.error or template.problem_with(entry.value)
+        problem = entry.error or (
+            chat.problem_with(entry.value) if chat.is_chat(entry.value) else template.problem_with(entry.value)
+        )
         if problem is None:
             records.append((entry.where, entry.value))
         else:
@@ -181,14 +186,24 @@ def tokenize_record(
 def load_alpaca(
     path, tokenizer, template: Template = TUTORIAL_TEMPLATE, max_length: int = MAX_LENGTH, strict: bool = False
 ) -> TokenizedData:
-    """Read and tokenise an Alpaca-style dataset. Raises ValueError when no
+    """Read and tokenise an Alpaca-style dataset; records with a ``messages``
+    list go through the tokenizer's chat template. Raises ValueError when no
     usable example remains."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     records, report = read_records(path, template, strict)
+    if any(chat.is_chat(record) for _, record in records):
+        chat.check_template(tokenizer, report.source)
     examples = []
     for where, record in records:
-        example = tokenize_record(record, tokenizer, template, max_length)
+        if chat.is_chat(record):
+            try:
+                example = chat.tokenize_conversation(record[chat.MESSAGES_FIELD], tokenizer, max_length)
+            except chat.UnusableConversation as refused:
+                _reject(report, where, str(refused), strict)
+                continue
+        else:
+            example = tokenize_record(record, tokenizer, template, max_length)
         if all(label == IGNORE_INDEX for label in example["labels"]):
             # Only the prompt fits: the record would train nothing.
             _reject(report, where, f"leaves no room for the response within max_length {max_length}", strict)

@@ -17,6 +17,7 @@ needs to continue bit for bit where the run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from ..loss import IGNORE_INDEX
 from .data import PadCollator, TokenizedData, length_grouped_steps, token_budget_batches
 from .distributed import Ranks
+from .reporting import open_reporter
 from .train_config import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -65,11 +67,25 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient stopped being finite; the prompt was not updated."""
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup then linear decay to 0, as ``get_linear_schedule_with_warmup``."""
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "linear") -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup,
+    then transformers' ``linear`` (to 0), ``cosine`` (half a cosine to 0) or
+    ``constant_with_warmup``, as ``transformers.get_scheduler`` computes them."""
     if step < warmup:
-        return peak * step / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
+        return peak * (step / warmup)
+    if schedule == "linear":
+        return peak * max(0.0, (total - step) / max(1, total - warmup))
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if schedule == "constant":
+        return peak
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def warmup_steps(config: TrainConfig, total: int) -> int:
+    """``warmup_steps``, or ``warmup_ratio`` of the run rounded up (as ``TrainingArguments``)."""
+    return config.warmup_steps or math.ceil(config.warmup_ratio * total)
 
 
 # ------------------------------------------------------------ checkpoints
@@ -305,6 +321,7 @@ def train(
     items = [sum(label != IGNORE_INDEX for label in example["labels"]) for example in data.examples]
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = config.max_steps or config.epochs * steps_per_epoch
+    warmup = warmup_steps(config, total)
     plan = {
         "seed": config.seed,
         "batch_size": config.batch_size,
@@ -335,19 +352,24 @@ def train(
     def epoch_plan(epoch: int) -> list[list[int]]:
         return length_grouped_steps(lengths, config.batch_size, seed=config.seed * 100_003 + epoch)
 
+    settings = dict(asdict(config), output=str(output), warmup_steps=warmup, total_steps=total, examples=len(data))
+    reporter = open_reporter(config.report_to if ranks.is_main else "none", output, start, settings)
     last_saved = None
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0.0, time.perf_counter()
+    window_loss, window_grad_norm, window_steps, window_tokens = 0.0, 0.0, 0, 0.0
+    window_start = time.perf_counter()
 
     def record(entry: dict) -> None:
         result.history.append(entry)
         if ranks.is_main:
             with open(log_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
+            reporter.log(entry)
             bar.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
             sys.stdout.flush()  # a pipe is block-buffered: a watcher would see nothing until exit
 
     model.train()
     with (
+        contextlib.closing(reporter),
         _StopRequest() as stop,
         tqdm(
             total=total,
@@ -366,12 +388,13 @@ def train(
             )
             step_loss, step_tokens, stop_requested = _sum_over_ranks(prompt, loss_sum, tokens, stop.signum, ranks)
 
-            grad_norm = (
+            # The norm before clipping (clip_grad_norm_ returns it), as Trainer logs it.
+            grad_norm = float(
                 torch.nn.utils.clip_grad_norm_([prompt], config.max_grad_norm)
                 if config.max_grad_norm
                 else prompt.grad.norm()
             )
-            if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 checkpoint = list_checkpoints(output)
                 kept = (
                     f"the last good checkpoint is {checkpoint[-1][1]}"
@@ -379,20 +402,21 @@ def train(
                     else "no checkpoint was written yet"
                 )
                 raise TrainingDiverged(
-                    f"loss {step_loss} / grad norm {float(grad_norm)} at step {step + 1}: training diverged and "
+                    f"loss {step_loss} / grad norm {grad_norm} at step {step + 1}: training diverged and "
                     f"stopped before updating the prompt; {kept} (try a lower --lr)"
                 )
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, config.warmup_steps, config.lr)
+                group["lr"] = lr_at(step, total, warmup, config.lr, config.lr_scheduler)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = result.steps = step + 1
 
             window_loss += step_loss
+            window_grad_norm += grad_norm
             window_steps += 1
             window_tokens += step_tokens
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{step_loss:.4f}", grad_norm=f"{grad_norm:.3g}", refresh=False)
             if done % config.log_every == 0 or done == total:
                 elapsed = time.perf_counter() - window_start
                 record(
@@ -401,11 +425,17 @@ def train(
                         "epoch": round(done / steps_per_epoch, 3),
                         "loss": window_loss / window_steps,
                         "lr": optimizer.param_groups[0]["lr"],
+                        "grad_norm": window_grad_norm / window_steps,
                         "tokens_per_s": round(window_tokens / elapsed, 1),
                     }
                 )
-                bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", tok_s=f"{window_tokens / elapsed:.0f}")
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0.0, time.perf_counter()
+                bar.set_postfix(
+                    loss=f"{window_loss / window_steps:.4f}",
+                    grad_norm=f"{window_grad_norm / window_steps:.3g}",
+                    tok_s=f"{window_tokens / elapsed:.0f}",
+                )
+                window_loss, window_grad_norm, window_steps, window_tokens = 0.0, 0.0, 0, 0.0
+                window_start = time.perf_counter()
             if eval_data is not None and ((config.eval_every and done % config.eval_every == 0) or done == total):
                 loss = evaluate(model, eval_data, pad_token_id, config.max_tokens, ranks, config.bf16)
                 record({"step": done, "eval_loss": loss})

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PromptTuningConfig, TaskType
 from processes import ROOT, cli_command, cli_env, run_cli, small_data
@@ -184,3 +185,24 @@ def test_hub_model_id_without_network_fails_at_once_in_one_line(tmp_path):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "HF_HUB_OFFLINE=1" in lines[0] and "local directory" in lines[0], done.stderr
+
+
+def test_report_to_wandb_runs_offline(tmp_path):
+    """Only where wandb is installed (an optional extra): WANDB_MODE=offline needs no account or network, and
+    the run lands next to the adapter."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_data(tmp_path), "--output", out, "--max-steps", 2, "--batch-size", 2]
+    env = dict(cli_env(), WANDB_MODE="offline", WANDB_SILENT="true")
+    done = subprocess.run(
+        cli_command(*argv, "--report-to", "wandb", "--no-progress"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (run,) = (out / "wandb").glob("offline-run-*")
+    (history,) = run.glob("run-*.wandb")
+    assert history.stat().st_size > 0

@@ -221,3 +221,92 @@ def test_demo_data_and_real_alpaca_load(tokenizer, shared_dir):
     assert max(data.lengths) == 256
     for example in data.examples[:50]:
         assert example["labels"][-1] in (tokenizer.eos_token_id, example["input_ids"][-1])
+
+
+CONVERSATIONS = [
+    [
+        {"role": "system", "content": "你是一个乐于助人的助手。"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！有什么可以帮你？"},
+        {"role": "user", "content": "1+1=?"},
+        {"role": "assistant", "content": "2"},
+    ],
+    [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": "北京。"}],
+]
+
+
+@pytest.fixture
+def chat_tokenizer(tiny_bloom_dir):
+    from processes import ROOT
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bloom_dir)
+    tokenizer.chat_template = (ROOT / "examples" / "tutorial_chat_template.jinja").read_text(encoding="utf-8")
+    return tokenizer
+
+
+def test_chat_records_learn_the_assistant_turns_as_trl_does(tmp_path, chat_tokenizer):
+    """Input ids and labels are those of TRL's SFTTrainer with assistant_only_loss (which needs generation
+    markers in the template), and stay the same when the template has no markers; Alpaca records in the same
+    file keep the tutorial's recipe."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    import fastprompt
+
+    records = [{"messages": CONVERSATIONS[0]}, RECORDS[1], {"messages": CONVERSATIONS[1]}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    loaded = load_alpaca(path, chat_tokenizer).examples
+    assert loaded[1] == tokenize_record(RECORDS[1], chat_tokenizer)
+
+    settings = SFTConfig(tmp_path / "trl", assistant_only_loss=True, max_length=256, report_to="none", use_cpu=True)
+    trl = SFTTrainer(
+        model=fastprompt.load_model("tiny-bloom"),
+        args=settings,
+        train_dataset=datasets.Dataset.from_list([{"messages": messages} for messages in CONVERSATIONS]),
+        processing_class=chat_tokenizer,
+    ).train_dataset
+    for example, theirs in zip([loaded[0], loaded[2]], trl):
+        assert (example["input_ids"], example["labels"]) == (theirs["input_ids"], theirs["labels"])
+        assert 0 < sum(label != -100 for label in example["labels"]) < len(example["labels"])
+
+    unmarked = chat_tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    chat_tokenizer.chat_template = unmarked
+    assert load_alpaca(path, chat_tokenizer).examples == loaded
+    # Cut to max_length like Alpaca examples; a conversation whose assistant turns are all cut off is skipped.
+    first_answer = loaded[0]["labels"].index(next(label for label in loaded[0]["labels"] if label != -100))
+    cut = load_alpaca(path, chat_tokenizer, max_length=first_answer + 1)
+    assert len(cut) == 3 and cut.examples[0]["labels"] == loaded[0]["labels"][: first_answer + 1]
+    cut = load_alpaca(path, chat_tokenizer, max_length=first_answer)
+    assert cut.report.skipped[0] == ("line 1", f"leaves no room for the response within max_length {first_answer}")
+
+
+def test_chat_records_without_a_template_or_malformed_are_clear_errors(tmp_path, tokenizer, chat_tokenizer):
+    path = write_json(tmp_path / "chats.json", [{"messages": CONVERSATIONS[1]}])
+    with pytest.raises(ValueError, match="'messages' records, but the model's tokenizer has no chat template"):
+        load_alpaca(path, tokenizer)  # tiny-bloom's own tokenizer has none
+    bad = [
+        {"messages": []},
+        {"messages": "hi"},
+        {"messages": [{"role": "user"}]},
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": CONVERSATIONS[1]},
+    ]
+    data = load_alpaca(write_json(tmp_path / "bad.json", bad), chat_tokenizer)
+    assert len(data) == 1
+    assert [why for _, why in data.report.skipped] == [
+        "field 'messages' is not a non-empty list of {role, content} objects",
+        "field 'messages' is not a non-empty list of {role, content} objects",
+        "messages[0] has no string 'content'",
+        "has no non-empty 'assistant' message",
+    ]
+    strict_roles = "{%- if messages[0]['role'] == 'assistant' %}{{ raise_exception('user first') }}{% endif -%}"
+    chat_tokenizer.chat_template = strict_roles + chat_tokenizer.chat_template
+    records = [{"messages": CONVERSATIONS[1][::-1]}, {"messages": CONVERSATIONS[1]}]
+    data = load_alpaca(write_json(tmp_path / "roles.json", records), chat_tokenizer)
+    assert len(data) == 1 and data.report.skipped == [("record 0", "is refused by the chat template: user first")]
+    # A template that renders the last turn differently (as templates that drop earlier turns' reasoning do).
+    chat_tokenizer.chat_template = "{% for m in messages %}{% if loop.last %}>{% endif %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match=r"record 0 cannot be learnt: .* \(up to message 1\)"):
+        load_alpaca(write_json(tmp_path / "last.json", records[1:]), chat_tokenizer, strict=True)

@@ -23,6 +23,7 @@ from fastprompt.app.train import (
     list_checkpoints,
     lr_at,
     train,
+    warmup_steps,
 )
 from fastprompt.loading import demo_data_path
 
@@ -62,14 +63,43 @@ def test_linear_schedule_with_warmup():
     assert lr_at(0, total=4, warmup=0, peak=5e-5) == 5e-5
 
 
+@pytest.mark.parametrize(
+    "ours, theirs", [("linear", "linear"), ("cosine", "cosine"), ("constant", "constant_with_warmup")]
+)
+@pytest.mark.parametrize("total, warmup", [(10, 3), (7, 0), (5, 5)])
+def test_schedules_are_transformers(ours, theirs, total, warmup):
+    """Each optimizer step's lr is the one transformers' scheduler gives it (after 0..total-1 scheduler steps)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    scheduler = get_scheduler(theirs, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    expected = []
+    for _ in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [lr_at(step, total, warmup, 3e-4, ours) for step in range(total)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_ratio_rounds_up_as_trainer(tmp_path):
+    from transformers import TrainingArguments
+
+    for ratio, total in [(0.1, 25), (0.25, 8), (0.5, 3)]:
+        theirs = TrainingArguments(tmp_path, warmup_steps=ratio, report_to="none").get_warmup_steps(total)
+        assert warmup_steps(TrainConfig(tmp_path, warmup_ratio=ratio), total) == theirs
+    assert warmup_steps(TrainConfig(tmp_path, warmup_steps=4), 100) == 4
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(tmp_path, warmup_steps=2, warmup_ratio=0.1)
+
+
 def test_a_step_is_the_token_mean_over_its_examples_however_it_is_cut(base, data, tmp_path):
     """One optimizer step = AdamW on the mean loss over all label tokens of
     the step's examples (Trainer's num_items_in_batch), with clipping — the
     same whether the examples run together or one micro-batch each."""
     one_batch = fresh_model(base)
-    train(
+    logged = train(
         one_batch, data, config(tmp_path, "together", max_steps=1, warmup_steps=0, max_grad_norm=0.05), pad_token_id=PAD
-    )
+    ).history
     accumulated = fresh_model(base)
     train(
         accumulated,
@@ -82,11 +112,14 @@ def test_a_step_is_the_token_mean_over_its_examples_however_it_is_cut(base, data
     indices = length_grouped_steps(data.lengths, 4, seed=42 * 100_003)[0]
     batch = PadCollator(PAD)([data[i] for i in indices])
     reference(**batch).loss.backward()
-    torch.nn.utils.clip_grad_norm_([peft_prompt(reference)], 0.05)
+    norm = torch.nn.utils.clip_grad_norm_([peft_prompt(reference)], 0.05)
     optimizer = torch.optim.AdamW([peft_prompt(reference)], lr=1e-2, weight_decay=0.0)
     optimizer.step()
 
     torch.testing.assert_close(peft_prompt(one_batch), peft_prompt(reference), rtol=0, atol=1e-6)
+    # The logged norm is the one before clipping (as Trainer logs it), in the log and its file.
+    assert norm > 0.05 and logged[0]["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
+    assert json.loads((tmp_path / "together" / LOG_FILE).read_text())["grad_norm"] == logged[0]["grad_norm"]
     # Micro-batches of one row take the model's single-pass path, batches the
     # shared-prefix path: gradients agree to float rounding (~1e-7 relative),
     # which Adam can magnify on near-zero gradient elements to ~1e-6 of this
@@ -260,3 +293,31 @@ def test_hf_trainer_writes_peft_checkpoints_and_matches_peft(data, tmp_path):
     for saved in (tmp_path / "fastprompt" / "checkpoint-2", tmp_path / "fastprompt" / "final"):
         reloaded = PeftModel.from_pretrained(fastprompt.load_model("tiny-bloom"), str(saved))
         assert torch.equal(peft_prompt(reloaded), peft_prompt(ours["model"]).detach())
+
+
+def test_tensorboard_gets_the_log_lines_as_trainer_names_them(base, data, tmp_path):
+    """Read back from the event files; a resumed run replaces the events of the steps it redoes, as it does
+    the lines of train_log.jsonl."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    held = TokenizedData(data.examples[:3])
+    settings = dict(max_steps=4, eval_every=2, save_every=2, report_to="tensorboard", lr_scheduler="cosine")
+    settings.update(warmup_steps=0, warmup_ratio=0.5)
+    train(fresh_model(base), data, config(tmp_path, **settings), pad_token_id=PAD, eval_data=held)
+    resume = str(tmp_path / "run" / "checkpoint-2")
+    resumed = train(
+        fresh_model(base), data, config(tmp_path, resume=resume, **settings), pad_token_id=PAD, eval_data=held
+    )
+    logged = [json.loads(line) for line in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
+    assert [entry["step"] for entry in resumed.history] == [3, 4, 4]  # two train lines, one eval line
+
+    events = EventAccumulator(str(tmp_path / "run" / "runs"))
+    events.Reload()
+    for key, tag in [("loss", "train/loss"), ("lr", "train/learning_rate"), ("grad_norm", "train/grad_norm")]:
+        expected = [(entry["step"], entry[key]) for entry in logged if key in entry]
+        assert len(expected) == 4
+        assert [(event.step, event.value) for event in events.Scalars(tag)] == [
+            (step, pytest.approx(value, rel=1e-6)) for step, value in expected
+        ]
+    assert [event.step for event in events.Scalars("eval/loss")] == [2, 4]
