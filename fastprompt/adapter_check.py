@@ -22,10 +22,11 @@ FAST_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "PREF
 TASK_KEYS = ("prefix_task_cols", "prefix_task_rows")
 
 
-def check_adapter_directory(directory, model, subfolder: str | None = None) -> None:
+def check_adapter_directory(directory, model, subfolder: str | None = None) -> str:
     """Raise ValueError naming the problem if ``directory`` (a local path) is
     not a prompt-tuning, P-tuning, multitask or prefix-tuning adapter that fits
-    ``model`` (its hidden size; a prefix, its layers and K/V width)."""
+    ``model`` (its hidden size; a prefix, its layers and K/V width). Returns
+    its ``peft_type``."""
     directory = Path(directory).expanduser() / (subfolder or "")
     if not directory.is_dir():
         raise ValueError(f"adapter directory {str(directory)!r} does not exist")
@@ -66,6 +67,7 @@ def check_adapter_directory(directory, model, subfolder: str | None = None) -> N
     for key, shape in expected.items():
         if shapes[key] != shape:
             raise ValueError(f"{key} in {str(directory)!r} has shape {shapes[key]}, but its config says {shape}")
+    return config["peft_type"]
 
 
 def _prefix_width(config) -> int:

@@ -103,8 +103,10 @@ def get_peft_model(
         raise ValueError("fastprompt does not support mixed=True (PeftMixedModel has no prompt tuning)")
     resolved = _with_local_tokenizer(peft_config)
     try:
-        with _checkpointing_hidden_for_prefix(model, peft_config):
+        with _checkpointing_hidden_for_prefix(model, peft_config.peft_type) as hidden:
             peft_model = peft.get_peft_model(model, resolved, adapter_name=adapter_name, **peft_kwargs)
+        if hidden:
+            peft_model.prepare_model_for_gradient_checkpointing(model)
     except OSError as err:
         if resolved.prompt_tuning_init == PromptTuningInit.TEXT:
             raise ValueError(
@@ -118,20 +120,20 @@ def get_peft_model(
 
 
 @contextlib.contextmanager
-def _checkpointing_hidden_for_prefix(model, config):
+def _checkpointing_hidden_for_prefix(model, peft_type):
     """PEFT refuses to set up a prefix-tuning adapter on a model with gradient
     checkpointing on: transformers' checkpointed layers drop the cache its
     prefix travels in. fastprompt's passes give the prefix to the attention
     itself, which recomputation keeps (``paths/segment_attention.py``), so the
-    flags are hidden from that check, and only from it."""
-    if getattr(config, "peft_type", None) != PeftType.PREFIX_TUNING:
-        yield
-        return
-    marked = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    flags are hidden from that check. Yields whether they were: PEFT then saw
+    no checkpointing, and its preparation for it is the caller's to run."""
+    marked = []
+    if peft_type == PeftType.PREFIX_TUNING:
+        marked = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     for module in marked:
         module.gradient_checkpointing = False
     try:
-        yield
+        yield bool(marked)
     finally:
         for module in marked:
             module.gradient_checkpointing = True
@@ -252,11 +254,15 @@ class FastPromptModel(PeftModelForCausalLM):
     ):
         """``peft.PeftModel.from_pretrained`` returning a FastPromptModel; takes
         every argument PEFT's does. Loads adapters written by PEFT or by us."""
+        peft_type = getattr(config, "peft_type", None)
         if config is None and names_a_directory(model_id):
-            adapter_check.check_adapter_directory(model_id, model, kwargs.get("subfolder"))
-        loaded = PeftModel.from_pretrained(
-            model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
-        )
+            peft_type = adapter_check.check_adapter_directory(model_id, model, kwargs.get("subfolder"))
+        with _checkpointing_hidden_for_prefix(model, peft_type) as hidden:
+            loaded = PeftModel.from_pretrained(
+                model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+            )
+        if hidden:
+            loaded.prepare_model_for_gradient_checkpointing(model)
         return cls._adopt(loaded)
 
     # ------------------------------------------------------------------ info

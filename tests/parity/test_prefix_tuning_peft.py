@@ -16,7 +16,7 @@ import pytest
 import torch
 from models import FAMILIES, padded_batch, pair, tiny_causal_lm
 from peft import PeftModel, PrefixTuningConfig, TaskType
-from tolerance import rel_err
+from tolerance import assert_within_reference_error, rel_err
 
 from fastprompt import FastPromptModel
 
@@ -112,13 +112,22 @@ def test_trains_under_gradient_checkpointing_which_peft_refuses(family, use_reen
     assert ours.last_call.run == "packed"
 
 
-def test_get_peft_model_accepts_a_checkpointed_model():
+def test_a_checkpointed_model_gets_and_loads_a_prefix_adapter_prepared_as_peft_prepares(tmp_path):
     import fastprompt
 
     base = tiny_causal_lm("llama", VOCAB)
     base.gradient_checkpointing_enable()
     model = fastprompt.get_peft_model(base, prefix_config())
     assert all(m.gradient_checkpointing for m in model.get_base_model().model.layers)
+    ids = torch.tensor([[5, 6, 7]])
+    assert model.get_input_embeddings()(ids).requires_grad  # PEFT's preparation for checkpointing ran
+    model.save_pretrained(tmp_path)
+    other = tiny_causal_lm("llama", VOCAB)
+    other.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        PeftModel.from_pretrained(other, str(tmp_path))
+    loaded = FastPromptModel.from_pretrained(other, str(tmp_path))
+    assert loaded.get_input_embeddings()(ids).requires_grad
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
@@ -219,3 +228,51 @@ def test_adapter_files_both_ways(family, tmp_path):
             assert rel_err(by_peft(input_ids=ids, attention_mask=mask).logits, want) < 1e-5
             assert rel_err(by_us(input_ids=ids, attention_mask=mask).logits, want) < 1e-5
             assert by_us.last_call.path is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "opt"])
+def test_flattened_documents_are_served_per_document(family):
+    from test_flattened_documents import LENGTHS, documents, flattened, per_document
+
+    ours, ref = prefix_pair(family, lively=True)
+    batch = flattened(documents(), "position_ids")
+    want, _ = per_document(ref, batch["input_ids"], batch["labels"])
+    want.backward()
+    got = ours(**batch).loss
+    got.backward()
+    assert ours.last_call.run == "packed"
+    assert rel_err(got, want) <= 1e-5
+    weight = "prompt_encoder.default.embedding.weight"
+    assert rel_err(dict(ours.named_parameters())[weight].grad, dict(ref.named_parameters())[weight].grad) <= 1e-5
+    with torch.no_grad():
+        _, doc_logits = per_document(ref, batch["input_ids"], batch["labels"])
+        logits = ours(**batch).logits
+    assert logits.shape == (1, sum(LENGTHS), VOCAB)
+    assert rel_err(logits, torch.cat(doc_logits, dim=1)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gemma2"])
+def test_bf16_within_tolerance_rule_of_peft(family):
+    """bf16 against PEFT in fp32 on the same weights, allowed twice PEFT-in-bf16's error (design.md)."""
+    torch.manual_seed(0)
+    exact = peft.get_peft_model(tiny_causal_lm(family, VOCAB), prefix_config())
+    ours, ref = prefix_pair(family, dtype=torch.bfloat16)
+    state = exact.prompt_encoder.state_dict()
+    ours.prompt_encoder.load_state_dict(state)
+    ref.prompt_encoder.load_state_dict(state)
+    ids, mask, labels = padded_batch(3, 10, VOCAB, side="left", lengths=[10, 7, 4])
+    steps = [loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels) for model in (ours, ref, exact)]
+    assert ours.last_call.run == "packed"
+    losses = [out.loss for out, _ in steps]
+    assert_within_reference_error(*losses, atol=1e-4 * losses[2].item(), name="loss")
+    grads = [next(iter(g.values())) for _, g in steps]
+    assert_within_reference_error(*grads, atol=2e-2 * grads[2].abs().max().item(), name="prefix grad")
+
+
+def test_a_prefix_adapter_of_another_depth_is_named_before_loading(tmp_path):
+    ours, _ = prefix_pair("llama")
+    ours.save_pretrained(tmp_path)
+    layers = ours.get_base_model().config.num_hidden_layers
+    deeper = tiny_causal_lm("llama", VOCAB, num_hidden_layers=layers + 1)
+    with pytest.raises(ValueError, match=f"has num_layers {layers}, but the model has {layers + 1} layers"):
+        FastPromptModel.from_pretrained(deeper, str(tmp_path))
