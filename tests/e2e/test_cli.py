@@ -3,6 +3,7 @@ check that are not about the process run in-process, through ``main``)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PromptTuningConfig, TaskType
 from processes import ROOT, cli_command, cli_env, run_cli, small_data
@@ -184,3 +186,27 @@ def test_hub_model_id_without_network_fails_at_once_in_one_line(tmp_path):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "HF_HUB_OFFLINE=1" in lines[0] and "local directory" in lines[0], done.stderr
+
+
+def test_train_in_4bit_writes_a_card_with_the_run_and_generates(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    argv = ["train", "--load-in-4bit", "--data", small_data(tmp_path), "--output", out, "--max-steps", 3]
+    argv += ["--batch-size", 2, "--log-every", 1, "--eval-fraction", 0.25, "--no-progress", "--device", "cpu"]
+    assert main(list(map(str, argv))) == 0, capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    final_loss = [entry["loss"] for entry in log if "loss" in entry][-1]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "base_model: tiny-bloom" in card and "| default | PROMPT_TUNING |" in card
+    assert "- optimizer steps: 3" in card and "- final eval loss: " in card
+    assert float(re.search(r"- final training loss: (\S+)", card).group(1)) == pytest.approx(final_loss, abs=1e-4)
+    answered = main(
+        ["generate", "--load-in-4bit", "--device", "cpu", "--adapter", str(out), "你好", "--max-new-tokens", "3"]
+    )
+    assert answered == 0
+
+
+def test_load_in_8bit_and_4bit_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--load-in-8bit", "--load-in-4bit", "--output", "x"])
+    assert "not allowed with argument" in capsys.readouterr().err
