@@ -103,9 +103,9 @@ def _init(config) -> str:
     return str(init).lower()
 
 
-def model_card(model, directory) -> str:
-    """A card for the adapters of ``model`` saved in ``directory``: base,
-    method, prompt, how to load it; training (:func:`record_training`) not recorded."""
+def model_card(model) -> str:
+    """A card for the adapters of ``model``: base, method, prompt, how to load
+    it; training not recorded (:func:`record_training` adds it)."""
     from peft import __version__ as peft_version
 
     from . import __version__
@@ -116,7 +116,7 @@ def model_card(model, directory) -> str:
     quantized = ""
     if quantization is not None:
         bits = "4-bit" if getattr(quantization, "load_in_4bit", False) else "8-bit"
-        quantized = f", quantised to {bits} with bitsandbytes while training"
+        quantized = f" ({bits}, bitsandbytes)"
     rows = "\n".join(
         f"| {name} | {getattr(config.peft_type, 'value', config.peft_type)} | {config.num_virtual_tokens} | "
         f"{_init(config)} |"
@@ -124,13 +124,13 @@ def model_card(model, directory) -> str:
     )
     return f"""---
 library_name: peft
-base_model: {base}
+base_model: {json.dumps(base)}
 pipeline_tag: text-generation
 tags:
 - peft
 - fastprompt
 - prompt-tuning
-- base_model:adapter:{base}
+- {json.dumps(f"base_model:adapter:{base}")}
 ---
 {CARD_MARKER}
 # Soft prompt for `{base}`
@@ -151,11 +151,11 @@ fastprompt {__version__} with PEFT {peft_version}.
 ```python
 import fastprompt
 
-model = fastprompt.AutoFastPromptModelForCausalLM.from_pretrained("{Path(directory).name}")
+model = fastprompt.AutoFastPromptModelForCausalLM.from_pretrained("path/to/this/adapter")
 ```
 
 or with PEFT itself, on a base loaded as `fastprompt.load_model("{base}")` (or by transformers):
-`peft.PeftModel.from_pretrained(base, "{Path(directory).name}")`.
+`peft.PeftModel.from_pretrained(base, "path/to/this/adapter")`.
 """
 
 
@@ -169,7 +169,7 @@ def write_model_card(model, directory) -> None:
     """Our card into ``directory``, unless someone else's is there."""
     if not has_foreign_card(directory):
         os.makedirs(directory, exist_ok=True)
-        (Path(directory) / CARD_FILE).write_text(model_card(model, directory), encoding="utf-8")
+        (Path(directory) / CARD_FILE).write_text(model_card(model), encoding="utf-8")
 
 
 def record_training(directory, facts: dict[str, object]) -> None:

@@ -197,7 +197,9 @@ def test_train_in_4bit_writes_a_card_with_the_run_and_generates(tmp_path, capsys
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     final_loss = [entry["loss"] for entry in log if "loss" in entry][-1]
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "base_model: tiny-bloom" in card and "| default | PROMPT_TUNING |" in card
+    assert (
+        'base_model: "tiny-bloom"' in card and "(4-bit, bitsandbytes)" in card and "| default | PROMPT_TUNING |" in card
+    )
     assert "- optimizer steps: 3" in card and "- final eval loss: " in card
     assert float(re.search(r"- final training loss: (\S+)", card).group(1)) == pytest.approx(final_loss, abs=1e-4)
     answered = main(
