@@ -136,6 +136,20 @@ def _is_bitsandbytes(quantization_config) -> bool:
     return str(getattr(method, "value", method)) == "bitsandbytes"
 
 
+def _keep_4bit_layers_differentiable(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights, on a CPU with
+    AVX512-BF16, at its first forward in eval mode without gradients, for a
+    faster inference kernel that has no backward; the layer keeps that format,
+    so a training step after an evaluation or a ``generate`` fails ("a view of
+    a leaf Variable ... in-place") or, without a bias, passes no gradient to
+    the prompt. A prompt is trained through the frozen layers, so they keep
+    the differentiable format: inference takes the dequantising kernel that
+    training takes."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -187,6 +201,7 @@ def load_model(
         raise ValueError(f"cannot load model {str(name_or_path)!r}: {' '.join(str(err).split())}") from None
     model.requires_grad_(False)
     model.eval()
+    _keep_4bit_layers_differentiable(model)
     # PEFT records this name as the adapter's base: the built-in one by its name, not its directory here.
     model.name_or_path = str(name_or_path) if str(name_or_path) == TINY_BLOOM else model.name_or_path
     tokenizer_kwargs = {**hub_kwargs}

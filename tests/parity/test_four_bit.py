@@ -50,3 +50,19 @@ def test_four_bit_generates_the_greedy_tokens_of_pefts_forward():
     with torch.no_grad():
         logits = ref(input_ids=sequence[:, :-1]).logits[:, 6:]  # PEFT's logits include the 6 virtual tokens
     assert torch.equal(logits[:, start - 1 :].argmax(-1), sequence[:, start:])
+
+
+def test_four_bit_trains_after_an_evaluation_pass():
+    """bitsandbytes repacks 4-bit weights for a kernel without backward at an
+    eval forward on CPUs with AVX512-BF16; load_model keeps them trainable."""
+    ours, ref = pair(four_bit, prompt_config(6))
+    ids, mask, labels = padded_batch(3, 16, 500, side="left", lengths=[16, 11, 7])
+    ours.eval()
+    with torch.no_grad():
+        ours(input_ids=ids, attention_mask=mask)
+    ours.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False)
+    for model in (ours, ref):
+        model.train()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert peft_prompt(ours).grad is not None and peft_prompt(ours).grad.abs().sum() > 0
+    assert torch.allclose(peft_prompt(ours).grad, peft_prompt(ref).grad, rtol=1e-3, atol=1e-6)
