@@ -55,6 +55,8 @@ bench: native
 		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/ops.json
 	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_scaling.py \
 		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/scaling.json
+	FASTPROMPT_BENCH_QUANT_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_quantized.py \
+		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/quantized.json
 	$(PYTHON) bench/plot_scaling.py $(BENCH_RESULTS)/bloom-mini/scaling.json \
 		$(BENCH_RESULTS)/bloom-mini/scaling.png docs/scaling.png
 	$(PYTHON) bench/report.py $(BENCH_RESULTS)/bloom-mini/*.json

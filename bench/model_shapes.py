@@ -38,8 +38,9 @@ SHAPES = {
     ),
     # The GPU check's dry run (bench/gpu_check.sh --dry-run): its plumbing, in seconds on a CPU. The
     # vocabulary of tiny-bloom's tokenizer (512 entries: the tutorial case's ids fit) and a narrow
-    # model: 8-bit layers compute in fp16, which is slow on a CPU (with BLOOM-zh's 46145-entry head at
-    # hidden 256, one 8-bit classify step of PEFT took about a minute on a busy 2-core machine).
+    # model: 8-bit layers computed in fp16 then, which is slow on a CPU (with BLOOM-zh's 46145-entry head
+    # at hidden 256, one 8-bit classify step of PEFT took about a minute on a busy 2-core machine; a CPU
+    # load computes in fp32 now, see fastprompt/loading.py).
     "bloom-tiny": ModelShape(
         BloomConfig(vocab_size=512, hidden_size=64, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0),
         quick=True,
@@ -163,7 +164,8 @@ def build_base(
     """A frozen benchmark model by shape name (``layers``: its first that many
     decoder layers' shape, for a CPU run of a deep model); dtype "int8"
     quantises the linear layers with bitsandbytes (via a temporary checkpoint,
-    as users load 8-bit models) with fp16 activations."""
+    as users load 8-bit models), computing in load_model's default dtype (fp16
+    on a GPU, fp32 on a CPU)."""
     if dtype != "int8":
         return _from_config(model, getattr(torch, dtype), seed, device, layers)
     import tempfile

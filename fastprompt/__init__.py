@@ -2,25 +2,38 @@
 
 import logging as _logging
 
-__all__ = ["FastPromptModel", "get_peft_model", "load_model"]
+__all__ = ["AutoFastPromptModelForCausalLM", "FastPromptModel", "get_peft_model", "load_model"]
 __version__ = "0.1.0"
 
-_EXPORTS = {"FastPromptModel": "model", "get_peft_model": "model", "load_model": "loading"}
+_EXPORTS = {
+    "AutoFastPromptModelForCausalLM": "auto",
+    "FastPromptModel": "model",
+    "get_peft_model": "model",
+    "load_model": "loading",
+}
 
 
-class _OptionalHubKernelFilter(_logging.Filter):
-    """bitsandbytes (the optional "8bit" extra) tries, at import, to fetch optional
-    CPU/MPS kernels from the ``kernels-community`` hub repos and logs a warning
-    when it cannot. 8-bit layers work without them, so the line is noise; other
-    bitsandbytes warnings pass. Nothing depends on this filter being installed
-    before peft imports bitsandbytes: then the line is bitsandbytes' own."""
+class _BitsAndBytesNoiseFilter(_logging.Filter):
+    """Two bitsandbytes (the optional "8bit" extra) warnings that say nothing
+    to act on: at import, that the optional CPU/MPS kernels of the
+    ``kernels-community`` hub repos could not be fetched (8-bit layers work
+    without them); and, on every 8-bit layer of every inference call of a model
+    that computes in fp32 or bf16 (fastprompt's default on a CPU, see
+    ``loading.py``), that activations are cast to fp16 to be quantised, which
+    is how its int8 matmul always works. Other bitsandbytes warnings pass.
+    Nothing depends on this filter being installed before peft imports
+    bitsandbytes: then the import line is bitsandbytes' own."""
+
+    MISSING_KERNELS = "kernels-community"
+    FP16_CAST = "MatMul8bitLt: inputs will be cast from"
 
     def filter(self, record: _logging.LogRecord) -> bool:
-        return "kernels-community" not in str(record.msg)
+        message = str(record.msg)
+        return self.MISSING_KERNELS not in message and not message.startswith(self.FP16_CAST)
 
 
-for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.mps.ops"):
-    _logging.getLogger(_name).addFilter(_OptionalHubKernelFilter())
+for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.mps.ops", "bitsandbytes.autograd._functions"):
+    _logging.getLogger(_name).addFilter(_BitsAndBytesNoiseFilter())
 
 
 def __getattr__(name):

@@ -10,7 +10,9 @@ prompts produce in the body, handed to every row as it is (a stride-0 view);
 its outputs cover the T tokens only, as PEFT's. Everything a PEFT user touches is PEFT's own code: initialisation, the
 prompt encoders, adapter bookkeeping, state dicts, saving, loading, ``disable_adapter``,
 gradient-checkpointing preparation. This subclass overrides ``forward``,
-``generate`` and ``prepare_inputs_for_generation`` only.
+``generate`` and ``prepare_inputs_for_generation``, and for the files it
+writes ``save_pretrained`` and ``push_to_hub`` (``adapter_files.py``: names a
+user can load again, a model card, one line for an unreachable hub).
 
 The model decides and dispatches: it builds one ``PromptBatch`` per call
 (``batch.py``) and hands it to the path the call takes (``paths/``), which
@@ -57,8 +59,9 @@ from peft import (
     TaskType,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.pipelines.base import SUPPORTED_PEFT_TASKS
 
-from . import adapter_check
+from . import adapter_check, adapter_files
 from .batch import PromptBatch, positions_to_keep, with_virtual_tokens
 from .documents import BOUNDARY_KWARGS, find_documents
 from .eligibility import RandomDraws, has_forward_hooks, module_modes
@@ -83,6 +86,10 @@ log = logging.getLogger("fastprompt")
 # Keyword arguments the fast forward accepts besides PEFT's named ones; any
 # other sends the call to PEFT's code.
 FAST_FORWARD_KWARGS = frozenset({"num_items_in_batch", "use_cache"})
+# transformers' pipelines accept PEFT models by class name (an ERROR line
+# listing every supported class otherwise); ours serves text generation as PEFT's does.
+if "FastPromptModel" not in SUPPORTED_PEFT_TASKS["text-generation"]:
+    SUPPORTED_PEFT_TASKS["text-generation"].append("FastPromptModel")
 
 
 def get_peft_model(
@@ -264,6 +271,41 @@ class FastPromptModel(PeftModelForCausalLM):
         if hidden:
             loaded.prepare_model_for_gradient_checkpointing(model)
         return cls._adopt(loaded)
+
+    # ---------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """PEFT's ``save_pretrained``, with the base named as the user named it,
+        no init tokenizer PEFT cannot load, and our model card (``adapter_files.py``)."""
+        live = dict(self.peft_config)
+        self.peft_config.update({name: adapter_files.config_to_save(config) for name, config in live.items()})
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.peft_config.update(live)
+        if kwargs.get("is_main_process", True):
+            adapters = kwargs.get("selected_adapters") or list(live)
+            adapter_files.name_base_as_user_did(save_directory, self, adapters)
+            # From the live configs: the card tells the text init a saved config may leave out.
+            adapter_files.write_model_card(self, save_directory)
+
+    def create_or_update_model_card(self, output_dir: str):
+        """PEFT's update of a README.md someone else wrote; ours is written
+        after the files (``save_pretrained``)."""
+        if adapter_files.has_foreign_card(output_dir):
+            super().create_or_update_model_card(output_dir)
+
+    def push_to_hub(self, *args, **kwargs):
+        """PEFT's ``push_to_hub``; a hub that cannot be reached is one
+        ``ConnectionError`` naming it, not the HTTP client's traceback."""
+        from huggingface_hub import constants
+
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as err:
+            unreachable = adapter_files.hub_unreachable(err, constants.ENDPOINT)
+            if unreachable is None:
+                raise
+            raise unreachable from None
 
     # ------------------------------------------------------------------ info
     @property

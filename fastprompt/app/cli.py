@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny-bloom",
         help="built-in 'tiny-bloom', a local model directory, or a hub id (default: %(default)s)",
     )
-    model.add_argument("--load-in-8bit", action="store_true", help="quantise the base model's linear layers to int8")
+    quantise = model.add_mutually_exclusive_group()
+    quantise.add_argument("--load-in-8bit", action="store_true", help="quantise the base model's linear layers to int8")
+    quantise.add_argument("--load-in-4bit", action="store_true", help="quantise the base model's linear layers to nf4")
     model.add_argument(
         "--device",
         default="auto",
@@ -367,10 +369,12 @@ def _load_base(args, device):
     """The frozen base model on ``device`` (``args.model`` and ``args.model_kwargs`` from ``_model_location``)."""
     import fastprompt
 
-    path, load_in_8bit = args.model, args.load_in_8bit
-    device_map = {"": device} if load_in_8bit and device.type == "cuda" else None
-    base = fastprompt.load_model(path, load_in_8bit=load_in_8bit, device_map=device_map, **args.model_kwargs)
-    if not load_in_8bit:
+    path, quantized = args.model, args.load_in_8bit or args.load_in_4bit
+    device_map = {"": device} if quantized else None
+    base = fastprompt.load_model(
+        path, load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit, device_map=device_map, **args.model_kwargs
+    )
+    if not quantized:
         base.to(device)
     if base.tokenizer is None:
         raise ValueError(f"model {path!r} has no tokenizer next to its weights")

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..adapter_files import record_training
 from ..loss import IGNORE_INDEX
 from .data import PadCollator, TokenizedData, length_grouped_steps, token_budget_batches
 from .distributed import Ranks
@@ -180,13 +181,35 @@ def load_checkpoint(path: Path, model, optimizer, plan: dict) -> int:
     return state["step"]
 
 
-def save_final_adapter(model, output: Path) -> None:
+def training_facts(result: TrainResult, config: TrainConfig, examples: int) -> dict[str, object]:
+    """What the model card says of a finished run."""
+    facts: dict[str, object] = {
+        "optimizer steps": result.steps,
+        "training examples": examples,
+        "examples per step": config.batch_size,
+        "peak learning rate": config.lr,
+        "seed": config.seed,
+    }
+    losses = [entry for entry in result.history if "loss" in entry]
+    if losses:
+        last = losses[-1]
+        facts["final training loss"] = f"{last['loss']:.4f} (mean of the steps logged up to step {last['step']})"
+    evals = [entry for entry in result.history if "eval_loss" in entry]
+    if evals:
+        facts["final eval loss"] = f"{evals[-1]['eval_loss']:.4f} (step {evals[-1]['step']})"
+    return facts
+
+
+def save_final_adapter(model, output: Path, facts: dict[str, object] | None = None) -> None:
     """The adapter files into ``output`` itself (so ``PeftModel.from_pretrained
-    (base, output)`` works), each replaced atomically."""
+    (base, output)`` works), each replaced atomically; ``facts`` of the run
+    go into its model card."""
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output))
     try:
         model.save_pretrained(staging)
+        if facts:
+            record_training(staging, facts)
         _fsync_tree(staging)
         for path in staging.iterdir():
             os.replace(path, output / path.name)
@@ -453,6 +476,6 @@ def train(
                 )
 
     if ranks.is_main:
-        save_final_adapter(model, output)
+        save_final_adapter(model, output, training_facts(result, config, len(data)))
     ranks.barrier()
     return result

@@ -3,6 +3,7 @@ check that are not about the process run in-process, through ``main``)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -206,3 +207,29 @@ def test_report_to_wandb_runs_offline(tmp_path):
     (run,) = (out / "wandb").glob("offline-run-*")
     (history,) = run.glob("run-*.wandb")
     assert history.stat().st_size > 0
+
+
+def test_train_in_4bit_writes_a_card_with_the_run_and_generates(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    argv = ["train", "--load-in-4bit", "--data", small_data(tmp_path), "--output", out, "--max-steps", 3]
+    argv += ["--batch-size", 2, "--log-every", 1, "--eval-fraction", 0.25, "--no-progress", "--device", "cpu"]
+    assert main(list(map(str, argv))) == 0, capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    final_loss = [entry["loss"] for entry in log if "loss" in entry][-1]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert (
+        'base_model: "tiny-bloom"' in card and "(4-bit, bitsandbytes)" in card and "| default | PROMPT_TUNING |" in card
+    )
+    assert "- optimizer steps: 3" in card and "- final eval loss: " in card
+    assert float(re.search(r"- final training loss: (\S+)", card).group(1)) == pytest.approx(final_loss, abs=1e-4)
+    answered = main(
+        ["generate", "--load-in-4bit", "--device", "cpu", "--adapter", str(out), "你好", "--max-new-tokens", "3"]
+    )
+    assert answered == 0
+
+
+def test_load_in_8bit_and_4bit_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--load-in-8bit", "--load-in-4bit", "--output", "x"])
+    assert "not allowed with argument" in capsys.readouterr().err

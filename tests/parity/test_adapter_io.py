@@ -96,3 +96,84 @@ def test_adapter_state_dict_is_pefts():
     other = fastprompt.get_peft_model(random_bloom(vocab=512), prompt_config(3))
     set_peft_model_state_dict(other, {"prompt_embeddings": state["prompt_embeddings"] + 1})
     assert torch.equal(peft_prompt(other).detach(), state["prompt_embeddings"] + 1)
+
+
+def tiny_bloom_text_adapter(directory):
+    """An adapter on the built-in model, text-initialised with its tokenizer, saved by fastprompt."""
+    torch.manual_seed(0)
+    config = prompt_config(6, init="TEXT", tokenizer="tiny-bloom")
+    model = fastprompt.get_peft_model(fastprompt.load_model("tiny-bloom"), config)
+    with torch.no_grad():
+        model.soft_prompt().add_(0.25)
+    model.save_pretrained(directory)
+    return model
+
+
+def test_saved_files_name_the_base_as_the_user_did_and_peft_loads_them(tmp_path):
+    from peft import PeftConfig
+    from peft import get_peft_model as peft_get_peft_model
+
+    model = tiny_bloom_text_adapter(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "tiny-bloom"
+    # No tokenizer PEFT cannot resolve: PEFT would look "tiny-bloom" up on the hub.
+    assert saved["tokenizer_name_or_path"] is None and saved["prompt_tuning_init"] == "RANDOM"
+    assert model.peft_config["default"].tokenizer_name_or_path == "tiny-bloom"  # the live config is untouched
+    ref = PeftModel.from_pretrained(fastprompt.load_model("tiny-bloom"), tmp_path)
+    assert torch.equal(peft_prompt(ref), model.soft_prompt())
+    # The saved config starts a new PEFT model too.
+    config = PeftConfig.from_pretrained(tmp_path)
+    config.inference_mode = False
+    assert peft_get_peft_model(fastprompt.load_model("tiny-bloom"), config).get_nb_trainable_parameters()[0] == 6 * 256
+
+
+def test_a_tokenizer_peft_can_resolve_is_kept(tmp_path, tiny_bloom_dir):
+    config = prompt_config(6, init="TEXT", tokenizer=str(tiny_bloom_dir))
+    fastprompt.get_peft_model(fastprompt.load_model(tiny_bloom_dir), config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["tokenizer_name_or_path"] == str(tiny_bloom_dir) and saved["prompt_tuning_init"] == "TEXT"
+
+
+def test_model_card_says_what_made_the_adapter(tmp_path):
+    import yaml
+
+    tiny_bloom_text_adapter(tmp_path)
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "tiny-bloom" and meta["library_name"] == "peft"
+    assert "More Information Needed" not in card  # PEFT's placeholder
+    assert "| default | PROMPT_TUNING | 6 | text '下面是一段人与机器人的对话。' (tokenizer `tiny-bloom`) |" in card
+    (tmp_path / "README.md").write_text("# my own card\n", encoding="utf-8")
+    tiny_bloom_text_adapter(tmp_path)
+    assert (tmp_path / "README.md").read_text(encoding="utf-8").startswith("---")  # PEFT updated, did not replace
+    assert "# my own card" in (tmp_path / "README.md").read_text(encoding="utf-8")
+
+
+def test_auto_model_loads_the_base_the_adapter_names(tmp_path):
+    model = tiny_bloom_text_adapter(tmp_path)
+    loaded = fastprompt.AutoFastPromptModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, FastPromptModel) and not loaded.training
+    ref = PeftModel.from_pretrained(fastprompt.load_model("tiny-bloom"), tmp_path)
+    ids, mask, _ = padded_batch(2, 7, 500, side="left")
+    with torch.no_grad():
+        assert torch.allclose(
+            loaded(input_ids=ids, attention_mask=mask).logits,
+            ref(input_ids=ids, attention_mask=mask).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert torch.equal(loaded.soft_prompt(), model.soft_prompt())
+
+
+def test_auto_model_passes_base_keywords_and_needs_a_base_name(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear8bitLt
+
+    tiny_bloom_text_adapter(tmp_path / "a")
+    loaded = fastprompt.AutoFastPromptModelForCausalLM.from_pretrained(tmp_path / "a", load_in_8bit=True)
+    assert any(isinstance(m, Linear8bitLt) for m in loaded.modules())
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names no base model"):
+        fastprompt.AutoFastPromptModelForCausalLM.from_pretrained(tmp_path / "a")

@@ -189,3 +189,40 @@ def test_hub_adapter_id_offline_fails_at_once_in_one_line(hub_offline):
     assert time.perf_counter() - started < 5
     message = str(error.value)
     assert "\n" not in message and "'some-org/some-adapter'" in message
+
+
+def test_push_to_hub_without_network_is_one_concise_error(model, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(
+        ConnectionError, match=r"cannot push to the Hugging Face hub: https?://\S+ cannot be reached"
+    ) as err:
+        model.push_to_hub("someone/adapter")
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert "\n" not in str(err.value)
+
+
+def test_text_generation_pipeline_accepts_the_model_without_an_error_log(model):
+    import logging
+
+    import transformers
+
+    records = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        tokenizer = fastprompt.load_model("tiny-bloom").tokenizer
+        pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage()[:80] for r in records] == []
+    assert pipe.model is model
+    assert isinstance(pipe("Human: hi", max_new_tokens=2)[0]["generated_text"], str)

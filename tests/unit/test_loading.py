@@ -1,5 +1,6 @@
 """The built-in tiny-bloom (shipped weights and the recipe that made them) and load_model."""
 
+import logging
 import math
 from pathlib import Path
 
@@ -147,3 +148,91 @@ def test_load_in_8bit_uses_bitsandbytes(tiny_bloom_dir):
 
     model = fastprompt.load_model(tiny_bloom_dir, load_in_8bit=True)
     assert isinstance(model.transformer.h[0].self_attention.query_key_value, Linear8bitLt)
+
+
+def test_8bit_on_a_cpu_computes_in_fp32_unless_told(tiny_bloom_dir):
+    """fp16 on a CPU made an 8-bit step 15-50x slower than fp32 (loading.py's figures)."""
+    pytest.importorskip("bitsandbytes")
+    default = fastprompt.load_model(tiny_bloom_dir, load_in_8bit=True, device_map={"": "cpu"})
+    assert default.dtype == torch.float32 and default.lm_head.weight.dtype == torch.float32
+    fp16 = fastprompt.load_model(tiny_bloom_dir, load_in_8bit=True, device_map={"": "cpu"}, dtype="float16")
+    assert fp16.dtype == torch.float16
+
+
+def test_quantized_default_dtype_follows_the_device(monkeypatch):
+    from fastprompt.loading import _lands_on_cpu
+
+    assert _lands_on_cpu({"": "cpu"}) and _lands_on_cpu("cpu") and _lands_on_cpu({"a": "cpu", "b": "disk"})
+    assert not _lands_on_cpu({"": "cuda:0"}) and not _lands_on_cpu({"": 0}) and not _lands_on_cpu(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not _lands_on_cpu(None) and not _lands_on_cpu("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    assert _lands_on_cpu(None)
+
+
+def test_load_in_4bit_is_nf4_computing_in_the_model_dtype(tiny_bloom_dir):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+
+    model = fastprompt.load_model(tiny_bloom_dir, load_in_4bit=True)
+    layer = model.transformer.h[0].self_attention.query_key_value
+    assert isinstance(layer, Linear4bit) and layer.weight.quant_type == "nf4"
+    assert layer.compute_dtype == torch.float32 and model.dtype == torch.float32
+    bf16 = fastprompt.load_model(tiny_bloom_dir, load_in_4bit=True, dtype=torch.bfloat16)
+    assert bf16.transformer.h[0].self_attention.query_key_value.compute_dtype == torch.bfloat16
+
+
+def test_from_pretrained_keywords_reach_transformers(tiny_bloom_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear8bitLt
+
+    seen = {}
+    load = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    model = fastprompt.load_model(
+        tiny_bloom_dir,
+        torch_dtype=torch.bfloat16,
+        attn_implementation="eager",
+        revision="main",
+        trust_remote_code=False,
+        low_cpu_mem_usage=True,
+    )
+    assert model.dtype == torch.bfloat16 and "torch_dtype" not in seen and seen["dtype"] == torch.bfloat16
+    assert model.config._attn_implementation == "eager"
+    assert seen["revision"] == "main" and seen["trust_remote_code"] is False and seen["low_cpu_mem_usage"] is True
+    quantized = fastprompt.load_model(tiny_bloom_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    assert isinstance(quantized.transformer.h[0].mlp.dense_h_to_4h, Linear8bitLt)
+    assert quantized.dtype == torch.float32  # a bitsandbytes config of the caller's gets the CPU default too
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(load_in_8bit=True, load_in_4bit=True), "load_in_8bit and load_in_4bit are exclusive"),
+        (dict(load_in_4bit=True, quantization_config={"load_in_4bit": True}), "load_in_4bit=True and quantization"),
+        (dict(dtype="float16", torch_dtype="bfloat16"), "dtype=torch.float16 and torch_dtype=torch.bfloat16 disagree"),
+        (dict(torch_dtype="float42"), "unknown torch_dtype 'float42'"),
+    ],
+)
+def test_conflicting_keywords_fail_before_loading(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fastprompt.load_model("tiny-bloom", **kwargs)
+
+
+def test_eight_bit_inference_in_fp32_logs_no_cast_warning_per_layer(tiny_bloom_dir, caplog):
+    """bitsandbytes warns, on every 8-bit layer of every eval call, that it
+    quantises fp32 activations through fp16; with fp32 the default on a CPU
+    that line would repeat for every call, and import fastprompt filters it."""
+    pytest.importorskip("bitsandbytes")
+    model = fastprompt.load_model(tiny_bloom_dir, load_in_8bit=True)
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"), torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert not [r for r in caplog.records if r.name.startswith("bitsandbytes")]
