@@ -2,10 +2,16 @@
 
 import logging as _logging
 
-__all__ = ["FastPromptModel", "get_peft_model", "load_model"]
+__all__ = ["FastPromptModel", "get_peft_model", "load_model", "patch_peft", "unpatch_peft"]
 __version__ = "0.1.0"
 
-_EXPORTS = {"FastPromptModel": "model", "get_peft_model": "model", "load_model": "loading"}
+_EXPORTS = {
+    "FastPromptModel": "model",
+    "get_peft_model": "model",
+    "load_model": "loading",
+    "patch_peft": "peft_patch",
+    "unpatch_peft": "peft_patch",
+}
 
 
 class _OptionalHubKernelFilter(_logging.Filter):
