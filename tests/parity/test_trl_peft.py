@@ -11,7 +11,7 @@ each document alone (PEFT itself lets the documents attend to each other).
 
 import pytest
 import torch
-from models import peft_prompt, prompt_config, tiny_causal_lm
+from models import padded_batch, pair, peft_prompt, prompt_config, tiny_causal_lm
 from peft import LoraConfig, PeftModel
 from peft import get_peft_model as peft_get_peft_model
 from tolerance import rel_err
@@ -67,7 +67,7 @@ def sft_config(tmp_path, **settings):
 
 
 def train(model, tokenizer, tmp_path, **settings):
-    """Each step's logged record, and each step's (batch, num_items_in_batch) as compute_loss saw them."""
+    """Each step's logged record, each step's (batch, num_items_in_batch) as compute_loss saw them, the trainer."""
     trainer = trl.SFTTrainer(
         model=model, args=sft_config(tmp_path, **settings), train_dataset=dataset(), processing_class=tokenizer
     )
@@ -80,7 +80,7 @@ def train(model, tokenizer, tmp_path, **settings):
 
     trainer.compute_loss = recording
     trainer.train()
-    return [record for record in trainer.state.log_history if "loss" in record], seen
+    return [record for record in trainer.state.log_history if "loss" in record], seen, trainer
 
 
 @pytest.mark.parametrize("family", ["tiny-bloom", "llama"])
@@ -89,14 +89,53 @@ def test_sft_trainer_steps_equal_peft(family, tokenizer, tiny_bloom_dir, tmp_pat
     ours = fastprompt.get_peft_model(base(family, tiny_bloom_dir), prompt_config(P))
     torch.manual_seed(0)
     ref = peft_get_peft_model(base(family, tiny_bloom_dir), prompt_config(P))
-    got, _ = train(ours, tokenizer, tmp_path)
+    got, _, trainer = train(ours, tokenizer, tmp_path)
     assert ours.last_call.path is not None and ours.last_call.run == "packed", ours.last_call
-    want, _ = train(ref, tokenizer, tmp_path)
-    assert len(got) == len(want) == STEPS
+    got.append(trainer.evaluate(dataset(seed=1)))  # without gradients: the prefix cache's route
+    assert ours.last_call.path is not None, ours.last_call
+    want, _, trainer = train(ref, tokenizer, tmp_path)
+    want.append(trainer.evaluate(dataset(seed=1)))
+    assert len(got) == len(want) == STEPS + 1
     for step, (mine, theirs) in enumerate(zip(got, want)):
-        for metric in ("loss", "grad_norm", "entropy"):
-            assert abs(mine[metric] - theirs[metric]) <= 1e-5 * abs(theirs[metric]), (step, metric, mine, theirs)
-        assert mine["mean_token_accuracy"] == theirs["mean_token_accuracy"], (step, mine, theirs)
+        evaluation = step == STEPS
+        for key in ("eval_loss", "eval_entropy") if evaluation else ("loss", "grad_norm", "entropy"):
+            assert abs(mine[key] - theirs[key]) <= 1e-5 * abs(theirs[key]), (step, key, mine, theirs)
+        key = "eval_mean_token_accuracy" if evaluation else "mean_token_accuracy"
+        assert mine[key] == theirs[key], (step, mine, theirs)
+
+
+def with_trl_head(model):
+    """``model`` with TRL's fused head on its base model, as SFTTrainer adds it."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    return model
+
+
+@pytest.mark.parametrize(
+    "family,head",
+    [("llama", "frozen"), ("gemma2", "frozen"), ("qwen2", "trained")],
+    ids=["llama", "gemma2-softcap", "qwen2-trained-head"],
+)
+def test_fused_head_outputs_equal_peft(family, head):
+    """Every field SFTTrainer reads, and the prompt's gradient through the
+    log-probabilities, as PEFT's call through TRL's own head gives them (a
+    trained head is called as a module, chunk by chunk)."""
+    ours, ref = pair(lambda: tiny_causal_lm(family, 512, lively=True), prompt_config(P))
+    if head == "trained":
+        for model in (ours, ref):
+            model.get_output_embeddings().requires_grad_(True)
+    ids, mask, labels = padded_batch(3, 10, 512)
+    got = with_trl_head(ours)(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    want = with_trl_head(ref)(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert ours.last_call.path is not None, ours.last_call
+    assert torch.equal(got.label_mask, want.label_mask)
+    assert torch.equal(got.is_top1, want.is_top1)
+    for field in ("loss", "log_probs", "entropy"):
+        assert rel_err(getattr(got, field), getattr(want, field)) <= 1e-5, field
+    got.log_probs.sum().backward()
+    want.log_probs.sum().backward()
+    assert rel_err(ours.soft_prompt().grad, peft_prompt(ref).grad) <= 1e-5
 
 
 def per_document_reference(ref, batch, num_items_in_batch):
@@ -125,7 +164,7 @@ def test_flattened_documents_per_document(settings, tokenizer, tiny_bloom_dir, t
     ours = fastprompt.get_peft_model(base("llama", tiny_bloom_dir), prompt_config(P))
     torch.manual_seed(0)
     ref = peft_get_peft_model(base("llama", tiny_bloom_dir), prompt_config(P))
-    records, seen = train(ours, tokenizer, tmp_path, learning_rate=0.0, **settings)
+    records, seen, _ = train(ours, tokenizer, tmp_path, learning_rate=0.0, **settings)
     assert ours.last_call.path is not None and ours.last_call.run != "peft", ours.last_call
     for record, (batch, num_items_in_batch) in zip(records, seen):
         assert batch["input_ids"].shape[0] == 1 and int((batch["position_ids"] == 0).sum()) > 1
