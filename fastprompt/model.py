@@ -27,6 +27,10 @@ time, each behind the prompt, as PEFT's pass over that document alone would
 (``documents.py``); PEFT's own forward would let them attend to each other, so
 such a call that cannot take the fast path raises instead of running it.
 
+TRL's trainers call with ``fused_lm_head=True`` (their fused LM head on the
+base model): the per-token outputs they read come from the same label-only
+pass (``trl_head.py``), unless TRL's head is set to compute something else.
+
 A call the fast path cannot serve exactly runs PEFT's own code and says so
 once per reason (logger ``fastprompt``): ``inputs_embeds``, ``output_attentions``,
 ``output_hidden_states``, ``task_ids`` for a method that takes none, unknown
