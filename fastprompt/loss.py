@@ -7,7 +7,11 @@ PEFT computes ``lm_head`` on all B·(P+T) positions and upcasts the whole
 through ``lm_head``, a chunk at a time, and the gradient w.r.t. the hidden rows
 is produced in the same pass (``softmax − onehot``) so no logits chunk is kept
 for backward. The reduction is PEFT's: sum over labelled rows divided by their
-count (or by ``num_items_in_batch`` when the Trainer supplies it).
+count (or by ``num_items_in_batch`` when the Trainer supplies it). The same
+pass gives, per label, what TRL's fused LM head returns instead of a loss:
+the label's log-probability (differentiable), the entropy of the distribution
+that predicts it and whether it is that distribution's argmax
+(``prefix_token_log_probs``, served by ``trl_head.py``).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ def _rebind(old, new) -> None:
 def _dispatching(original):
     @functools.wraps(original)
     def get_peft_model(model, peft_config, adapter_name: str = "default", *args, **kwargs):
+        # PEFT's later parameters given by position (mixed first) go to PEFT, as mixed=True does.
         if args or not _serves(peft_config, kwargs):
             return original(model, peft_config, adapter_name, *args, **kwargs)
         from .model import get_peft_model as fastprompt_get_peft_model
