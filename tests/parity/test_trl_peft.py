@@ -138,6 +138,21 @@ def test_fused_head_outputs_equal_peft(family, head):
     assert rel_err(ours.soft_prompt().grad, peft_prompt(ref).grad) <= 1e-5
 
 
+def test_fused_head_with_a_temperature_runs_trls_head():
+    """A temperature (GRPO's, RLOO's) is not reproduced by the fast path: PEFT's
+    code runs TRL's own head, and the call says why."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    ours, ref = pair(lambda: tiny_causal_lm("llama", 512, lively=True), prompt_config(P))
+    for model in (ours, ref):
+        add_fused_lm_head(model.get_base_model(), temperature=0.7)
+    ids, mask, labels = padded_batch(2, 8, 512)
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert ours.last_call.path is None and "temperature" in ours.last_call.reason
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert torch.equal(got.log_probs, want.log_probs)
+
+
 def per_document_reference(ref, batch, num_items_in_batch):
     """TRL's loss over ``batch`` (one flattened row) with each document run by
     PEFT alone: the sum of its labels' cross-entropies over ``num_items_in_batch``."""
