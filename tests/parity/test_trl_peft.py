@@ -233,8 +233,10 @@ def test_unpatch_peft_restores_peft(tokenizer, tiny_bloom_dir, tmp_path):
     original = peft.mapping_func.get_peft_model
     fastprompt.patch_peft()
     fastprompt.patch_peft()
-    assert sft_trainer.get_peft_model is peft.get_peft_model is not original
-    fastprompt.unpatch_peft()
+    try:
+        assert sft_trainer.get_peft_model is peft.get_peft_model is not original
+    finally:
+        fastprompt.unpatch_peft()
     fastprompt.unpatch_peft()
     assert sft_trainer.get_peft_model is peft.get_peft_model is peft.mapping_func.get_peft_model is original
     model = peft.get_peft_model(base("tiny-bloom", tiny_bloom_dir), prompt_config(P))
