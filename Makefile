@@ -90,6 +90,18 @@ bench-method-comparison: native
 		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_MC_MODEL)/method_comparison-$(BENCH_MC_LAYERS)-layers-$(BENCH_MC_DTYPE).json
 	$(PYTHON) bench/report.py $(BENCH_RESULTS)/$(BENCH_MC_MODEL)/method_comparison-*.json
 
+# TRL's SFTTrainer on a fastprompt model vs on PEFT's (bench/bench_trl.py): B 8, P 100, T 32, STEPS-step
+# train() rounds alternated, each step's loss checked equal. BENCH_TRL_MODEL=bloom-tiny: a smoke run in
+# seconds; bloom-1b4-zh (or any model of bench/model_shapes.py): a real shape.
+BENCH_TRL_MODEL ?= bloom-mini
+.PHONY: bench-trl
+bench-trl: native
+	$(PYTHON) -m pip install -qq "torch==2.13.0" -e ".[dev,bench]"
+	mkdir -p $(BENCH_RESULTS)/$(BENCH_TRL_MODEL)
+	FASTPROMPT_BENCH_MODEL=$(BENCH_TRL_MODEL) $(BENCH_PYTEST) bench/bench_trl.py \
+		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_TRL_MODEL)/trl.json
+	$(PYTHON) bench/report.py $(BENCH_RESULTS)/$(BENCH_TRL_MODEL)/trl.json
+
 # Native backend of the packer (the fused pack_embed op); see kernels/README.md.
 native: install
 	cmake -S . -B $(NATIVE_BUILD_DIR) -DCMAKE_BUILD_TYPE=Release \

@@ -2,7 +2,14 @@
 
 import logging as _logging
 
-__all__ = ["AutoFastPromptModelForCausalLM", "FastPromptModel", "get_peft_model", "load_model"]
+__all__ = [
+    "AutoFastPromptModelForCausalLM",
+    "FastPromptModel",
+    "get_peft_model",
+    "load_model",
+    "patch_peft",
+    "unpatch_peft",
+]
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -10,6 +17,8 @@ _EXPORTS = {
     "FastPromptModel": "model",
     "get_peft_model": "model",
     "load_model": "loading",
+    "patch_peft": "peft_patch",
+    "unpatch_peft": "peft_patch",
 }
 
 

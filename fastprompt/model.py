@@ -32,6 +32,10 @@ time, each behind the prompt, as PEFT's pass over that document alone would
 (``documents.py``); PEFT's own forward would let them attend to each other, so
 such a call that cannot take the fast path raises instead of running it.
 
+TRL's trainers call with ``fused_lm_head=True`` (their fused LM head on the
+base model): the per-token outputs they read come from the same label-only
+pass (``trl_head.py``), unless TRL's head is set to compute something else.
+
 A call the fast path cannot serve exactly runs PEFT's own code and says so
 once per reason (logger ``fastprompt``): ``inputs_embeds``, ``output_attentions``,
 ``output_hidden_states``, ``task_ids`` for a method that takes none, unknown
@@ -61,12 +65,12 @@ from peft import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.pipelines.base import SUPPORTED_PEFT_TASKS
 
-from . import adapter_check, adapter_files
+from . import adapter_check, adapter_files, trl_head
 from .batch import PromptBatch, positions_to_keep, with_virtual_tokens
 from .documents import BOUNDARY_KWARGS, find_documents
 from .eligibility import RandomDraws, has_forward_hooks, module_modes
 from .loading import names_a_directory
-from .loss import IGNORE_INDEX, prefix_causal_lm_loss
+from .loss import IGNORE_INDEX, prefix_causal_lm_loss, prefix_token_log_probs
 from .paths import DRAWS_RANDOM, Path, Paths, Route, make_paths
 from .paths.generic_generation import inferred_attention_mask, request_config
 from .prefix_cache import PrefixCache
@@ -103,7 +107,7 @@ def get_peft_model(
     ``FastPromptModel``, a ``peft.PeftModelForCausalLM``. Prefix tuning is
     accepted on a model with gradient checkpointing on, which PEFT refuses
     (its prefix cache would be dropped by the checkpointed layers; ours is not)."""
-    import peft
+    from .peft_patch import peft_get_peft_model
 
     _check_config(model, peft_config)
     if peft_kwargs.get("mixed"):
@@ -111,7 +115,7 @@ def get_peft_model(
     resolved = _with_local_tokenizer(peft_config)
     try:
         with _checkpointing_hidden_for_prefix(model, peft_config.peft_type) as hidden:
-            peft_model = peft.get_peft_model(model, resolved, adapter_name=adapter_name, **peft_kwargs)
+            peft_model = peft_get_peft_model()(model, resolved, adapter_name=adapter_name, **peft_kwargs)
         if hidden:
             peft_model.prepare_model_for_gradient_checkpointing(model)
     except OSError as err:
@@ -485,7 +489,16 @@ class FastPromptModel(PeftModelForCausalLM):
 
     # --------------------------------------------------------------- forward
     def _refusal(
-        self, input_ids, inputs_embeds, labels, output_attentions, output_hidden_states, return_dict, task_ids, kwargs
+        self,
+        input_ids,
+        inputs_embeds,
+        labels,
+        output_attentions,
+        output_hidden_states,
+        return_dict,
+        task_ids,
+        fused_lm_head,
+        kwargs,
     ):
         """Why this call cannot take the fast path, or None."""
         peft_type = self.active_peft_config.peft_type
@@ -511,6 +524,12 @@ class FastPromptModel(PeftModelForCausalLM):
             return "use_cache=True (PEFT's forward returns its cache)"
         if return_dict is False:
             return "return_dict=False (PEFT's tuple holds its cache)"
+        if fused_lm_head:
+            if labels is None:
+                return "fused_lm_head=True without labels"
+            reason = trl_head.refusal(self.get_base_model())
+            if reason is not None:
+                return reason
         extra = sorted(set(kwargs) - FAST_FORWARD_KWARGS)
         if extra:
             return f"extra arguments {extra}"
@@ -531,8 +550,19 @@ class FastPromptModel(PeftModelForCausalLM):
         adapter_names = kwargs.pop("adapter_names", None)
         return_logits = kwargs.pop("return_logits", False)
         boundaries = {name: kwargs.pop(name) for name in BOUNDARY_KWARGS if name in kwargs}
+        # TRL's fused LM head (trl_head.py): per-token outputs instead of logits.
+        fused = {"fused_lm_head": kwargs.pop("fused_lm_head")} if "fused_lm_head" in kwargs else {}
+        fused_lm_head = bool(fused.get("fused_lm_head"))
         reason = self._refusal(
-            input_ids, inputs_embeds, labels, output_attentions, output_hidden_states, return_dict, task_ids, kwargs
+            input_ids,
+            inputs_embeds,
+            labels,
+            output_attentions,
+            output_hidden_states,
+            return_dict,
+            task_ids,
+            fused_lm_head,
+            kwargs,
         )
         documents = None
         if torch.is_tensor(input_ids) and input_ids.dim() == 2 and any(v is not None for v in boundaries.values()):
@@ -557,9 +587,11 @@ class FastPromptModel(PeftModelForCausalLM):
                 task_ids=task_ids,
                 **kwargs,
                 **boundaries,
+                **fused,
             )
         _check_inputs(input_ids, attention_mask, labels)
         rows = input_ids.shape[0]
+        flat_labels = labels
         if documents is not None:
             # One right-padded row per document, each behind its own copy of the prompt.
             input_ids = documents.unflatten(input_ids, fill=0)
@@ -575,13 +607,30 @@ class FastPromptModel(PeftModelForCausalLM):
         attention_mask = attention_mask.to(input_ids.device)
         # Only the loss is computed (logits None): a packed pass may leave out pads no label needs.
         keep = None
-        if labels is not None and torch.is_grad_enabled() and not return_logits:
+        if labels is not None and (torch.is_grad_enabled() or fused_lm_head) and not return_logits:
             keep = positions_to_keep(attention_mask, labels.to(input_ids.device), IGNORE_INDEX)
         route, batch = self._call(adapter_names, task_ids, input_ids.shape[0], attention_mask, keep)
         route, prefix_final, token_final, ran, unshared = self._hidden_states(route, batch, input_ids)
         self._record(route.path.name, ran, route.reason or unshared)
         path = route.path
 
+        if fused_lm_head:
+            per_label = prefix_token_log_probs(
+                None if prefix_final is None else prefix_final[:, -1],
+                token_final,
+                labels.to(token_final.device),
+                path.lm_head,
+                path.softcap,
+            )
+            if documents is not None:
+                per_label = tuple(documents.flatten(values) for values in per_label)
+            return trl_head.fused_output(
+                self.get_base_model(),
+                per_label,
+                flat_labels,
+                0 if batch.learned is not None else batch.num_virtual_tokens,
+                kwargs.get("num_items_in_batch"),
+            )
         loss = logits = None
         if labels is not None:
             loss = prefix_causal_lm_loss(

@@ -55,7 +55,7 @@ LABEL_SELECTION = (
     "per training step with labels, not per layer"
 )
 LOSS_SYNCS = {
-    ("aten.index.Tensor[mask]", "fastprompt.loss:prefix_causal_lm_loss"): LABEL_SELECTION,
+    ("aten.index.Tensor[mask]", "fastprompt.loss:_labelled_rows"): LABEL_SELECTION,
     ("aten.index_put.default[mask]", "backward"): "the gradient of those boolean-mask selections "
     "(autograd's IndexBackward) scatters through the same masks",
 }
