@@ -245,6 +245,12 @@ class FastPromptModel(PeftModelForCausalLM):
         building it exactly as it builds its own."""
         if type(peft_model) is not PeftModelForCausalLM:
             raise TypeError(f"expected a peft.PeftModelForCausalLM, got {type(peft_model).__name__}")
+        if not any(config.is_prompt_learning for config in peft_model.peft_config.values()):
+            methods = sorted({str(config.peft_type.value) for config in peft_model.peft_config.values()})
+            raise TypeError(
+                f"fastprompt serves soft-prompt adapters; this model's are {', '.join(methods)}: "
+                "use it as the PEFT model it is"
+            )
         peft_model.__class__ = cls
         if peft_model.paths.generic is None:
             log.warning(

@@ -314,7 +314,7 @@ def test_the_prefix_cache_sees_in_place_changes_to_buffers_and_attributes(change
 
 # ------------------------------------------------------------- what is reported
 def test_fast_path_and_last_call_say_what_runs(caplog):
-    from peft import PrefixTuningConfig, TaskType
+    from peft import CPTConfig, LoraConfig, PrefixTuningConfig, TaskType
     from peft import get_peft_model as peft_get_peft_model
 
     from fastprompt import FastPromptModel
@@ -324,11 +324,16 @@ def test_fast_path_and_last_call_say_what_runs(caplog):
             tiny_causal_lm("bloom"), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
         )
     )
-    assert prefix.fast_path is None
+    assert prefix.fast_path == "bloom"
+    with pytest.raises(TypeError, match="fastprompt serves soft-prompt adapters; this model's are LORA"):
+        FastPromptModel.from_peft(peft_get_peft_model(tiny_causal_lm("bloom"), LoraConfig(task_type="CAUSAL_LM")))
+    cpt = CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7], cpt_mask=[1, 1, 1], cpt_tokens_type_mask=[1, 2, 3])
+    other = FastPromptModel.from_peft(peft_get_peft_model(tiny_causal_lm("bloom"), cpt))
+    assert other.fast_path is None
     ids, mask, labels = padded_batch(2, 6, 512)
-    prefix(input_ids=ids, attention_mask=mask, labels=labels)
-    assert prefix.last_call.path is None and prefix.last_call.run == "peft"
-    assert "PREFIX_TUNING, a method without a fast path" in prefix.last_call.reason
+    other(input_ids=ids, attention_mask=mask, labels=labels)
+    assert other.last_call.path is None and other.last_call.run == "peft"
+    assert "CPT, a method without a fast path" in other.last_call.reason
 
     ours, ref = pair(lambda: tiny_causal_lm("gpt2", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1), prompt_config(8))
     ours.train()
