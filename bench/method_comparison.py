@@ -153,8 +153,8 @@ def build_base(run: dict):
 
 def sharing_weights(base):
     """A copy of ``base`` whose modules are its own (an adapter may wrap or
-    replace them) but whose frozen weights and buffers are ``base``'s: four
-    contenders in the memory of one model."""
+    replace them) but whose frozen weights and buffers are ``base``'s: every
+    contender in the memory of one model."""
     memo = {id(tensor): tensor for tensor in itertools.chain(base.parameters(), base.buffers())}
     return copy.deepcopy(base, memo)
 
