@@ -40,6 +40,10 @@ format: install
 BENCH_PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
 BENCH_FULL_MODEL ?= bloom-1b4-zh
 
+# The other prompt methods the training suite runs (FASTPROMPT_BENCH_METHOD, bench/training_cases.py),
+# each on the classify case beside the prompt-tuning run of every case.
+BENCH_METHODS ?= p_tuning multitask_prompt_tuning
+
 # The quick run, on bloom-mini: every suite plus the scaling sweep, whose plot is also copied to
 # docs/scaling.png for the README.
 bench: native
@@ -47,6 +51,10 @@ bench: native
 	mkdir -p $(BENCH_RESULTS)/bloom-mini
 	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_training.py \
 		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/training.json
+	for method in $(BENCH_METHODS); do \
+		FASTPROMPT_BENCH_MODEL=bloom-mini FASTPROMPT_BENCH_METHOD=$$method $(BENCH_PYTEST) bench/bench_training.py \
+			-k classify --benchmark-json=$(BENCH_RESULTS)/bloom-mini/training-classify-$$method.json || exit 1; \
+	done
 	FASTPROMPT_BENCH_MODEL=bloom-mini $(BENCH_PYTEST) bench/bench_generation.py \
 		--benchmark-json=$(BENCH_RESULTS)/bloom-mini/generation.json
 	FASTPROMPT_BENCH_MC_MODEL=llama-3.2-3b-quick $(BENCH_PYTEST) bench/bench_method_comparison.py \
@@ -70,12 +78,18 @@ bench-full: native
 	mkdir -p $(BENCH_RESULTS)/$(BENCH_FULL_MODEL)
 	FASTPROMPT_BENCH_MODEL=$(BENCH_FULL_MODEL) $(BENCH_PYTEST) bench/bench_training.py \
 		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/training.json
+	for method in $(BENCH_METHODS); do \
+		FASTPROMPT_BENCH_MODEL=$(BENCH_FULL_MODEL) FASTPROMPT_BENCH_METHOD=$$method $(BENCH_PYTEST) \
+			bench/bench_training.py -k classify \
+			--benchmark-json=$(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/training-classify-$$method.json || exit 1; \
+	done
 	FASTPROMPT_BENCH_MODEL=$(BENCH_FULL_MODEL) $(BENCH_PYTEST) bench/bench_generation.py \
 		--benchmark-json=$(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/generation.json
 	$(PYTHON) bench/report.py $(BENCH_RESULTS)/$(BENCH_FULL_MODEL)/*.json
 
 # PEFT's method comparison (bench/method_comparison.py): Llama-3.2-3B's shape with random weights,
-# fastprompt vs PEFT prompt tuning, LoRA r32 and prefix tuning. On a CPU at BENCH_MC_LAYERS of its
+# PEFT's prompt tuning, P-tuning, prefix tuning and LoRA r32, each method fastprompt runs also run by
+# fastprompt (method_comparison.FASTPROMPT_METHODS) and checked against PEFT's. On a CPU at BENCH_MC_LAYERS of its
 # 28 layers (the FLOP bound is also given at full depth); BENCH_MC_DTYPE=bfloat16 as PEFT runs it.
 # BENCH_MC_MODEL=llama-3.2-3b-quick: the smoke test (2 narrow layers, seconds a round).
 BENCH_MC_MODEL ?= llama-3.2-3b

@@ -1,14 +1,19 @@
 """PEFT's method comparison with fastprompt beside it (``method_comparison.py``):
-fastprompt prompt tuning, PEFT prompt tuning, PEFT LoRA r32 and PEFT prefix
-tuning, one training step each per round, alternated (``harness.py``); the
-losses of the two prompt tunings checked equal every round (``loss_check``).
+PEFT's prompt tuning, P-tuning, prefix tuning and LoRA r32, and fastprompt's run
+of each method it runs (``method_comparison.FASTPROMPT_METHODS``), one training
+step each per round, alternated (``harness.py``); each fastprompt contender's
+loss checked against its PEFT counterpart's every round (``loss_check``).
 
 ``extra_info["contenders"]`` holds one row per contender (``report.py`` prints
 them as a table): real tokens/s; the median step; its speedup over PEFT prompt
 tuning (ratio of totals, same rounds); its FLOPs per step and PEFT prompt
 tuning's FLOPs over its own (the FLOP bound of that speedup), at the depth run
-and at the model's full depth; peak memory (``peak_memory.py``); and, on a
-full-depth bf16 run, PEFT's published figures (``method_comparison.PUBLISHED``).
+and at the model's full depth; for a fastprompt contender also its speedup over
+PEFT's run of the same method, that pair's FLOP bound and the largest loss
+difference between them (the ``pair_`` columns); peak memory
+(``peak_memory.py``) and, for a fastprompt contender, its ratio to its PEFT
+counterpart's (``pair_memory_ratio``); and, on a full-depth
+bf16 run, PEFT's published figures (``method_comparison.PUBLISHED``).
 
     FASTPROMPT_BENCH_MC_LAYERS=2 python -m pytest bench/bench_method_comparison.py \\
         --benchmark-json=bench/results/method_comparison.json
@@ -31,8 +36,9 @@ RUN = mc.setting()
 QUICK = model_shapes.SHAPES[RUN["model"]].quick
 # A round is four steps: seconds on a GPU or at the quick shape, minutes on a CPU at full width.
 ROUNDS = 4 if QUICK or RUN["device"].startswith("cuda") else 2
-# fp32: fastprompt's loss within 1e-5 of PEFT prompt tuning's, every round (the packing issue's
-# acceptance; measured 1.05e-7 at the quick shape, round 1). Other dtypes: the shared bounds.
+# fp32: each fastprompt contender's loss within 1e-5 of its PEFT counterpart's, every round (the packing
+# issue's acceptance; prompt tuning measured 1.05e-7 at the quick shape, round 1). Other dtypes: the shared
+# bounds.
 LOSS_REL = 1e-5 if RUN["dtype"] == "float32" else None
 
 
@@ -56,7 +62,7 @@ def test_method_comparison(benchmark):
         {name: (lambda index, name=name: step(name, index)) for name in contenders},
         reference=mc.REFERENCE,
         check=loss_check(RUN["dtype"], LOSS_REL),
-        checked=("fastprompt",),
+        checked=mc.PAIRS,
         sync=harness.device_sync(RUN["device"]),
     )
     contest.run(benchmark, rounds)
@@ -88,8 +94,17 @@ def test_method_comparison(benchmark):
         }
         if dims.layers < full.layers:
             row[f"flop_bound_{full.layers}_layers"] = full_flops[mc.REFERENCE] / full_flops[name]
+        counterpart = mc.PAIRS.get(name)
+        if counterpart is not None:  # fastprompt against PEFT's run of the same method
+            row["pair_speedup"] = contest.speedup(name, over=counterpart)
+            row["pair_flop_bound"] = flops[counterpart] / flops[name]
+            if dims.layers < full.layers:
+                row[f"pair_flop_bound_{full.layers}_layers"] = full_flops[counterpart] / full_flops[name]
+            row["pair_max_loss_difference"] = contest.max_difference(name)
         if memory is not None:
             row["peak_mib"] = memory[name] / 2**20
+            if counterpart is not None:
+                row["pair_memory_ratio"] = memory[name] / memory[counterpart]
         if published and name in mc.PUBLISHED:
             row["published_tokens_per_s"] = mc.PUBLISHED[name]["tokens_per_s"]
             row["published_peak_GB"] = mc.PUBLISHED[name]["peak_GB"]
@@ -102,8 +117,8 @@ def test_method_comparison(benchmark):
         if memory is not None
         else peak_memory.NOT_MEASURED,
         rounds=len(contest.timed_rounds),
-        # fastprompt vs PEFT prompt tuning, relative loss difference, every checked round.
-        max_difference=max(contest.differences),
+        # Each fastprompt contender vs its PEFT counterpart, relative loss difference, every checked round.
+        max_difference=contest.max_difference(),
         tokens_per_step=tokens / len(timed),
         padded_positions_per_step=sum(b["input_ids"].numel() for b in timed) / len(timed),
         contenders=rows,

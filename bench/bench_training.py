@@ -9,6 +9,9 @@ with ``FASTPROMPT_BENCH_MEMORY_PROBE=0``).
 
     python -m pytest bench/bench_training.py --benchmark-json=bench/results/training.json
 
+Prompt tuning by default; ``FASTPROMPT_BENCH_METHOD=p_tuning`` or
+``multitask_prompt_tuning`` runs every case with that method instead, fastprompt's
+run of it against PEFT's (``training_cases.METHODS``; e.g. ``-k classify``).
 bloom-mini by default (the quick run); ``FASTPROMPT_BENCH_MODEL=bloom-1b4-zh``
 for the real shape (``make bench-full``), or any model of ``model_shapes.py``;
 ``FASTPROMPT_BENCH_DEVICE`` / ``_DTYPE`` for GPU runs (``gpu_check.sh``).
@@ -30,12 +33,14 @@ from training_cases import (
     loss_check,
     make_batches,
     make_contender,
+    method_from_env,
     step_shape,
     train_step,
     trained_tokens,
 )
 
 SETTING = model_shapes.setting_from_env()
+METHOD = method_from_env()
 SHAPE = model_shapes.SHAPES[SETTING["model"]]
 # Quick run: enough rounds for stable medians. Real shapes: a step takes
 # seconds to tens of seconds on a CPU, so a few alternated rounds.
@@ -48,9 +53,9 @@ def test_training_step(benchmark, case):
     virtual = CASES[case]["virtual"]
     rounds = harness.rounds(ROUNDS[case])
     bases = model_shapes.build_bases(len(CONTENDERS), **SETTING)
-    contenders = {name: make_contender(name, base, virtual) for name, base in zip(CONTENDERS, bases)}
+    contenders = {name: make_contender(name, base, virtual, METHOD) for name, base in zip(CONTENDERS, bases)}
     del bases
-    batches = make_batches(case, rounds + 1, SHAPE.config.vocab_size, device=SETTING["device"])
+    batches = make_batches(case, rounds + 1, SHAPE.config.vocab_size, device=SETTING["device"], method=METHOD)
     on_cuda = SETTING["device"].startswith("cuda")
 
     contest = harness.Alternation(
@@ -63,7 +68,7 @@ def test_training_step(benchmark, case):
     contest.run(benchmark, rounds)
     timed = [batches[index] for index in contest.timed_rounds]
     bound = flop_count.training_bound(
-        model_shapes.dims(SETTING["model"]), [step_shape(b, virtual) for b in timed], SHAPE.fast_path
+        model_shapes.dims(SETTING["model"]), [step_shape(b, virtual) for b in timed], SHAPE.fast_path, METHOD
     )
     tokens = sum(trained_tokens(b) for b in timed)
 
@@ -73,13 +78,15 @@ def test_training_step(benchmark, case):
         # Free this process's models first: the probes build their own.
         contenders.clear()
         gc.collect()
-        memory = {name: peak_memory.measure(case, name, SETTING, harness.THREADS) for name in CONTENDERS}
+        probe = {**SETTING, "method": METHOD}
+        memory = {name: peak_memory.measure(case, name, probe, harness.THREADS) for name in CONTENDERS}
     else:
         memory = None
 
     benchmark.extra_info.update(
         model=model_shapes.setting_label(SETTING),
-        data=data_source(case),
+        method=METHOD,
+        data=data_source(case, METHOD),
         **contest.summary("step"),
         flop_bound=bound,
         tokens_per_step=tokens / len(timed),

@@ -34,8 +34,21 @@ only P + Σ len_i (each row's real tokens over its prompt and its own earlier
 tokens). The method comparison (``bench_method_comparison.py``) adds PEFT's
 other methods on the same batches: LoRA runs B·T positions plus its rank-r
 matrices on q_proj and v_proj (trained: their weight gradients count too);
-prefix tuning runs B·T positions, each attending to P extra keys per layer
-(stored keys and values: no projection), so only attention grows with P.
+prefix tuning runs B·T positions, each attending to P extra keys per layer,
+so only attention grows with P.
+
+Each method's prompt comes from its parameters (``prompt_encoder``): prompt
+tuning's is the parameter itself; P-tuning runs an MLP over the P virtual
+tokens, which PEFT's ``get_prompt`` runs once per batch and repeats for the
+rows (since PEFT issue 2043), as fastprompt does; multitask prompt tuning
+scales the table by a rank-r product of its task's matrices, which PEFT runs
+once per row and fastprompt once per distinct task of the batch (whose
+prompts, A of them, fastprompt also runs through the body once each); prefix
+tuning's K/V are stored (an embedding lookup, no FLOPs) or projected by an MLP,
+which PEFT runs once per row. fastprompt's prefix tuning, as planned (issue 21):
+the padding-free packed pass over each row's real tokens, each attending to
+the P stored keys and its own earlier tokens, the projection once per batch,
+``lm_head`` on labelled positions only.
 """
 
 from __future__ import annotations
@@ -115,10 +128,12 @@ def training_step(
     tokens: int,
     labelled: int,
     lengths: list[int] | None = None,
+    prompts: int = 1,
 ) -> int:
     """One step over a [batch, tokens] batch with ``labelled`` labels != -100;
     ``lengths``: each row's real tokens when the rows are padded to ``tokens``
-    (None: no padding). ``contender``: "peft" (prompt tuning) or "fastprompt"."""
+    (None: no padding). ``contender``: "peft" (prompt tuning) or "fastprompt",
+    whose pass runs ``prompts`` distinct prompts (a multitask batch's tasks)."""
     length = prompt + tokens
     if contender == "peft":
         return body(dims, batch * length, length, True) + head(dims, batch * length, True)
@@ -126,7 +141,8 @@ def training_step(
     if batch == 1:
         work = body(dims, prompt + lengths[0], prompt + lengths[0], True)
     else:
-        work = body(dims, prompt, prompt, True) + sum(body(dims, real, prompt + real, True) for real in lengths)
+        work = prompts * body(dims, prompt, prompt, True)
+        work += sum(body(dims, real, prompt + real, True) for real in lengths)
     return work + head(dims, labelled, True)
 
 
@@ -140,30 +156,89 @@ def lora_extra(dims: Dims, positions: int, rank: int) -> int:
     return 3 * dims.layers * positions * per_position
 
 
-def method_step(dims: Dims, method: str, *, batch: int, prompt: int, tokens: int, labelled: int, lengths=None, rank=32):
-    """One training step of a PEFT method on a [batch, tokens] batch padded to
-    ``tokens``: "prompt_tuning" (PEFT), "fastprompt" (``training_step``'s),
-    "lora" (rank ``rank`` on q_proj/v_proj; no virtual tokens) or
-    "prefix_tuning" (``prompt`` stored keys/values in every layer)."""
-    if method in ("prompt_tuning", "fastprompt"):
-        contender = "peft" if method == "prompt_tuning" else "fastprompt"
-        return training_step(
-            dims, contender, batch=batch, prompt=prompt, tokens=tokens, labelled=labelled, lengths=lengths
-        )
-    positions = batch * tokens
-    if method == "lora":
-        return body(dims, positions, tokens, True) + lora_extra(dims, positions, rank) + head(dims, positions, True)
+def trained_mlp(positions: int, widths: list[int]) -> int:
+    """A chain of trained linear layers of ``widths`` (in, hidden..., out) over
+    ``positions``: forward, input gradient and weight gradient, three matmuls each."""
+    return 3 * 2 * positions * sum(a * b for a, b in zip(widths, widths[1:]))
+
+
+# The methods whose prompt goes in front of the tokens, through the body (prefix tuning's goes into the
+# attention cache, LoRA has none).
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning")
+
+
+def prompt_encoder(dims: Dims, method: str, virtual: int, encoder_hidden: int | None = None, task_rank: int = 1) -> int:
+    """FLOPs of a step's computing one prompt of ``virtual`` tokens from
+    ``method``'s parameters. P-tuning: PEFT's MLP encoder, hidden ->
+    ``encoder_hidden`` (None: PEFT's default, the hidden size) -> itself ->
+    hidden; multitask prompt tuning: its task's [P, r] x [r, hidden] product
+    (``task_rank`` r; the elementwise scaling of the table left out); prefix
+    tuning: nothing without a projection (``encoder_hidden`` None), else PEFT's
+    two-layer MLP from the K/V width to every layer's keys and values."""
+    if method == "prompt_tuning" or (method == "prefix_tuning" and encoder_hidden is None):
+        return 0
+    if method == "p_tuning":
+        width = encoder_hidden or dims.hidden
+        return trained_mlp(virtual, [dims.hidden, width, width, dims.hidden])
+    if method == "multitask_prompt_tuning":
+        return 3 * 2 * virtual * task_rank * dims.hidden
     if method == "prefix_tuning":
-        return body(dims, positions, prompt + tokens, True) + head(dims, positions, True)
+        kv_width = dims.kv_heads * dims.head_dim
+        return trained_mlp(virtual, [kv_width, encoder_hidden, dims.layers * 2 * kv_width])
     raise ValueError(f"unknown method {method!r}")
 
 
-def training_bound(dims: Dims, steps: Iterable[dict], fast_path: bool = True) -> float:
-    """PEFT's FLOPs over fastprompt's, summed over the same steps (each a dict
-    of ``training_step``'s keyword arguments), as the measured ratio sums time."""
+def method_step(
+    dims: Dims,
+    contender: str,
+    *,
+    batch: int,
+    prompt: int,
+    tokens: int,
+    labelled: int,
+    lengths: list[int] | None = None,
+    prompts: int = 1,
+    rank: int = 32,
+    encoder_hidden: int | None = None,
+    task_rank: int = 1,
+) -> int:
+    """One training step of ``contender``, "peft_<method>" or
+    "fastprompt_<method>", on a [batch, tokens] batch padded to ``tokens``.
+    Methods: those of ``PROMPT_METHODS`` (the body and ``lm_head`` as
+    ``training_step`` counts them, plus the prompt's encoder: P-tuning's once a
+    step, multitask prompt tuning's per row in PEFT and per distinct task,
+    ``prompts``, in fastprompt); "prefix_tuning" (``prompt`` stored keys and
+    values in every layer, their encoder per row in PEFT and once in
+    fastprompt); "lora" (PEFT's only: rank ``rank`` on q_proj/v_proj, no virtual
+    tokens). ``encoder_hidden`` and ``task_rank``: ``prompt_encoder``'s."""
+    runner, _, method = contender.partition("_")
+    if runner not in ("peft", "fastprompt") or (runner == "fastprompt" and method == "lora"):
+        raise ValueError(f"unknown contender {contender!r}")
+    lengths = lengths or [tokens] * batch
+    if method == "lora":
+        positions = batch * tokens
+        return body(dims, positions, tokens, True) + lora_extra(dims, positions, rank) + head(dims, positions, True)
+    encoder = prompt_encoder(dims, method, prompt, encoder_hidden, task_rank)
+    per_row = method in ("prefix_tuning", "multitask_prompt_tuning")
+    encoders = (batch if per_row else 1) if runner == "peft" else prompts
+    if method == "prefix_tuning":
+        if runner == "peft":
+            work = body(dims, batch * tokens, prompt + tokens, True) + head(dims, batch * tokens, True)
+        else:
+            work = sum(body(dims, real, prompt + real, True) for real in lengths) + head(dims, labelled, True)
+        return work + encoders * encoder
+    shape = dict(batch=batch, prompt=prompt, tokens=tokens, labelled=labelled, lengths=lengths)
+    return training_step(dims, runner, **shape, prompts=prompts) + encoders * encoder
+
+
+def training_bound(dims: Dims, steps: Iterable[dict], fast_path: bool = True, method: str = "prompt_tuning") -> float:
+    """PEFT's FLOPs over fastprompt's for ``method``, summed over the same steps
+    (each a dict of ``method_step``'s keyword arguments), as the measured ratio sums time."""
     steps = list(steps)
     ours = "fastprompt" if fast_path else "peft"
-    return sum(training_step(dims, "peft", **s) for s in steps) / sum(training_step(dims, ours, **s) for s in steps)
+    return sum(method_step(dims, f"peft_{method}", **s) for s in steps) / sum(
+        method_step(dims, f"{ours}_{method}", **s) for s in steps
+    )
 
 
 def prefill(dims: Dims, contender: str, *, batch: int, prompt: int, tokens: int) -> int:

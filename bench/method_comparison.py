@@ -1,9 +1,10 @@
 """PEFT's own method comparison, mirrored: its model shape, batch, sequence
-lengths and adapter configs, with fastprompt as a fourth contender.
+lengths and adapter configs, with fastprompt beside PEFT for each method it runs.
 
 PEFT's benchmark (github.com/huggingface/peft, ``method_comparison/MetaMathQA``:
 ``default_training_params.json`` and ``experiments/{prompt_tuning/llama-3.2-3B-lr_0.001,
-lora/llama-3.2-3B-rank32, prefixtuning/llama-3.2-3B-lr_0.001}/adapter_config.json``)
+ptuning/llama-3.2-3B-default, lora/llama-3.2-3B-rank32,
+prefixtuning/llama-3.2-3B-lr_0.001}/adapter_config.json``)
 trains Llama-3.2-3B in bf16 on MetaMathQA, batch 4, max_seq_length 768, with
 ``Question: {query} Think step by step.\\nAnswer:`` samples of 210 tokens on
 average (its results files: 4,198,051 train tokens over 20,000 samples).
@@ -15,12 +16,17 @@ Here, without the hub or the data set:
   ``llama-3.2-3b-quick`` (``FASTPROMPT_BENCH_MC_MODEL``) for a smoke test;
 * the data: random token ids in rows of ``sample_lengths``' lengths, right-padded
   to the longest row of each batch of 4, labels on every real token;
-* the contenders: fastprompt prompt tuning and PEFT prompt tuning (200 virtual
-  tokens, RANDOM init, the same seed: their losses must agree every round),
-  PEFT LoRA (r 32, alpha 64, dropout 0 on q_proj and v_proj: PEFT's experiment
-  leaves target_modules unset, which on Llama is PEFT's default, these two) and
-  PEFT prefix tuning (200 virtual tokens, no projection). All train with the
-  same AdamW (lr 1e-3) on copies of one frozen base that share its weights.
+* the contenders, in pairs: fastprompt's and PEFT's run of each method that
+  fastprompt runs (``FASTPROMPT_METHODS``; the same config and seed, so their
+  losses must agree every round), PEFT's alone for the others. Prompt tuning:
+  200 virtual tokens, RANDOM init. P-tuning: PEFT's experiment's encoder (MLP,
+  encoder_hidden_size the hidden size, dropout 0) at prompt tuning's 200 virtual
+  tokens, so that the two methods' ratios compare on one case (PEFT's
+  experiment trains 20). Prefix tuning: 200 virtual tokens, no projection. LoRA:
+  r 32, alpha 64, dropout 0 on q_proj and v_proj (PEFT's experiment leaves
+  target_modules unset, which on Llama is PEFT's default, these two). All train
+  with the same AdamW (lr 1e-3) on copies of one frozen base that share its
+  weights.
 """
 
 from __future__ import annotations
@@ -53,24 +59,31 @@ MIN_LENGTH = 16
 DATA_SEED = 0
 LORA = dict(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 
-CONTENDERS = ("fastprompt", "peft_prompt_tuning", "peft_lora", "peft_prefix_tuning")
+# PEFT's methods compared, in table order (the names flop_count.method_step counts).
+METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "lora")
+# The methods fastprompt runs: each gets a "fastprompt_<method>" contender beside "peft_<method>", its loss
+# checked against that one's every round and its speedup also given over it. Prefix tuning joins here, the one
+# place to change, once fastprompt.get_peft_model runs PrefixTuningConfig (issue 21).
+FASTPROMPT_METHODS = ("prompt_tuning", "p_tuning")
+CONTENDERS = tuple(
+    f"{runner}_{method}"
+    for method in METHODS
+    for runner in ("fastprompt", "peft")
+    if runner == "peft" or method in FASTPROMPT_METHODS
+)
+# Each fastprompt contender's PEFT counterpart.
+PAIRS = {f"fastprompt_{method}": f"peft_{method}" for method in FASTPROMPT_METHODS}
 REFERENCE = "peft_prompt_tuning"
-# Each contender's method, as flop_count.method_step counts it.
-METHOD = {
-    "fastprompt": "fastprompt",
-    "peft_prompt_tuning": "prompt_tuning",
-    "peft_lora": "lora",
-    "peft_prefix_tuning": "prefix_tuning",
-}
 
-# PEFT's published figures for its three contenders, for a full-depth bf16 GPU run to be set
+# PEFT's published figures for three of its contenders, for a full-depth bf16 GPU run to be set
 # beside (a different GPU: compare ratios between methods, not absolute rates). From PEFT's
 # results files method_comparison/MetaMathQA/results/{prompt_tuning--llama-3.2-3B-lr_0.001,
 # lora--llama-3.2-3B-rank32, prefixtuning--llama-3.2-3B-lr_0.001}.json, NVIDIA L40S, PEFT 0.15.2.dev0,
 # torch 2.7.1: "tokens / sec" (4.5k-4.7k over its 20 intervals for prompt tuning, 6.6k-6.9k for
 # LoRA) and the step-wide peak "accelerator_memory_max" / "cuda_memory_max" (24,408,752,128 B and
 # 22,273,851,392 B). Prefix tuning's rate as the PEFT method-comparison table reports it; its memory
-# is not quoted here.
+# is not quoted here. P-tuning is left out: PEFT's run (ptuning--llama-3.2-3B-default.json: 7.1k-7.4k
+# tokens/s, 20.9 GB) trains 20 virtual tokens, this one 200.
 PUBLISHED_GPU = "NVIDIA L40S"
 PUBLISHED = {
     "peft_prompt_tuning": {"tokens_per_s": 4.6e3, "peak_GB": 24.4},
@@ -140,24 +153,33 @@ def build_base(run: dict):
 
 def sharing_weights(base):
     """A copy of ``base`` whose modules are its own (an adapter may wrap or
-    replace them) but whose frozen weights and buffers are ``base``'s: four
-    contenders in the memory of one model."""
+    replace them) but whose frozen weights and buffers are ``base``'s: every
+    contender in the memory of one model."""
     memo = {id(tensor): tensor for tensor in itertools.chain(base.parameters(), base.buffers())}
     return copy.deepcopy(base, memo)
 
 
-def adapter_config(name: str):
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
+def method_of(name: str) -> str:
+    """The method of contender ``name`` ("fastprompt_p_tuning" -> "p_tuning")."""
+    if name not in CONTENDERS:
+        raise ValueError(f"unknown contender {name!r}: choose one of {', '.join(CONTENDERS)}")
+    return name.partition("_")[2]
 
-    if name in ("fastprompt", "peft_prompt_tuning"):
-        return PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=VIRTUAL, prompt_tuning_init=PromptTuningInit.RANDOM
-        )
-    if name == "peft_lora":
+
+def adapter_config(method: str):
+    """PEFT's config of ``method`` in this comparison (the same for fastprompt's run of it)."""
+    from peft import LoraConfig, PrefixTuningConfig, TaskType
+    from training_cases import prompt_config
+
+    if method in ("prompt_tuning", "p_tuning"):
+        # Prompt tuning: RANDOM init. P-tuning: an MLP encoder, encoder_hidden_size unset (PEFT's default, the
+        # hidden size: its experiment's 3072, Llama-3.2-3B's), dropout 0.
+        return prompt_config(method, VIRTUAL)
+    if method == "lora":
         return LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA)
-    if name == "peft_prefix_tuning":
+    if method == "prefix_tuning":
         return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=VIRTUAL, prefix_projection=False)
-    raise ValueError(f"unknown contender {name!r}")
+    raise ValueError(f"unknown method {method!r}")
 
 
 def make_contender(name: str, base):
@@ -167,9 +189,10 @@ def make_contender(name: str, base):
 
     import fastprompt
 
-    factory = fastprompt.get_peft_model if name == "fastprompt" else peft.get_peft_model
+    method = method_of(name)
+    factory = fastprompt.get_peft_model if name.startswith("fastprompt_") else peft.get_peft_model
     torch.manual_seed(0)
-    model = factory(base, adapter_config(name))
+    model = factory(base, adapter_config(method))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(trainable, lr=1e-3)
@@ -177,8 +200,10 @@ def make_contender(name: str, base):
 
 def step_flops(dims, name: str, batch: dict) -> int:
     """FLOPs of one training step of contender ``name`` on ``batch``, each
-    method counting the positions it computes (``flop_count.method_step``)."""
+    method counting the positions it computes (``flop_count.method_step``;
+    the P-tuning encoder's width and prefix tuning's lack of a projection are
+    method_step's defaults, as in ``adapter_config``)."""
     import flop_count
     from training_cases import step_shape
 
-    return flop_count.method_step(dims, METHOD[name], **step_shape(batch, VIRTUAL), rank=LORA["r"])
+    return flop_count.method_step(dims, name, **step_shape(batch, VIRTUAL), rank=LORA["r"])

@@ -23,7 +23,7 @@ each probe is a fresh interpreter importing torch and peft, seconds per
 contender and case, too slow for a plumbing run (``bench/gpu_check.sh
 --dry-run``). The CUDA measurement, in-process, is unaffected.
 
-    python bench/peak_memory.py --case classify --contender peft
+    python bench/peak_memory.py --case classify --contender peft [--method p_tuning]
 (with MALLOC_ENV set) prints one JSON line; ``--case method-comparison`` with a
 contender of ``method_comparison.CONTENDERS`` and ``--layers`` measures the
 method comparison's step.
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import method_comparison  # noqa: E402
 from model_shapes import SHAPES, build_base  # noqa: E402
-from training_cases import CASES, CONTENDERS, make_batches, make_contender, train_step  # noqa: E402
+from training_cases import CASES, CONTENDERS, METHODS, make_batches, make_contender, train_step  # noqa: E402
 
 METHOD_COMPARISON = "method-comparison"
 
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--case", choices=sorted(CASES) + [METHOD_COMPARISON], required=True)
     parser.add_argument("--contender", choices=sorted({*CONTENDERS, *method_comparison.CONTENDERS}), required=True)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers kept (default: all)")
+    parser.add_argument("--method", default="prompt_tuning", choices=METHODS, help="a training case's prompt method")
     parser.add_argument("--model", default="bloom-mini", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
     parser.add_argument("--device", default="cpu", choices=["cpu"])
@@ -112,8 +113,8 @@ def main() -> None:
         model, optimizer = method_comparison.make_contender(args.contender, base)
         warmup, measured = method_comparison.make_batches(2, base.config.vocab_size)
     else:
-        model, optimizer = make_contender(args.contender, base, CASES[args.case]["virtual"])
-        warmup, measured = make_batches(args.case, 2, base.config.vocab_size)
+        model, optimizer = make_contender(args.contender, base, CASES[args.case]["virtual"], args.method)
+        warmup, measured = make_batches(args.case, 2, base.config.vocab_size, method=args.method)
     train_step(model, optimizer, warmup)
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:

@@ -21,7 +21,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-CONTEXT_KEYS = ("model", "data", "device", "memory_method", "published")
+CONTEXT_KEYS = ("model", "method", "data", "device", "memory_method", "published")
 CONTENDER_KEY = "contenders"
 MAX_COLUMNS = 10
 

@@ -1,6 +1,12 @@
 """The training cases of the fastprompt-vs-PEFT benchmarks, their data, and
 one training step for either contender. Shared by the timing suites and the
-per-process peak-memory probe so that all of them measure the same work."""
+per-process peak-memory probe so that all of them measure the same work.
+
+Each case runs one prompt method (``FASTPROMPT_BENCH_METHOD``, ``METHODS``),
+fastprompt's run of it against PEFT's with the same config: prompt tuning (the
+default), P-tuning (PEFT's MLP encoder at its defaults: encoder_hidden_size the
+hidden size, dropout 0) or multitask prompt tuning (``TASKS`` tasks, rank 1 as
+PEFT's default, each row's task drawn at random: ``task_ids`` in every batch)."""
 
 from __future__ import annotations
 
@@ -9,7 +15,13 @@ import os
 from pathlib import Path
 
 import torch
-from peft import PromptTuningConfig, TaskType
+from peft import (
+    MultitaskPromptTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    TaskType,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_zh_demo.json"
 DEMO_DATA_ENV = "FASTPROMPT_BENCH_DEMO_DATA"
@@ -28,6 +40,36 @@ CASES = {
 # The order in which alpaca-ragged draws its batches (torch.randperm's seed).
 RAGGED_ORDER_SEED = 0
 CONTENDERS = ("fastprompt", "peft")
+METHOD_ENV = "FASTPROMPT_BENCH_METHOD"
+METHODS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning")
+# Multitask prompt tuning: the adapter's tasks, and the seed of each row's task (one per row, so that a
+# batch of 8 rows reads several prompts; fastprompt runs each distinct one once, PEFT one per row).
+TASKS = 4
+TASK_SEED = 0
+
+
+def method_from_env() -> str:
+    """The prompt method the training cases run: FASTPROMPT_BENCH_METHOD, default prompt tuning."""
+    method = os.environ.get(METHOD_ENV, "prompt_tuning")
+    if method not in METHODS:
+        raise ValueError(f"{METHOD_ENV}={method!r}: choose one of {', '.join(METHODS)}")
+    return method
+
+
+def prompt_config(method: str, virtual: int):
+    """The config both contenders of ``method`` train (PEFT's defaults otherwise: RANDOM init)."""
+    if method == "prompt_tuning":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual)
+    if method == "p_tuning":
+        return PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=virtual,
+            encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
+            encoder_dropout=0.0,
+        )
+    if method == "multitask_prompt_tuning":
+        return MultitaskPromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual, num_tasks=TASKS)
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
 
 
 def tutorial_data_path() -> Path:
@@ -45,8 +87,13 @@ def tutorial_data_path() -> Path:
     )
 
 
-def data_source(case: str) -> str:
+def data_source(case: str, method: str = "prompt_tuning") -> str:
     """What a case trained on, for the results file."""
+    tasks = f"; each row's task drawn from {TASKS} (seed {TASK_SEED})" if method == "multitask_prompt_tuning" else ""
+    return case_source(case) + tasks
+
+
+def case_source(case: str) -> str:
     if CASES[case]["length"] is not None:
         return "random token ids (seed 0)"
     path = tutorial_data_path()
@@ -76,7 +123,17 @@ def random_batches(count: int, batch: int, length: int, labels: str, vocab_size:
     return batches
 
 
-def make_batches(case: str, count: int, vocab_size: int, device="cpu") -> list[dict]:
+def make_batches(case: str, count: int, vocab_size: int, device="cpu", method: str = "prompt_tuning") -> list[dict]:
+    """``count`` batches of ``case``; for multitask prompt tuning, each with a task per row (``task_ids``)."""
+    batches = case_batches(case, count, vocab_size, device)
+    if method == "multitask_prompt_tuning":
+        gen = torch.Generator().manual_seed(TASK_SEED)
+        for batch in batches:
+            batch["task_ids"] = torch.randint(TASKS, (batch["input_ids"].shape[0],), generator=gen).to(device)
+    return batches
+
+
+def case_batches(case: str, count: int, vocab_size: int, device="cpu") -> list[dict]:
     spec = CASES[case]
     if spec["length"] is None:
         import fastprompt
@@ -117,8 +174,9 @@ def trained_tokens(batch: dict) -> int:
 
 
 def step_shape(batch: dict, virtual: int) -> dict:
-    """A batch as ``flop_count.training_step`` counts it: each row's real
-    length too, which the packed pass computes and PEFT pads to the longest."""
+    """A batch as ``flop_count.method_step`` counts it: each row's real
+    length too, which the packed pass computes and PEFT pads to the longest,
+    and the distinct prompts fastprompt runs (a multitask batch's tasks)."""
     rows, tokens = batch["input_ids"].shape
     return dict(
         batch=rows,
@@ -126,19 +184,19 @@ def step_shape(batch: dict, virtual: int) -> dict:
         tokens=tokens,
         labelled=int((batch["labels"] != -100).sum()),
         lengths=batch["attention_mask"].sum(dim=1).tolist(),
+        prompts=len(set(batch["task_ids"].tolist())) if "task_ids" in batch else 1,
     )
 
 
-def make_contender(name: str, base, virtual: int):
-    """(model, optimizer) for 'fastprompt' or 'peft', same seed, same init."""
+def make_contender(name: str, base, virtual: int, method: str = "prompt_tuning"):
+    """(model, optimizer) for 'fastprompt' or 'peft' training ``method``, same seed, same init."""
     import peft
 
     import fastprompt
 
-    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual)
     factory = {"fastprompt": fastprompt.get_peft_model, "peft": peft.get_peft_model}[name]
     torch.manual_seed(0)
-    model = factory(base, config)
+    model = factory(base, prompt_config(method, virtual))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(trainable, lr=1e-3)

@@ -7,9 +7,14 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import method_comparison  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = [
@@ -65,14 +70,13 @@ def test_dry_run_runs_every_step_and_writes_the_summary(dry_run):
     text = (out / "summary.md").read_text()
     for table in ("bench_training.py", "bench_generation.py", "bench_ops.py", "bench_method_comparison.py"):
         assert table in text
-    # PEFT's method comparison rides in the bf16 training step: one row per contender.
-    contenders = text.split("method_comparison, per contender:")[1].splitlines()[3:7]
-    assert [line.split()[0] for line in contenders] == [
-        "fastprompt",
-        "peft_prompt_tuning",
-        "peft_lora",
-        "peft_prefix_tuning",
-    ]
+    # PEFT's method comparison rides in the bf16 training step: one row per contender, fastprompt's
+    # run of a method just above PEFT's.
+    rows = text.split("method_comparison, per contender:")[1].splitlines()[3:]
+    contenders = [line.split()[0] for line in rows[: len(method_comparison.CONTENDERS)]]
+    assert contenders == list(method_comparison.CONTENDERS)
+    assert {"peft_prompt_tuning", "peft_p_tuning", "peft_prefix_tuning", "peft_lora"} <= set(contenders)
+    assert {"fastprompt_prompt_tuning", "fastprompt_p_tuning"} <= set(contenders)
 
 
 def without_bitsandbytes(folder: Path) -> dict:

@@ -38,7 +38,9 @@ def test_random_batches_keep_the_asked_labels():
         second_half["labels"][:, 3:] == second_half["input_ids"][:, 3:]
     ).all()
     (last,) = training_cases.random_batches(1, 2, 6, "last", 50)
-    assert training_cases.step_shape(last, 5) == dict(batch=2, prompt=5, tokens=6, labelled=2, lengths=[6, 6])
+    assert training_cases.step_shape(last, 5) == dict(
+        batch=2, prompt=5, tokens=6, labelled=2, lengths=[6, 6], prompts=1
+    )
 
 
 def test_registry_shapes_and_labels():
@@ -102,11 +104,29 @@ def test_method_comparison_contenders_count_their_padded_positions():
     shape = training_cases.step_shape(batch, 200)
     flops = {name: method_comparison.step_flops(dims, name, batch) for name in method_comparison.CONTENDERS}
     assert flops["peft_prompt_tuning"] == flop_count.training_step(dims, "peft", **shape)
-    assert flops["fastprompt"] == flop_count.training_step(dims, "fastprompt", **shape)
-    assert flops["peft_lora"] == flop_count.method_step(dims, "lora", **shape, rank=32)
+    assert flops["fastprompt_prompt_tuning"] == flop_count.training_step(dims, "fastprompt", **shape)
+    assert flops["peft_lora"] == flop_count.method_step(dims, "peft_lora", **shape, rank=32)
     # Prompt tuning pays for 200 more positions per row than LoRA; packing pays for no pad.
-    assert flops["fastprompt"] < flops["peft_prefix_tuning"] < flops["peft_prompt_tuning"]
+    assert flops["fastprompt_prompt_tuning"] < flops["peft_prefix_tuning"] < flops["peft_prompt_tuning"]
     assert flops["peft_lora"] < flops["peft_prompt_tuning"]
+    # P-tuning: prompt tuning's passes plus the same encoder run (once a step) on both sides.
+    encoder = flop_count.prompt_encoder(dims, "p_tuning", 200)
+    assert flops["peft_p_tuning"] == flops["peft_prompt_tuning"] + encoder
+    assert flops["fastprompt_p_tuning"] == flops["fastprompt_prompt_tuning"] + encoder
+    # fastprompt's planned prefix tuning, counted ahead of its contender: the padding-free pass.
+    planned = flop_count.method_step(dims, "fastprompt_prefix_tuning", **shape)
+    assert planned < flops["fastprompt_prompt_tuning"] and planned < flops["peft_prefix_tuning"]
+
+
+def test_method_comparison_pairs_each_fastprompt_method_with_peft_s():
+    contenders = method_comparison.CONTENDERS
+    assert set(method_comparison.PAIRS) == {f"fastprompt_{m}" for m in method_comparison.FASTPROMPT_METHODS}
+    for fast, peft_run in method_comparison.PAIRS.items():
+        assert peft_run == fast.replace("fastprompt_", "peft_") and contenders.index(peft_run) > contenders.index(fast)
+    assert {f"peft_{m}" for m in method_comparison.METHODS} <= set(contenders)
+    assert method_comparison.REFERENCE in contenders
+    with pytest.raises(ValueError, match="unknown contender"):
+        method_comparison.method_of("fastprompt_lora")
 
 
 def test_method_comparison_setting_and_shape(monkeypatch):
@@ -130,7 +150,7 @@ def test_method_comparison_setting_and_shape(monkeypatch):
 def test_contenders_share_the_frozen_weights_not_the_modules():
     base = model_shapes.build_base("llama-tiny")
     lora, _ = method_comparison.make_contender("peft_lora", method_comparison.sharing_weights(base))
-    prompt, _ = method_comparison.make_contender("fastprompt", method_comparison.sharing_weights(base))
+    prompt, _ = method_comparison.make_contender("fastprompt_prompt_tuning", method_comparison.sharing_weights(base))
     q_proj = base.model.layers[0].self_attn.q_proj
     assert type(q_proj) is torch.nn.Linear  # LoRA wrapped its copy's, not the base's
     wrapped = lora.get_base_model().model.layers[0].self_attn.q_proj
@@ -150,3 +170,34 @@ def test_alpaca_ragged_batches_are_padded_as_the_seq2seq_collator_does(shared_di
     assert not torch.equal(first["attention_mask"].sum(dim=1), second["attention_mask"].sum(dim=1))
     source = training_cases.data_source("alpaca-ragged")
     assert "DataCollatorForSeq2Seq" in source and "seed 0" in source
+
+
+def test_training_methods_share_one_config_and_multitask_rows_get_tasks(monkeypatch):
+    monkeypatch.delenv(training_cases.METHOD_ENV, raising=False)
+    assert training_cases.method_from_env() == "prompt_tuning"
+    monkeypatch.setenv(training_cases.METHOD_ENV, "prefix_tuning")
+    with pytest.raises(ValueError, match="p_tuning"):
+        training_cases.method_from_env()
+    p_tuning = training_cases.prompt_config("p_tuning", 7)
+    assert (p_tuning.peft_type, p_tuning.num_virtual_tokens, p_tuning.encoder_dropout) == ("P_TUNING", 7, 0.0)
+    assert p_tuning.encoder_hidden_size is None  # PEFT's default: the hidden size, as flop_count counts it
+    first, second = training_cases.make_batches("classify", 2, 100, method="multitask_prompt_tuning")
+    for batch in (first, second):
+        tasks = batch["task_ids"]
+        assert tasks.shape == (8,) and 0 <= tasks.min() and tasks.max() < training_cases.TASKS
+        assert training_cases.step_shape(batch, 100)["prompts"] == len(set(tasks.tolist())) > 1
+    assert not torch.equal(first["task_ids"], second["task_ids"])
+    assert "task" in training_cases.data_source("classify", "multitask_prompt_tuning")
+    (plain,) = training_cases.make_batches("classify", 1, 100)
+    assert "task_ids" not in plain and torch.equal(plain["input_ids"], first["input_ids"])
+
+
+@pytest.mark.parametrize("method", training_cases.METHODS)
+def test_each_training_method_runs_fastprompt_and_peft_to_the_same_loss(method):
+    bases = model_shapes.build_bases(2, model="bloom-tiny")
+    (batch,) = training_cases.make_batches("classify", 1, 512, method=method)
+    losses = [
+        training_cases.train_step(*training_cases.make_contender(name, base, 4, method), batch)
+        for name, base in zip(training_cases.CONTENDERS, bases)
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -109,10 +109,49 @@ def test_lora_and_prefix_tuning_by_hand():
     # three times in a step (forward, input gradient, A's and B's gradients): 48 per position.
     assert flop_count.lora_extra(TINY, positions=1, rank=1) == 48
     lora = train_body(6, 3) + 6 * 48 + 6 * 80  # B·T = 6 positions over T keys, lm_head on all
-    assert flop_count.method_step(TINY, "lora", **RAGGED, rank=1) == lora == 2352
+    assert flop_count.method_step(TINY, "peft_lora", **RAGGED, rank=1) == lora == 2352
     prefix = train_body(6, 4) + 6 * 80  # the same positions, each over P more keys
-    assert flop_count.method_step(TINY, "prefix_tuning", **RAGGED) == prefix == 2208
-    assert flop_count.method_step(TINY, "prompt_tuning", **RAGGED) == 2944
-    assert flop_count.method_step(TINY, "fastprompt", **RAGGED) == 1640
-    with pytest.raises(ValueError, match="ia3"):
-        flop_count.method_step(TINY, "ia3", **RAGGED)
+    assert flop_count.method_step(TINY, "peft_prefix_tuning", **RAGGED) == prefix == 2208
+    assert flop_count.method_step(TINY, "peft_prompt_tuning", **RAGGED) == 2944
+    assert flop_count.method_step(TINY, "fastprompt_prompt_tuning", **RAGGED) == 1640
+    for unknown in ("peft_ia3", "fastprompt_lora", "lora"):
+        with pytest.raises(ValueError, match="unknown"):
+            flop_count.method_step(TINY, unknown, **RAGGED)
+
+
+def test_fastprompt_prefix_tuning_as_planned_by_hand():
+    # The real tokens only, each row over the P stored keys and its own tokens: row of 3 over 1 + 3
+    # keys, row of 1 over 1 + 1; lm_head on the 4 labelled positions. No projection: no encoder FLOPs.
+    ours = train_body(3, 4) + train_body(1, 2) + 4 * 80
+    assert flop_count.method_step(TINY, "fastprompt_prefix_tuning", **RAGGED) == ours == 1424
+    # With a projection of width 3: 2 -> 3 -> 1 layer * 2 (K and V) * 2 = 4 per virtual token,
+    # 2·(2·3 + 3·4) = 36 FLOPs forward, 108 in a step; PEFT runs it per row (2), fastprompt once.
+    assert flop_count.prompt_encoder(TINY, "prefix_tuning", 1, encoder_hidden=3) == 108
+    assert flop_count.method_step(TINY, "peft_prefix_tuning", **RAGGED, encoder_hidden=3) == 2208 + 2 * 108
+    assert flop_count.method_step(TINY, "fastprompt_prefix_tuning", **RAGGED, encoder_hidden=3) == 1424 + 108
+
+
+def test_p_tuning_runs_its_encoder_once_a_step_in_both():
+    # MLP 2 -> 2 -> 2 -> 2 (PEFT's default width: the hidden size), 2·12 FLOPs forward per virtual
+    # token, 72 in a step; PEFT's get_prompt runs it on one row and repeats the output, as fastprompt.
+    assert flop_count.prompt_encoder(TINY, "p_tuning", 1) == 72
+    assert flop_count.prompt_encoder(TINY, "p_tuning", 1, encoder_hidden=4) == 3 * 2 * (8 + 16 + 8)
+    assert flop_count.method_step(TINY, "peft_p_tuning", **RAGGED) == 2944 + 72
+    assert flop_count.method_step(TINY, "fastprompt_p_tuning", **RAGGED) == 1640 + 72
+    assert flop_count.training_bound(TINY, [RAGGED], method="p_tuning") == pytest.approx(3016 / 1712)
+    assert flop_count.training_bound(TINY, [RAGGED], fast_path=False, method="p_tuning") == 1.0
+
+
+def test_multitask_prompts_per_row_in_peft_per_distinct_task_in_fastprompt():
+    # Rank 1: the task's [1, 1] x [1, 2] product, 2·2 FLOPs forward, 12 in a step, per prompt.
+    assert flop_count.prompt_encoder(TINY, "multitask_prompt_tuning", 1) == 12
+    # Both rows of different tasks: PEFT pays the product per row; fastprompt runs both prompts
+    # through the body (1 query over 1 key each) and computes each once.
+    two_tasks = dict(RAGGED, prompts=2)
+    assert flop_count.method_step(TINY, "peft_multitask_prompt_tuning", **two_tasks) == 2944 + 2 * 12
+    assert (
+        flop_count.method_step(TINY, "fastprompt_multitask_prompt_tuning", **two_tasks)
+        == 1640 + train_body(1, 1) + 2 * 12
+    )
+    # One task for both rows: fastprompt's pass as prompt tuning's.
+    assert flop_count.method_step(TINY, "fastprompt_multitask_prompt_tuning", **RAGGED) == 1640 + 12

@@ -123,3 +123,33 @@ def test_only_the_checked_contenders_are_compared_with_the_reference():
         contest.play_round()
     with pytest.raises(ValueError, match="checked"):
         fake_contest({"ours": [1], "theirs": [1]}, checked=("theirs",))
+
+
+def test_pairs_are_checked_each_against_its_counterpart_and_timed_against_it_too():
+    # Two methods, each run by two contenders that must agree with each other (not with the reference).
+    outputs = {"fast_a": 1.0, "slow_a": 1.0, "fast_b": 3.0, "slow_b": 3.0}
+    seconds = {"fast_a": 1, "slow_a": 4, "fast_b": 2, "slow_b": 3}
+    counter = iter(range(100))
+
+    def equal_then_count(reference, output):
+        equal(reference, output)
+        return next(counter)
+
+    contest, _ = fake_contest(
+        {name: [s] * 4 for name, s in seconds.items()},
+        outputs=outputs,
+        reference="slow_a",
+        check=equal_then_count,
+        checked={"fast_a": "slow_a", "fast_b": "slow_b"},
+    )
+    contest.run(FakeBenchmark(), rounds=2)
+    assert contest.speedup("fast_b") == 2.0  # over the reference by default
+    assert contest.speedup("fast_b", over="slow_b") == 1.5
+    # Three rounds (warm-up included), two checks each, in the pairs' order.
+    assert contest.differences == {"fast_a": [0, 2, 4], "fast_b": [1, 3, 5]}
+    assert contest.max_difference("fast_a") == 4 and contest.max_difference() == 5
+    outputs["fast_b"] = 2.0
+    with pytest.raises(AssertionError, match="fast_b differs from slow_b"):
+        contest.play_round()
+    with pytest.raises(ValueError, match="counterpart"):
+        fake_contest({"a": [1], "b": [1]}, reference="a", checked={"b": "c"})
