@@ -132,9 +132,9 @@ tests generation 40 "${GENERATION_TESTS[@]}"
 
 # --- speed vs PEFT, on BLOOM-1b4-zh's shape (random weights); in bf16 also PEFT's method comparison
 # (bench_method_comparison.py: Llama-3.2-3B's shape, all 28 layers, PEFT's prompt tuning, P-tuning,
-# prefix tuning and LoRA r32, and fastprompt's prompt tuning and P-tuning), in the same interpreter: its
-# six models share one set of weights, and the step's budget grows by its ~30 steps of a 3B model plus one
-# model init (a step there is a fraction of a second: B 4, under 1,000 positions), and alpaca-ragged's
+# prefix tuning and LoRA r32, and fastprompt's prompt tuning, P-tuning and prefix tuning), in the same
+# interpreter: its seven models share one set of weights, and the step's budget grows by its ~35 steps of a
+# 3B model plus one model init (a step there is a fraction of a second: B 4, under 1,000 positions), and alpaca-ragged's
 # dozen small steps (15 s, from env, op_bandwidth and generation_int8: 5 s each; estimates: no GPU
 # has run these yet). Its table sets PEFT's published figures (an L40S; method_comparison.PUBLISHED,
 # which cites PEFT's results files) beside each PEFT method's row.

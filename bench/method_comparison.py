@@ -62,9 +62,8 @@ LORA = dict(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=["q_proj", "v_
 # PEFT's methods compared, in table order (the names flop_count.method_step counts).
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "lora")
 # The methods fastprompt runs: each gets a "fastprompt_<method>" contender beside "peft_<method>", its loss
-# checked against that one's every round and its speedup also given over it. Prefix tuning joins here, the one
-# place to change, once fastprompt.get_peft_model runs PrefixTuningConfig (issue 21).
-FASTPROMPT_METHODS = ("prompt_tuning", "p_tuning")
+# checked against that one's every round and its speedup also given over it.
+FASTPROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 CONTENDERS = tuple(
     f"{runner}_{method}"
     for method in METHODS

@@ -5,8 +5,9 @@ per-process peak-memory probe so that all of them measure the same work.
 Each case runs one prompt method (``FASTPROMPT_BENCH_METHOD``, ``METHODS``),
 fastprompt's run of it against PEFT's with the same config: prompt tuning (the
 default), P-tuning (PEFT's MLP encoder at its defaults: encoder_hidden_size the
-hidden size, dropout 0) or multitask prompt tuning (``TASKS`` tasks, rank 1 as
-PEFT's default, each row's task drawn at random: ``task_ids`` in every batch)."""
+hidden size, dropout 0), multitask prompt tuning (``TASKS`` tasks, rank 1 as
+PEFT's default, each row's task drawn at random: ``task_ids`` in every batch)
+or prefix tuning (PEFT's default: no projection)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import (
     MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
@@ -41,7 +43,7 @@ CASES = {
 RAGGED_ORDER_SEED = 0
 CONTENDERS = ("fastprompt", "peft")
 METHOD_ENV = "FASTPROMPT_BENCH_METHOD"
-METHODS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning")
+METHODS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "prefix_tuning")
 # Multitask prompt tuning: the adapter's tasks, and the seed of each row's task (one per row, so that a
 # batch of 8 rows reads several prompts; fastprompt runs each distinct one once, PEFT one per row).
 TASKS = 4
@@ -69,6 +71,8 @@ def prompt_config(method: str, virtual: int):
         )
     if method == "multitask_prompt_tuning":
         return MultitaskPromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual, num_tasks=TASKS)
+    if method == "prefix_tuning":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual)
     raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
 
 

@@ -76,7 +76,7 @@ def test_dry_run_runs_every_step_and_writes_the_summary(dry_run):
     contenders = [line.split()[0] for line in rows[: len(method_comparison.CONTENDERS)]]
     assert contenders == list(method_comparison.CONTENDERS)
     assert {"peft_prompt_tuning", "peft_p_tuning", "peft_prefix_tuning", "peft_lora"} <= set(contenders)
-    assert {"fastprompt_prompt_tuning", "fastprompt_p_tuning"} <= set(contenders)
+    assert {"fastprompt_prompt_tuning", "fastprompt_p_tuning", "fastprompt_prefix_tuning"} <= set(contenders)
 
 
 def without_bitsandbytes(folder: Path) -> dict:

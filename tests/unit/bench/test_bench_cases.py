@@ -175,7 +175,7 @@ def test_alpaca_ragged_batches_are_padded_as_the_seq2seq_collator_does(shared_di
 def test_training_methods_share_one_config_and_multitask_rows_get_tasks(monkeypatch):
     monkeypatch.delenv(training_cases.METHOD_ENV, raising=False)
     assert training_cases.method_from_env() == "prompt_tuning"
-    monkeypatch.setenv(training_cases.METHOD_ENV, "prefix_tuning")
+    monkeypatch.setenv(training_cases.METHOD_ENV, "lora")
     with pytest.raises(ValueError, match="p_tuning"):
         training_cases.method_from_env()
     p_tuning = training_cases.prompt_config("p_tuning", 7)
