@@ -266,15 +266,21 @@ class GenericPath:
         the prefix as their cache, one stride-0 view for every row."""
         rows, tokens = input_ids.shape
         recomputes = self._recomputes_blocks()
-        packable = self.packs(batch.num_virtual_tokens, tokens)
+        # The packed pass gives each layer its prefix through the segments' attention, so every layer
+        # must call it: forward and checkpointed re-runs alike.
+        packable = (
+            self.packs(batch.num_virtual_tokens, tokens)
+            and self._attends_through_interface()
+            and self._checkpointed_layers() is not None
+        )
         if packable and (recomputes or (rows > 1 and batch.shares_prefix and batch.trains)):
             return None, self.packed(input_ids, batch)[1], Pass.PACKED.value, None
         if recomputes:
             raise ValueError(
-                "prefix tuning under gradient checkpointing needs fastprompt's packed pass (transformers' "
-                f"checkpointed layers drop the prefix's cache), which {self.name} cannot run with attention "
-                f"{self.model.config._attn_implementation!r}, positions from the mask, or a sliding window shorter "
-                "than prefix and tokens"
+                "prefix tuning under gradient checkpointing needs fastprompt's packed pass (checkpointed "
+                f"layers drop the prefix's cache), which {self.name} cannot run here: attention "
+                f"{self.model.config._attn_implementation!r} (sdpa or eager needed), positions from the mask, a "
+                "sliding window shorter than prefix and tokens, or blocks wrapped by torch's checkpoint_wrapper"
             )
         return None, self.tokens(input_ids, batch.key_mask, batch.learned, batch.adapter_of_row), "shared", None
 
@@ -437,9 +443,6 @@ class GenericPath:
         implementation = self.model.config._attn_implementation
         checkpointed = self._checkpointed_layers()
         if checkpointed is None or not self._attends_through_interface():
-            if learned:
-                why = "blocks wrapped by torch's checkpoint_wrapper" if checkpointed is None else "an upcast attention"
-                raise ValueError(f"prefix tuning cannot run {self.name}'s packed pass here: {why}")
             # A block re-run by torch's checkpoint wrapper, or attention that bypasses the
             # configured function, would not see the segments: the same blocks as one dense
             # mask for the user's attention (still padding-free in the linear layers).

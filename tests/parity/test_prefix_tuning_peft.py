@@ -276,3 +276,29 @@ def test_a_prefix_adapter_of_another_depth_is_named_before_loading(tmp_path):
     deeper = tiny_causal_lm("llama", VOCAB, num_hidden_layers=layers + 1)
     with pytest.raises(ValueError, match=f"has num_layers {layers}, but the model has {layers + 1} layers"):
         FastPromptModel.from_pretrained(deeper, str(tmp_path))
+
+
+def test_gpt2_upcast_attention_trains_on_peft_s_pass():
+    """GPT-2's ``reorder_and_upcast_attn`` bypasses the configured attention
+    function, which the packed pass hands the prefix through: a training step
+    there runs the tokens with the prefix as their cache, PEFT's numbers."""
+    ours, ref = pair(
+        lambda: tiny_causal_lm("gpt2", VOCAB, reorder_and_upcast_attn=True, attn_implementation="eager"),
+        prefix_config(),
+    )
+    ids, mask, labels = padded_batch(3, 8, VOCAB, side="right")
+    assert_same_step(ours, ref, dict(input_ids=ids, attention_mask=mask, labels=labels))
+    assert ours.last_call.run == "shared"
+
+
+def test_checkpointing_the_packed_pass_cannot_serve_is_refused_in_one_line():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    ours, _ = prefix_pair("llama")
+    layers = ours.get_base_model().model.layers
+    for index, layer in enumerate(layers):
+        layers[index] = checkpoint_wrapper(layer)
+    ours.train()
+    ids, mask, labels = padded_batch(2, 6, VOCAB)
+    with pytest.raises(ValueError, match="prefix tuning under gradient checkpointing needs fastprompt's packed pass"):
+        ours(input_ids=ids, attention_mask=mask, labels=labels)
