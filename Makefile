@@ -42,7 +42,7 @@ BENCH_FULL_MODEL ?= bloom-1b4-zh
 
 # The other prompt methods the training suite runs (FASTPROMPT_BENCH_METHOD, bench/training_cases.py),
 # each on the classify case beside the prompt-tuning run of every case.
-BENCH_METHODS ?= p_tuning multitask_prompt_tuning
+BENCH_METHODS ?= p_tuning multitask_prompt_tuning prefix_tuning
 
 # The quick run, on bloom-mini: every suite plus the scaling sweep, whose plot is also copied to
 # docs/scaling.png for the README.
