@@ -618,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastprompt {args.command}: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("fastprompt: %(message)s"))
+    # The library's messages name fastprompt themselves (they reach users without a handler too).
+    handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("fastprompt")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -161,7 +161,7 @@ def _reject(report: DataReport, where: str, problem: str, strict: bool) -> None:
     if strict:
         raise ValueError(message)
     if len(report.skipped) < REPORTED_PROBLEMS:
-        log.warning("skipping %s", message)
+        log.warning("fastprompt: skipping %s", message)
     report.skipped.append((where, problem))
 
 
@@ -210,7 +210,7 @@ def load_alpaca(
             continue
         examples.append(example)
     if report.skipped:
-        log.warning("%s", report.summary())
+        log.warning("fastprompt: %s", report.summary())
     if not examples:
         raise ValueError(f"{report.source}: no usable records (of {report.total})")
     return TokenizedData(examples, report)
