@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .prefix_cache import Prefix
+from .prefix import Prefix
 
 
 @dataclass(frozen=True)

@@ -107,15 +107,13 @@ def get_peft_model(
     ``FastPromptModel``, a ``peft.PeftModelForCausalLM``. Prefix tuning is
     accepted on a model with gradient checkpointing on, which PEFT refuses
     (its prefix cache would be dropped by the checkpointed layers; ours is not)."""
-    from .peft_patch import peft_get_peft_model
-
     _check_config(model, peft_config)
     if peft_kwargs.get("mixed"):
         raise ValueError("fastprompt does not support mixed=True (PeftMixedModel has no prompt tuning)")
     resolved = _with_local_tokenizer(peft_config)
     try:
         with _checkpointing_hidden_for_prefix(model, peft_config.peft_type) as hidden:
-            peft_model = peft_get_peft_model()(model, resolved, adapter_name=adapter_name, **peft_kwargs)
+            peft_model = _pefts_get_peft_model()(model, resolved, adapter_name=adapter_name, **peft_kwargs)
         if hidden:
             peft_model.prepare_model_for_gradient_checkpointing(model)
     except OSError as err:
@@ -128,6 +126,18 @@ def get_peft_model(
     if resolved is not peft_config:
         peft_model.peft_config[adapter_name].tokenizer_name_or_path = peft_config.tokenizer_name_or_path
     return FastPromptModel._adopt(peft_model)
+
+
+# The attribute under which ``patch_peft``'s replacement of ``peft.get_peft_model`` keeps PEFT's function.
+PEFTS_OWN = "fastprompt_replaces"
+
+
+def _pefts_get_peft_model():
+    """PEFT's own ``get_peft_model``, also while ``patch_peft`` has replaced it."""
+    import peft.mapping_func
+
+    function = peft.mapping_func.get_peft_model
+    return getattr(function, PEFTS_OWN, function)
 
 
 @contextlib.contextmanager

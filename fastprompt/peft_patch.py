@@ -17,16 +17,12 @@ from __future__ import annotations
 import functools
 import sys
 
+from .model import PEFTS_OWN
+from .model import get_peft_model as fastprompt_get_peft_model
+
 # PEFT's function and its replacement while patched.
 _ORIGINAL = None
 _PATCHED = None
-
-
-def peft_get_peft_model():
-    """PEFT's own ``get_peft_model``, patched or not."""
-    import peft.mapping_func
-
-    return _ORIGINAL or peft.mapping_func.get_peft_model
 
 
 def _serves(peft_config, kwargs) -> bool:
@@ -54,9 +50,10 @@ def _dispatching(original):
         # PEFT's later parameters given by position (mixed first) go to PEFT, as mixed=True does.
         if args or not _serves(peft_config, kwargs):
             return original(model, peft_config, adapter_name, *args, **kwargs)
-        from .model import get_peft_model as fastprompt_get_peft_model
-
         return fastprompt_get_peft_model(model, peft_config, adapter_name=adapter_name, **kwargs)
+
+    # fastprompt.get_peft_model builds with PEFT's own function, found here while patched.
+    setattr(get_peft_model, PEFTS_OWN, original)
 
     return get_peft_model
 

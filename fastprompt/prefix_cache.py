@@ -43,21 +43,12 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from .prefix import Prefix
+
 if TYPE_CHECKING:
     from .batch import PromptBatch
 
 MAX_ENTRIES = 4
-
-
-@dataclass
-class Prefix:
-    """The prompts after the body, one row per adapter: ``final`` [A, P, H] is
-    the body's last hidden state (after its final norm), ``kv`` the per-layer
-    (key, value) [A, kv_heads, P, head_dim]. A prefix-tuning adapter's prefix
-    is learned, not computed by the body: it has ``kv`` only (``final`` None)."""
-
-    final: torch.Tensor | None
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class PrefixSource(Protocol):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from peft import PeftType
 
-from .prefix_cache import Prefix
+from .prefix import Prefix
 
 FAST_METHODS = frozenset(
     {PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.MULTITASK_PROMPT_TUNING, PeftType.PREFIX_TUNING}

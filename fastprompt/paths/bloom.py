@@ -27,7 +27,8 @@ import torch
 
 from ..batch import PromptBatch
 from ..ops import pack_embed
-from ..prefix_cache import Prefix, PrefixCache
+from ..prefix import Prefix
+from ..prefix_cache import PrefixCache
 from . import bloom_decode, generic_generation
 from .bloom_decoder import BloomDecoder, KVSegment, key_positions, packed_attention
 from .generic import GenericPath

@@ -62,7 +62,8 @@ from .. import ops
 from ..batch import PromptBatch
 from ..eligibility import plain_embedding
 from ..ops import PackLayout
-from ..prefix_cache import Prefix, PrefixCache
+from ..prefix import Prefix
+from ..prefix_cache import PrefixCache
 from . import generic_generation
 from .gated_mlp import gated_mlps, keeping_less
 from .segment_attention import MASK_FORMATS, Packing, attending_by_segments, dense_mask, mask_in_format
