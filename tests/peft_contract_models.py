@@ -202,7 +202,14 @@ def check_greedy_generation(model, output, input_ids, attention_mask, new_tokens
         logits = reference_logits(model, output[:, :-1], full_mask[:, :-1], adapter=adapter).float()
     count = prompt_matrix(model, adapter).shape[0]
     logits = logits[:, count + length - 1 :]  # [B, new, V]: the distribution of each new token
-    config = model.get_base_model().generation_config
+    assert_greedy_tokens(output, length, logits, model.get_base_model().generation_config, tol)
+
+
+def assert_greedy_tokens(output, length: int, logits, config, tol) -> None:
+    """Each new token of ``output`` (after its first ``length``) within ``tol``
+    of the argmax of its distribution, ``logits`` [B, new, V]; after EOS a row
+    holds only padding (``config``: the generation config)."""
+    batch, new_tokens = logits.shape[:2]
     for row in range(batch):
         finished = False
         for step in range(new_tokens):

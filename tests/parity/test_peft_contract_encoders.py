@@ -32,7 +32,7 @@ import pytest
 import torch
 from peft import MultitaskPromptTuningConfig, MultitaskPromptTuningInit, PrefixTuningConfig, PromptEncoderConfig
 from peft.utils import WEIGHTS_NAME, get_peft_model_state_dict
-from peft_contract_models import implementation, inputs, load_base
+from peft_contract_models import assert_greedy_tokens, implementation, inputs, load_base
 from test_peft_contract import check_config_json, check_modelcard, peft_xfail
 from tolerance import rel_err
 
@@ -93,18 +93,7 @@ def check_greedy(model, output, input_ids, attention_mask, tol, **kwargs):
     full_mask = torch.cat([mask, mask.new_ones(batch, NEW_TOKENS)], dim=1)
     with torch.no_grad():
         logits = peft_forward_logits(model, output[:, :-1], full_mask[:, :-1], **kwargs).float()
-    logits = logits[:, -NEW_TOKENS:]
-    config = model.get_base_model().generation_config
-    for row in range(batch):
-        finished = False
-        for step in range(NEW_TOKENS):
-            token = int(output[row, length + step])
-            if finished:
-                assert token == config.pad_token_id
-                continue
-            gap = float(logits[row, step].max() - logits[row, step, token])
-            assert gap <= tol, f"row {row}, new token {step}: logit gap {gap:.4g}"
-            finished = token == config.eos_token_id
+    assert_greedy_tokens(output, length, logits[:, -NEW_TOKENS:], model.get_base_model().generation_config, tol)
 
 
 # ============================================================ attributes, names
