@@ -49,11 +49,9 @@ def segments(
     P positions. ``row_adapters``: each row's prompt (None: all read prompt 0);
     ``real`` [K] bool: which kept positions are real tokens (keys) rather than
     pads kept only for their own output (queries, never keys). ``learned``:
-    the prompt is a learned prefix of P keys per layer (prefix tuning), and
-    the sequence holds the rows' positions only."""
+    the prompt is a learned prefix of P keys per layer (prefix tuning): the
+    sequence holds the rows' positions only (A is 0)."""
     device = real.device
-    if learned:
-        num_adapters = 0
     prompt_positions = num_adapters * num_virtual
     causal = torch.ones(num_virtual, num_virtual, dtype=torch.bool, device=device).tril()
     blocks = [
